@@ -1,0 +1,21 @@
+"""mergekit-wudi: WUDI-Merging and its sibling methods for mergekit 0.1.5 and PyTorch Lightning.
+
+Importing this package is cheap and makes our merge methods (``wudi``, ...) available in mergekit's
+registry: at once if mergekit is already imported, else as soon as it is. The ``.pth`` hook this
+package installs does the same at interpreter start, so plain ``mergekit-yaml`` sees them too.
+
+- the math: :mod:`mergekit_wudi.solvers` (framework-free functions)
+- the mergekit adapter: :mod:`mergekit_wudi.methods`
+- the Lightning callback: :mod:`mergekit_wudi.lightning`
+"""
+
+from mergekit_wudi import _startup  # noqa: F401  (installs the registration hook)
+
+__version__ = "0.1.0"
+
+
+def register_methods() -> None:
+    """Register this package's mergekit methods now (idempotent)."""
+    from mergekit_wudi.registration import register_methods as _register
+
+    _register()

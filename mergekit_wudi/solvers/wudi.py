@@ -1,0 +1,289 @@
+"""WUDI-Merging solvers: plain functions, tensors in, tensor out.
+
+WUDI-Merging (Cheng et al., "Whoever Started the Interference Should End It", ICML 2025,
+arXiv 2503.08099) merges one linear weight matrix at a time. With base ``W0`` ([out, in]) and
+expert task vectors ``tau_i = W_i - W0`` it solves
+
+    tau_m = argmin  L(tau) = sum_i  w_i * || (tau - tau_i) tau_i^T ||_F^2 ,   w_i = 1 / ||tau_i||_F^2   (Eq. 1)
+
+and returns ``W0 + scaling * tau_m``. The rows of ``tau_i`` stand in for the inputs the layer saw
+while it was fine-tuned, so the merged layer reproduces each expert on its own inputs.
+
+Every solver here sees Eq. 1 as one least-squares problem ``L(tau) = ||tau X - Y||_F^2`` with
+``X = [sqrt(w_i) P_i^T]_i`` ([in, r]) and ``Y = [A_i sqrt(w_i) P_i^T]_i`` ([out, r]) where, for WUDI,
+``P_i = A_i = tau_i`` (``r = T * out``). Its gradient is ``2 (tau C - D)`` with ``C = X X^T`` ([in, in])
+and ``D = Y X^T`` ([out, in]), so an optimiser step costs one matrix product instead of 2T, and
+the solver works in whichever space is smaller: the primal ``in x in`` Gram ``C`` or the dual
+``r x r`` Gram ``G = X^T X``.
+
+Solvers (``solver=`` in :func:`wudi`):
+
+- ``adam``: the authors' algorithm, exactly: init = SUM of task vectors, ``torch.optim.Adam``
+  (lr 1e-5, betas (0.9, 0.999), eps 1e-8, no weight decay), 300 full-batch iterations on Eq. 1.
+- ``closed_form``: the exact minimiser ``D (C + rho I)^{-1}`` (``D C^+`` as ``ridge -> 0``).
+- ``spectral``: exact gradient flow of Eq. 1 from the sum init for time ``t`` (Eq. 2 below),
+  optionally restricted to the top share of eigen-directions of ``C``.
+- ``lowrank``: the authors' follow-up for LLMs (OptMerge, arXiv 2505.19892): per task keep rank
+  ``k = floor(min(out, in) / T)``; target ``A_i = mean + rank-k SVD of (tau_i - mean)``,
+  projector ``P_i = diag(s_k) V_k^T`` of ``tau_i``; the same Adam loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence, Union
+
+import torch
+
+Solver = Literal["adam", "closed_form", "spectral", "lowrank"]
+SOLVERS: tuple[str, ...] = ("adam", "closed_form", "spectral", "lowrank")
+
+# Defaults of the authors' code (ViT script; their RoBERTa script uses lr 2e-5).
+ITERATIONS = 300
+LEARNING_RATE = 1e-5
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+# This project's defaults for the fast solvers; see README "Solvers" for how they were chosen.
+RIDGE = 1e-6
+FLOW_TIME = 2.0
+KEEP_FRACTION = 1.0
+
+TensorsLike = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _stack(task_vectors: TensorsLike) -> torch.Tensor:
+    tvs = task_vectors if isinstance(task_vectors, torch.Tensor) else torch.stack(list(task_vectors))
+    if tvs.ndim != 3:
+        raise ValueError(f"WUDI solves 2-D weights: expected task vectors [T, out, in], got {tuple(tvs.shape)}")
+    return tvs.to(compute_dtype(tvs.dtype))
+
+
+@dataclass
+class InterferenceProblem:
+    """The quadratic ``L(tau) = ||tau X - Y||_F^2`` of Eq. 1, kept in its cheaper space.
+
+    Primal form holds ``C = X X^T`` and ``D = Y X^T``; dual form holds ``X``, ``Y`` and
+    ``G = X^T X``. ``init`` is the starting point of the iterative solvers (the sum of task vectors).
+    """
+
+    init: torch.Tensor
+    C: Optional[torch.Tensor] = None
+    D: Optional[torch.Tensor] = None
+    X: Optional[torch.Tensor] = None
+    Y: Optional[torch.Tensor] = None
+    G: Optional[torch.Tensor] = None
+
+    @property
+    def dual(self) -> bool:
+        return self.X is not None
+
+    def half_gradient(self, tau: torch.Tensor) -> torch.Tensor:
+        """``(tau C - D)``, half of ``dL/dtau``."""
+        if self.dual:
+            return (tau @ self.X - self.Y) @ self.X.T
+        return torch.addmm(self.D, tau, self.C, beta=-1)
+
+    def eigh(self):
+        """Eigen-pairs of the smaller Gram, in descending order of eigenvalue."""
+        gram = self.G if self.dual else self.C
+        lam, vec = torch.linalg.eigh(gram)
+        return lam.flip(0).clamp_min(0), vec.flip(1)
+
+
+def _use_dual(n_in: int, rank: int) -> bool:
+    # Primal costs ~out*in^2 per product, dual ~2*out*in*r: pick the smaller.
+    return 2 * rank < n_in
+
+
+def wudi_problem(task_vectors: TensorsLike) -> InterferenceProblem:
+    """Build Eq. 1 for nonzero task vectors ``[T, out, in]`` (zero ones must be dropped first)."""
+    tvs = _stack(task_vectors)
+    T, n_out, n_in = tvs.shape
+    sq_norms = tvs.square().sum(dim=(1, 2))
+    if not bool((sq_norms > 0).all()):
+        raise ValueError("wudi_problem: a task vector is exactly zero; drop it before solving")
+    init = tvs.sum(dim=0)
+    if _use_dual(n_in, T * n_out):
+        scale = sq_norms.rsqrt()
+        X = (tvs * scale[:, None, None]).transpose(1, 2).reshape(T, n_in, n_out)
+        X = torch.cat(list(X), dim=1)  # [in, T*out]
+        G = X.T @ X
+        # Y_i = tau_i X_i = sqrt(w_i) tau_i tau_i^T = G_ii / sqrt(w_i): free from the Gram.
+        Y = torch.cat(
+            [G[i * n_out:(i + 1) * n_out, i * n_out:(i + 1) * n_out] / scale[i] for i in range(T)], dim=1
+        )
+        return InterferenceProblem(init=init, X=X, Y=Y, G=G)
+    C = torch.zeros(n_in, n_in, dtype=tvs.dtype, device=tvs.device)
+    D = torch.zeros(n_out, n_in, dtype=tvs.dtype, device=tvs.device)
+    for tau, sq in zip(tvs, sq_norms):
+        gram_i = tau.T @ tau
+        C.add_(gram_i, alpha=1 / float(sq))
+        D.addmm_(tau, gram_i, alpha=1 / float(sq))
+    return InterferenceProblem(init=init, C=C, D=D)
+
+
+def lowrank_problem(task_vectors: TensorsLike) -> InterferenceProblem:
+    """OptMerge's low-rank form of Eq. 1 (the WUDI authors' follow-up for LLMs).
+
+    With ``k = floor(min(out, in) / T)``, ``mean = mean_i tau_i``, ``P_i = diag(s_k) V_k^T`` from the
+    SVD of ``tau_i`` and ``A_i = mean + U'_k S'_k V'_k^T`` from the SVD of ``tau_i - mean``:
+    ``L(tau) = sum_i ||(tau - A_i) P_i^T||^2 / ||tau_i||^2``, init = sum of task vectors.
+    """
+    tvs = _stack(task_vectors)
+    T, n_out, n_in = tvs.shape
+    k = max(1, min(n_out, n_in) // T)
+    sq_norms = tvs.square().sum(dim=(1, 2))
+    mean = tvs.mean(dim=0)
+    xs, ys = [], []
+    for tau, sq in zip(tvs, sq_norms):
+        _, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        x = (vh[:k].T * s[:k]) / sq.sqrt()  # sqrt(w_i) P_i^T, [in, k]
+        u2, s2, vh2 = torch.linalg.svd(tau - mean, full_matrices=False)
+        target = mean + (u2[:, :k] * s2[:k]) @ vh2[:k]
+        xs.append(x)
+        ys.append(target @ x)
+    X, Y = torch.cat(xs, dim=1), torch.cat(ys, dim=1)
+    init = tvs.sum(dim=0)
+    if _use_dual(n_in, X.shape[1]):
+        return InterferenceProblem(init=init, X=X, Y=Y, G=X.T @ X)
+    return InterferenceProblem(init=init, C=X @ X.T, D=Y @ X.T)
+
+
+def adam_solve(
+    problem: InterferenceProblem,
+    *,
+    iterations: int = ITERATIONS,
+    learning_rate: float = LEARNING_RATE,
+    betas: tuple[float, float] = BETAS,
+    eps: float = EPS,
+) -> torch.Tensor:
+    """Minimise Eq. 1 with ``torch.optim.Adam`` from ``problem.init`` (the authors' loop).
+
+    The gradient ``2 (tau C - D)`` is the exact autograd gradient of the authors' loss, so the
+    trajectory is theirs up to floating-point rounding.
+    """
+    tau = torch.nn.Parameter(problem.init.clone())
+    optimizer = torch.optim.Adam([tau], lr=learning_rate, betas=betas, eps=eps, weight_decay=0)
+    with torch.no_grad():
+        for _ in range(iterations):
+            tau.grad = problem.half_gradient(tau).mul_(2)
+            optimizer.step()
+    return tau.detach()
+
+
+def closed_form_solve(problem: InterferenceProblem, *, ridge: float = RIDGE) -> torch.Tensor:
+    """Exact minimiser of Eq. 1: ``tau* = D (C + rho I)^{-1} = Y (G + rho I)^{-1} X^T``.
+
+    ``rho = ridge * trace(C) / n`` (``n`` the Gram's size): ridge is relative to the mean eigenvalue,
+    so it does not depend on the scale of the task vectors. As ``ridge -> 0`` this is ``D C^+``,
+    the minimum-norm minimiser. A Cholesky solve; falls back to an eigen-decomposition
+    pseudo-inverse if the regularised Gram is still not numerically positive definite.
+    """
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    gram = problem.G if problem.dual else problem.C
+    n = gram.shape[0]
+    rho = ridge * float(gram.diagonal().sum()) / n
+    rhs = problem.Y if problem.dual else problem.D
+    factor, info = torch.linalg.cholesky_ex(gram + rho * torch.eye(n, dtype=gram.dtype, device=gram.device))
+    if int(info) == 0:
+        coef = torch.cholesky_solve(rhs.T, factor).T
+    else:
+        lam, vec = problem.eigh()
+        cutoff = max(rho, float(lam[0]) * n * torch.finfo(gram.dtype).eps)
+        inv = torch.where(lam > cutoff, 1 / (lam + rho).clamp_min(cutoff), torch.zeros_like(lam))
+        coef = ((rhs @ vec) * inv) @ vec.T
+    return coef @ problem.X.T if problem.dual else coef
+
+
+def spectral_solve(
+    problem: InterferenceProblem,
+    *,
+    time: float = FLOW_TIME,
+    keep_fraction: float = KEEP_FRACTION,
+) -> torch.Tensor:
+    """Exact gradient flow ``d tau / ds = -(tau C - D)`` of Eq. 1 from ``init`` for time ``t``.
+
+    With ``C = V diag(lam) V^T`` and ``f = 1 - exp(-lam t)``:                          (Eq. 2)
+
+        tau(t) = init - (init C - D) V diag(f / lam) V^T
+               = init - (init X - Y) W diag(f / lam) W^T X^T     (dual, G = X^T X = W diag(lam) W^T)
+
+    Per eigen-direction this interpolates between the init (``f = 0``) and the exact minimiser
+    (``f = 1``): early stopping as a spectral filter, the regularisation that makes the authors'
+    300 Adam steps beat the exact minimiser. ``C``'s trace equals the number of tasks whatever the
+    scale of the task vectors, so ``t`` is dimensionless. ``keep_fraction < 1`` lets only the top
+    share of eigen-directions (by eigenvalue) move; the others stay at the init.
+    """
+    if time < 0:
+        raise ValueError(f"time must be >= 0, got {time}")
+    if not 0 < keep_fraction <= 1:
+        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+    lam, vec = problem.eigh()
+    keep = max(1, math.ceil(keep_fraction * lam.numel()))
+    lam, vec = lam[:keep], vec[:, :keep]
+    # f / lam -> t as lam -> 0; -expm1(-x)/lam is accurate there without dividing by zero.
+    tiny = torch.finfo(lam.dtype).tiny
+    gain = torch.where(lam > tiny, -torch.expm1(-lam * time) / lam.clamp_min(tiny), torch.full_like(lam, time))
+    if problem.dual:
+        residual = problem.init @ problem.X - problem.Y
+        return problem.init - (((residual @ vec) * gain) @ vec.T) @ problem.X.T
+    residual = problem.half_gradient(problem.init)
+    return problem.init - ((residual @ vec) * gain) @ vec.T
+
+
+def wudi_merged_task_vector(
+    task_vectors: TensorsLike,
+    solver: Solver = "adam",
+    *,
+    iterations: int = ITERATIONS,
+    learning_rate: float = LEARNING_RATE,
+    ridge: float = RIDGE,
+    time: float = FLOW_TIME,
+    keep_fraction: float = KEEP_FRACTION,
+) -> torch.Tensor:
+    """``tau_m`` of Eq. 1 for nonzero task vectors ``[T, out, in]``, by the named solver."""
+    if solver == "adam":
+        return adam_solve(wudi_problem(task_vectors), iterations=iterations, learning_rate=learning_rate)
+    if solver == "lowrank":
+        return adam_solve(lowrank_problem(task_vectors), iterations=iterations, learning_rate=learning_rate)
+    if solver == "closed_form":
+        return closed_form_solve(wudi_problem(task_vectors), ridge=ridge)
+    if solver == "spectral":
+        return spectral_solve(wudi_problem(task_vectors), time=time, keep_fraction=keep_fraction)
+    raise ValueError(f"unknown WUDI solver {solver!r}; expected one of {', '.join(SOLVERS)}")
+
+
+def wudi(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    solver: Solver = "adam",
+    scaling: float = 1.0,
+    weights: Optional[Sequence[float]] = None,
+    **solver_options,
+) -> torch.Tensor:
+    """Merge one linear weight: ``W0 + scaling * tau_m`` with ``tau_m`` from Eq. 1.
+
+    ``weights[i]`` multiplies expert ``i``'s task vector before solving. Experts whose (weighted)
+    task vector is exactly zero are skipped: Eq. 1 divides by its norm. Computes in float32
+    (float64 for float64 input) and returns the base's dtype. ``solver_options`` go to
+    :func:`wudi_merged_task_vector`.
+    """
+    dtype = compute_dtype(base.dtype)
+    weights = [1.0] * len(experts) if weights is None else list(weights)
+    if len(weights) != len(experts):
+        raise ValueError(f"got {len(weights)} weights for {len(experts)} experts")
+    base32 = base.to(dtype)
+    tvs = [(e.to(dtype) - base32) * w for e, w in zip(experts, weights)]
+    tvs = [tv for tv in tvs if bool(tv.any())]
+    if not tvs:
+        return base.clone()
+    tau_m = wudi_merged_task_vector(torch.stack(tvs), solver, **solver_options)
+    return (base32 + scaling * tau_m).to(base.dtype)
