@@ -14,7 +14,7 @@ def make_llama_family(
     *,
     seed: int = 0,
     rank: int = 2,
-    delta_scale: float = 0.02,
+    delta_scale: float = 0.004,
     dtype: torch.dtype = torch.float32,
     hidden_size: int = 32,
 ) -> List[Path]:

@@ -1,0 +1,155 @@
+"""The WUDI solvers against references: the authors' literal loop, numpy/scipy, and known answers."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from mergekit_wudi.solvers import wudi as W
+from tests.reference_wudi import naive_lowrank_loop, naive_wudi_loop
+
+
+def task_vectors(T, n_out, n_in, *, seed=0, rank=4, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(T, n_out, rank, generator=g) @ torch.randn(T, rank, n_in, generator=g)
+    return (0.02 * low / rank**0.5 + 0.005 * torch.randn(T, n_out, n_in, generator=g)).to(dtype)
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize(
+    "T,n_out,n_in",
+    [(4, 64, 48), (3, 48, 40), (4, 16, 200)],  # primal, primal, dual (2*T*out < in)
+)
+def test_adam_equals_authors_loop(T, n_out, n_in):
+    tvs = task_vectors(T, n_out, n_in)
+    problem = W.wudi_problem(tvs)
+    assert problem.dual == (2 * T * n_out < n_in)
+    ours = W.wudi_merged_task_vector(tvs, "adam")
+    reference = naive_wudi_loop(tvs)
+    assert rel(ours, reference) < 1e-5
+
+
+def test_adam_equals_authors_loop_on_1024_square():
+    tvs = task_vectors(4, 1024, 1024, seed=1)
+    ours = W.wudi_merged_task_vector(tvs, "adam", iterations=20)
+    reference = naive_wudi_loop(tvs, iterations=20)
+    assert rel(ours, reference) < 1e-5
+
+
+def test_adam_keeps_float64():
+    tvs = task_vectors(3, 20, 30, dtype=torch.float64)
+    ours = W.wudi_merged_task_vector(tvs, "adam", iterations=50)
+    assert ours.dtype == torch.float64
+    assert rel(ours, naive_wudi_loop(tvs, iterations=50)) < 1e-10
+
+
+def test_gradient_is_authors_gradient():
+    tvs = task_vectors(3, 12, 10, dtype=torch.float64)
+    tau = torch.randn(12, 10, dtype=torch.float64, requires_grad=True)
+    sq = tvs.flatten(1).norm(dim=1).square()
+    loss = (((tau - tvs) @ tvs.transpose(1, 2)).square() / sq[:, None, None]).sum()
+    loss.backward()
+    for problem in (W.wudi_problem(tvs), W.InterferenceProblem(init=None, X=None)):
+        if problem.init is None:  # the dual form of the same problem, built by hand
+            full = W.wudi_problem(tvs)
+            X = torch.cat([(t / s.sqrt()).T for t, s in zip(tvs, sq)], dim=1)
+            Y = torch.cat([t @ (t / s.sqrt()).T for t, s in zip(tvs, sq)], dim=1)
+            problem = W.InterferenceProblem(init=full.init, X=X, Y=Y, G=X.T @ X)
+        assert torch.allclose(2 * problem.half_gradient(tau.detach()), tau.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("T,n_out,n_in", [(4, 30, 20), (2, 6, 40)])
+def test_closed_form_matches_scipy_least_squares(T, n_out, n_in):
+    tvs = task_vectors(T, n_out, n_in, dtype=torch.float64)
+    ours = W.wudi_merged_task_vector(tvs, "closed_form", ridge=0.0)
+    # Eq. 1 as one least-squares problem: tau [sqrt(w_i) tau_i^T]_i = [sqrt(w_i) tau_i tau_i^T]_i
+    arrays = [t.numpy() / np.linalg.norm(t.numpy()) for t in tvs]
+    X = np.concatenate([a.T for a in arrays], axis=1)
+    Y = np.concatenate([t.numpy() @ a.T for t, a in zip(tvs, arrays)], axis=1)
+    expected, *_ = scipy.linalg.lstsq(X.T, Y.T)
+    np.testing.assert_allclose(ours.numpy(), expected.T, rtol=1e-6, atol=1e-9)
+    # and it is D C^+ from the notes
+    C = X @ X.T
+    D = Y @ X.T
+    np.testing.assert_allclose(ours.numpy(), D @ np.linalg.pinv(C), rtol=1e-6, atol=1e-9)
+
+
+def test_closed_form_is_a_stationary_point():
+    tvs = task_vectors(3, 40, 32)
+    problem = W.wudi_problem(tvs)
+    tau = W.closed_form_solve(problem, ridge=0.0)
+    grad = problem.half_gradient(tau)
+    assert float(grad.norm()) < 1e-4 * float(problem.half_gradient(problem.init).norm())
+
+
+@pytest.mark.parametrize("T,n_out,n_in", [(4, 30, 20), (2, 6, 40)])
+def test_spectral_flow_limits(T, n_out, n_in):
+    tvs = task_vectors(T, n_out, n_in, dtype=torch.float64)
+    problem = W.wudi_problem(tvs)
+    # t = 0 is the init (sum of task vectors); t -> infinity is the exact minimiser when C is full rank
+    assert torch.allclose(W.spectral_solve(problem, time=0.0), tvs.sum(0))
+    if not problem.dual:
+        assert torch.linalg.matrix_rank(problem.C) == n_in
+    limit = W.spectral_solve(problem, time=1e9)
+    closed = W.closed_form_solve(problem, ridge=0.0)
+    assert rel(limit, closed) < 1e-8
+
+
+def test_spectral_matches_fine_gradient_descent():
+    tvs = task_vectors(3, 10, 8, dtype=torch.float64)
+    problem = W.wudi_problem(tvs)
+    t, steps = 3.0, 30000
+    tau = problem.init.clone()
+    for _ in range(steps):
+        tau -= (t / steps) * problem.half_gradient(tau)
+    assert rel(W.spectral_solve(problem, time=t), tau) < 1e-3
+
+
+def test_spectral_keep_fraction_moves_only_top_directions():
+    tvs = task_vectors(3, 30, 20, dtype=torch.float64)
+    problem = W.wudi_problem(tvs)
+    lam, vec = problem.eigh()
+    top = vec[:, :5]
+    moved = W.spectral_solve(problem, time=5.0, keep_fraction=5 / 20) - problem.init
+    assert torch.allclose(moved, moved @ top @ top.T, atol=1e-12)
+    assert float(moved.norm()) > 0
+
+
+def test_lowrank_equals_optmerge_loop():
+    tvs = task_vectors(3, 24, 36)
+    ours = W.wudi_merged_task_vector(tvs, "lowrank", iterations=100)
+    reference = naive_lowrank_loop(tvs, iterations=100)
+    assert rel(ours, reference) < 1e-5
+
+
+def test_wudi_skips_zero_task_vectors_and_keeps_dtype():
+    base = torch.randn(16, 12).to(torch.bfloat16)
+    tvs = task_vectors(2, 16, 12)
+    experts = [base, (base.float() + tvs[0]).to(torch.bfloat16), (base.float() + tvs[1]).to(torch.bfloat16)]
+    merged = W.wudi(base, experts, iterations=30)
+    assert merged.dtype == torch.bfloat16
+    expected_tvs = torch.stack([e.float() - base.float() for e in experts[1:]])
+    expected = (base.float() + naive_wudi_loop(expected_tvs, iterations=30)).to(torch.bfloat16)
+    assert torch.equal(merged, expected)
+    assert torch.equal(W.wudi(base, [base, base]), base)
+
+
+def test_weights_scale_task_vectors_before_solving():
+    base = torch.zeros(8, 6)
+    tvs = task_vectors(2, 8, 6)
+    merged = W.wudi(base, list(tvs), weights=[0.5, 2.0], solver="closed_form", scaling=0.3)
+    expected = 0.3 * W.wudi_merged_task_vector(torch.stack([0.5 * tvs[0], 2 * tvs[1]]), "closed_form")
+    assert torch.allclose(merged, expected)
+
+
+def test_unknown_solver_and_bad_options():
+    tvs = task_vectors(2, 4, 4)
+    with pytest.raises(ValueError, match="unknown WUDI solver 'nope'"):
+        W.wudi_merged_task_vector(tvs, "nope")
+    with pytest.raises(ValueError, match="keep_fraction"):
+        W.wudi_merged_task_vector(tvs, "spectral", keep_fraction=0)
+    with pytest.raises(ValueError, match="exactly zero"):
+        W.wudi_problem(torch.zeros(2, 3, 3))
