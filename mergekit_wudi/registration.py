@@ -13,6 +13,11 @@ def method_names() -> tuple[str, ...]:
 
 def register_methods() -> None:
     """Register every method of :mod:`mergekit_wudi.methods` that is not registered yet."""
+    import sys
+
+    partial = sys.modules.get("mergekit_wudi.methods")
+    if partial is not None and not hasattr(partial, "METHODS"):
+        return  # methods.py is still being imported; it calls us again when it is done
     from mergekit import merge_methods
 
     from mergekit_wudi.methods import METHODS

@@ -210,6 +210,7 @@ def test_failed_merge_keeps_previous_output(llama_family, tmp_path):
     config["models"][0]["parameters"] = {"weight": float("nan")}
     result = run_yaml(config, out)
     assert result.returncode != 0
+    assert "wudi parameter 'weight' must be a finite number" in result.stderr
     assert (out / "keep.txt").read_text() == "previous"
     ok = run_yaml(yaml_config(llama_family, solver="closed_form"), out)
     assert ok.returncode == 0, ok.stderr[-2000:]
@@ -225,3 +226,19 @@ def test_expert_equal_to_base_is_skipped_per_tensor(llama_family, tmp_path):
     name = "model.layers.0.self_attn.o_proj.weight"
     assert torch.isfinite(merged[name]).all()
     assert torch.allclose(merged[name], W.wudi(base[name], [expert[name]], solver="closed_form"), atol=1e-7)
+
+
+def test_non_finite_weight_or_scaling_is_named(llama_family, tmp_path):
+    config = yaml_config(llama_family, scaling=float("inf"))
+    with pytest.raises(Exception, match="wudi parameter 'scaling' must be a finite number"):
+        run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "o"), MergeOptions(copy_tokenizer=False, quiet=True))
+    config = yaml_config(llama_family)
+    config["models"][1]["parameters"] = {"weight": float("nan")}
+    with pytest.raises(Exception, match="wudi parameter 'weight' must be a finite number"):
+        run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "o"), MergeOptions(copy_tokenizer=False, quiet=True))
+
+
+def test_importing_the_kernel_module_first_registers_everything():
+    probe = "import mergekit_wudi.methods; from mergekit import merge_methods as m; print(m.get('wudi').spec.name)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "wudi", done.stderr

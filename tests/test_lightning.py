@@ -1,0 +1,325 @@
+"""WUDIMergeCallback: real lightning.Trainer runs on CPU with a tiny model (a few steps each)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from mergekit.merge_methods.api import merge_state_dicts
+from mergekit.merge_methods.base import PerGroupValues
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mergekit_wudi.io import load_state_dict, save_safetensors_atomic
+from mergekit_wudi.lightning import MergeInputError, WUDIMergeCallback
+
+FAST_WUDI = {"iterations": 20, "learning_rate": 1e-2}
+
+
+class TinyModel(LightningModule):
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 8))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def task_loader(task: int) -> DataLoader:
+    g = torch.Generator().manual_seed(100 + task)
+    x = torch.randn(16, 4, generator=g)
+    y = torch.randn(16, 2, generator=g) + task
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+def make_trainer(root, callbacks, **kwargs) -> Trainer:
+    options = dict(
+        accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
+    )
+    options.update(kwargs)
+    return Trainer(callbacks=callbacks, **options)
+
+
+def direct_merge(method, parameters, base_path, expert_paths, model, names=None):
+    """merge_state_dicts called directly on the saved files, as a user would."""
+    base = load_state_dict(base_path)
+    names = names or list(base)
+    inputs = {"base": {n: base[n] for n in names}}
+    for i, path in enumerate(expert_paths):
+        state = load_state_dict(path)
+        inputs[f"task_{i}"] = {n: state[n] for n in names}
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    parameters = dict(parameters)
+    if method == "wudi":
+        parameters["linear"] = PerGroupValues([n in linear for n in names])
+    return merge_state_dicts(inputs, method, parameters=parameters, base="base")
+
+
+def assert_same(actual, expected):
+    assert set(actual) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_sequential_three_tasks_match_direct_merge(tmp_path):
+    model = TinyModel()
+    pretrained = {k: v.clone() for k, v in model.state_dict().items()}
+    callback = WUDIMergeCallback(parameters=FAST_WUDI, output=str(tmp_path / "merge"), num_tasks=3)
+    for task in range(3):
+        make_trainer(tmp_path, [callback]).fit(model, task_loader(task))
+        assert len(callback.expert_paths) == task + 1
+
+    out = tmp_path / "merge"
+    assert callback.merged_path == str(out / "merged.safetensors")
+    assert_same(load_state_dict(out / "base.safetensors"), pretrained)
+    experts = [load_state_dict(p) for p in callback.expert_paths]
+    # reset_to_base: every task started from the pretrained weights, so the experts differ from each other.
+    assert not torch.equal(experts[1]["body.0.weight"], experts[2]["body.0.weight"])
+
+    expected = direct_merge("wudi", FAST_WUDI, out / "base.safetensors", callback.expert_paths, model)
+    assert_same(load_state_dict(callback.merged_path), expected)
+    assert_same(model.state_dict(), expected)  # load_merged
+    # LayerNorm follows non_linear="base"; Linear weights are solved, so they moved.
+    assert torch.equal(expected["body.1.weight"], pretrained["body.1.weight"])
+    assert not torch.equal(expected["body.0.weight"], pretrained["body.0.weight"])
+
+
+def test_explicit_ckpt_mode_with_heads_and_another_method(tmp_path):
+    pretrained = TinyModel()
+    base_path = tmp_path / "pretrained.safetensors"
+    save_safetensors_atomic(pretrained.state_dict(), base_path)
+    ckpts = []
+    for task in range(2):
+        expert = TinyModel()
+        trainer = make_trainer(tmp_path, [])
+        trainer.fit(expert, task_loader(task))
+        ckpts.append(str(tmp_path / f"task{task}.ckpt"))
+        trainer.save_checkpoint(ckpts[-1])
+
+    parameters = {"weight": [0.7, 0.3]}
+    callback = WUDIMergeCallback(
+        method="task_arithmetic", parameters=parameters, experts=ckpts, base=str(base_path),
+        exclude=["head"], output=str(tmp_path / "out"),
+    )
+    model = TinyModel()
+    make_trainer(tmp_path, [callback], max_steps=1).fit(model, task_loader(5))
+
+    body = [n for n in pretrained.state_dict() if not n.startswith("head")]
+    expected = direct_merge("task_arithmetic", parameters, base_path, ckpts, model, names=body)
+    merged = load_state_dict(callback.merged_path)
+    assert_same(merged, expected)
+    for task, ckpt in enumerate(ckpts):
+        trained = torch.load(ckpt, weights_only=True)["state_dict"]
+        head = load_state_dict(tmp_path / "out" / "heads" / f"task_{task}.safetensors")
+        assert_same(head, {n: trained[n] for n in ("head.weight", "head.bias")})
+        assert_same(callback.task_heads[task], head)
+    callback.load_task_head(model, 0)
+    assert_same({n: model.state_dict()[n] for n in body}, expected)
+    assert torch.equal(model.head.weight, callback.task_heads[0]["head.weight"])
+
+
+class CrashAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_knows_which_experts_are_done(tmp_path):
+    out, ckpt_dir = str(tmp_path / "merge"), tmp_path / "ckpt"
+    model = TinyModel()
+    callback = WUDIMergeCallback(parameters=FAST_WUDI, output=out, num_tasks=2)
+    make_trainer(tmp_path, [callback]).fit(model, task_loader(0))
+    checkpointing = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_last=True)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        make_trainer(tmp_path, [callback, checkpointing, CrashAt(2)], max_steps=3, enable_checkpointing=True).fit(
+            model, task_loader(1)
+        )
+    assert callback.merged_path is None and len(callback.expert_paths) == 1
+
+    # A fresh process: new module, new callback; the checkpoint brings the callback state back.
+    resumed = WUDIMergeCallback(parameters=FAST_WUDI, output=out, num_tasks=2)
+    model = TinyModel(seed=1)
+    checkpointing = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_last=True)
+    trainer = make_trainer(tmp_path, [resumed, checkpointing], max_steps=3, enable_checkpointing=True)
+    trainer.fit(model, task_loader(1), ckpt_path=str(ckpt_dir / "last.ckpt"))
+    assert resumed.expert_paths == callback.expert_paths + [str(Path(out, "experts", "task_1.safetensors"))]
+    expected = direct_merge("wudi", FAST_WUDI, Path(out, "base.safetensors"), resumed.expert_paths, model)
+    assert_same(load_state_dict(resumed.merged_path), expected)
+    assert resumed.state_dict()["merged"] == resumed.merged_path
+
+
+def _write_inputs(tmp_path, expert_edit):
+    base = TinyModel().state_dict()
+    paths = []
+    for task in range(2):
+        state = {n: t + 0.01 * (task + 1) for n, t in base.items()}
+        if task == 1:
+            state = expert_edit(state, base)
+        paths.append(str(tmp_path / f"e{task}.safetensors"))
+        save_safetensors_atomic(state, paths[-1])
+    save_safetensors_atomic(base, tmp_path / "base.safetensors")
+    return str(tmp_path / "base.safetensors"), paths
+
+
+def _nan(state, base):
+    state["body.3.weight"][0, 0] = float("nan")
+    return state
+
+
+def _bad_shape(state, base):
+    state["body.3.weight"] = torch.zeros(8, 9)
+    return state
+
+
+def _missing(state, base):
+    del state["body.3.bias"]
+    return state
+
+
+def _equal_to_base(state, base):
+    return dict(base)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_nan, r"'body.3.weight' of expert task_1 .*non-finite"),
+        (_bad_shape, r"'body.3.weight' of expert task_1 .*shape \(8, 9\)"),
+        (_missing, r"expert task_1 .*lacks .*body.3.bias"),
+        (_equal_to_base, r"expert task_1 .*identical to the base"),
+    ],
+)
+def test_bad_input_raises_naming_expert_and_tensor_and_writes_nothing(tmp_path, edit, message):
+    base, experts = _write_inputs(tmp_path, edit)
+    out = tmp_path / "out"
+    callback = WUDIMergeCallback(parameters=FAST_WUDI, experts=experts, base=base, output=str(out))
+    with pytest.raises(MergeInputError, match=message):
+        callback.merge(None, TinyModel())
+    assert not out.exists()
+
+
+def test_missing_base_and_unknown_method_fail_early(tmp_path):
+    _, experts = _write_inputs(tmp_path, lambda s, b: s)
+    callback = WUDIMergeCallback(experts=experts, base=str(tmp_path / "nope.ckpt"), output=str(tmp_path / "o"))
+    with pytest.raises(MergeInputError, match="base file not found: .*nope.ckpt"):
+        callback.merge(None, TinyModel())
+    with pytest.raises(MergeInputError, match="without base="):
+        make_trainer(tmp_path, [WUDIMergeCallback(experts=experts)]).fit(TinyModel(), task_loader(0))
+    with pytest.raises(ValueError, match="unknown merge method 'nope'"):
+        WUDIMergeCallback(method="nope", experts=experts, base=experts[0]).merge()
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['iters'\]"):
+        WUDIMergeCallback(parameters={"iters": 3}, experts=experts, base=experts[0]).merge()
+    assert not (tmp_path / "o").exists()
+
+
+def test_interrupted_merge_leaves_no_output(tmp_path, monkeypatch):
+    base, experts = _write_inputs(tmp_path, lambda s, b: s)
+    out = tmp_path / "out"
+    from mergekit.merge_methods import api
+
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return merge_state_dicts(*args, **kwargs)
+
+    monkeypatch.setattr(api, "merge_state_dicts", failing)
+    callback = WUDIMergeCallback(parameters=FAST_WUDI, experts=experts, base=base, output=str(out))
+    with pytest.raises(KeyboardInterrupt):
+        callback.merge(None, TinyModel())
+    assert not out.exists()
+
+
+def test_mudsc_without_module_is_a_clear_error(tmp_path, monkeypatch):
+    _, experts = _write_inputs(tmp_path, lambda s, b: s)
+    monkeypatch.setitem(sys.modules, "mergekit_wudi.mudsc", None)
+    callback = WUDIMergeCallback(method="mudsc", experts=experts, dataloader=task_loader(0))
+    with pytest.raises(ImportError, match="method='mudsc' needs mergekit_wudi.mudsc.mudsc_merge"):
+        callback.merge(None, TinyModel())
+
+
+def test_picklable_and_checkpointable_state():
+    callback = WUDIMergeCallback(method="ties", parameters={"weight": 1.0, "density": 0.5}, exclude=["head"])
+    clone = pickle.loads(pickle.dumps(callback))
+    assert clone.state_key == callback.state_key and clone.parameters == callback.parameters
+    state = callback.state_dict()
+    assert set(state) == {"run_id", "output", "base", "experts", "heads", "merged"}
+    clone.load_state_dict(state)
+    assert clone.state_dict() == state
+
+
+def test_lightning_cli_class_path(tmp_path):
+    pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse (lightning[pytorch-extra])")
+    from lightning.pytorch.cli import LightningCLI
+
+    config = {
+        "trainer": {
+            "callbacks": [
+                {
+                    "class_path": "mergekit_wudi.lightning.WUDIMergeCallback",
+                    "init_args": {"parameters": {"solver": "closed_form"}, "exclude": ["head"], "num_tasks": 2},
+                }
+            ],
+            "logger": False,
+            "default_root_dir": str(tmp_path),
+        }
+    }
+    cli = LightningCLI(TinyModel, run=False, args=config, save_config_callback=None)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, WUDIMergeCallback)]
+    assert callback.parameters == {"solver": "closed_form"} and callback.num_tasks == 2
+
+
+DDP_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {tests!r})
+from test_lightning import TinyModel, task_loader, make_trainer, FAST_WUDI
+from mergekit_wudi.lightning import WUDIMergeCallback
+
+out = sys.argv[1]
+model = TinyModel()
+callback = WUDIMergeCallback(parameters=FAST_WUDI, output=os.path.join(out, "merge"), num_tasks=2)
+for task in range(2):
+    trainer = make_trainer(out, [callback], devices=2, strategy="ddp", enable_progress_bar=True)
+    trainer.fit(model, task_loader(task))
+torch.save({{"state": model.state_dict(), "experts": callback.expert_paths}},
+           os.path.join(out, f"rank{{trainer.global_rank}}.pt"))
+"""
+
+
+def test_ddp_two_processes_identical_result(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PL_DISABLE_FORK="1")
+    run = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "sharded over 2 ranks" in run.stdout + run.stderr
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert_same(ranks[0]["state"], ranks[1]["state"])
+    merge_dir = tmp_path / "merge"
+    expected = direct_merge("wudi", FAST_WUDI, merge_dir / "base.safetensors", ranks[0]["experts"], TinyModel())
+    assert_same(ranks[0]["state"], expected)
+    assert_same(load_state_dict(merge_dir / "merged.safetensors"), expected)
