@@ -24,7 +24,9 @@ def make_llama_family(
     Returns ``[base_path, expert_1, ...]``. Needs ``transformers`` (a mergekit dependency).
     """
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     root = Path(root)
     generator = torch.Generator().manual_seed(seed)
     config = LlamaConfig(
