@@ -363,13 +363,16 @@ class WUDIMergeCallback(Callback):
         names = self._merge_names(reference)
         validate_merge_inputs(base, experts, names, require_change=self.method != "mudsc")
 
+        merged_set = set(names)
+        expert_states = [state for _, state in experts]
         if self.method == "mudsc":
-            merged = self._merge_mudsc(trainer, pl_module, experts, names)
+            # MuDSC permutes units: each kept-out head must come from its expert permuted into the
+            # merged unit order (function-preserving), not from the raw expert.
+            merged, expert_states = self._merge_mudsc(trainer, pl_module, experts, names)
         else:
             merged = self._merge_registered(trainer, pl_module, base, experts, names)
 
-        merged_set = set(names)
-        heads = [{n: t for n, t in state.items() if n not in merged_set} for _, state in experts]
+        heads = [{n: t for n, t in state.items() if n not in merged_set} for state in expert_states]
         head_names = sorted({n for head in heads for n in head})
         head_paths = [self._output_path("heads", f"{expert_id(i)}.safetensors") for i in range(len(experts))]
         merged_path = self._output_path(MERGED_NAME)
@@ -478,7 +481,16 @@ class WUDIMergeCallback(Callback):
             dataloader = trainer.train_dataloader
         if dataloader is None:
             raise ValueError("method='mudsc' needs data: pass dataloader= or merge inside a fit")
+        keeps_heads = any(n not in set(names) for n in experts[0][1])
+        mode = self.parameters.get("mode", "align")
+        if keeps_heads and mode != "align":
+            raise ValueError(
+                f"method='mudsc' with mode={mode!r} cannot keep per-task tensors out of the merge (include/"
+                "exclude): zip merges units within a model, so no expert's own head fits the merged body. "
+                "Use mode='align', or merge the heads too"
+            )
         merged: Optional[StateDict] = None
+        aligned: Optional[List[StateDict]] = None
         if trainer is None or trainer.is_global_zero:
             models = []
             attached = getattr(pl_module, "_trainer", None)
@@ -490,14 +502,18 @@ class WUDIMergeCallback(Callback):
                     models.append(model)
             finally:
                 pl_module._trainer = attached
-            result = mudsc_merge(models, dataloader, **self.parameters)
-            if isinstance(result, tuple):  # return_info=True
-                result = result[0]
+            parameters = {**self.parameters, "return_info": keeps_heads or self.parameters.get("return_info", False)}
+            result = mudsc_merge(models, dataloader, **parameters)
+            info = None
+            if isinstance(result, tuple):
+                result, info = result
             full = result.state_dict()
             merged = {n: full[n].detach().cpu().clone() for n in names}
+            if keeps_heads:
+                aligned = [{n: t.detach().cpu() for n, t in state.items()} for state in info["aligned_states"]]
         if trainer is not None and trainer.world_size > 1:
-            merged = trainer.strategy.broadcast(merged)
-        return merged
+            merged, aligned = trainer.strategy.broadcast((merged, aligned))
+        return merged, (aligned if aligned is not None else [state for _, state in experts])
 
     # ------------------------------------------------------------------ helpers
 
