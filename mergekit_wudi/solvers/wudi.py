@@ -78,6 +78,10 @@ class InterferenceProblem:
     X: Optional[torch.Tensor] = None
     Y: Optional[torch.Tensor] = None
     G: Optional[torch.Tensor] = None
+    # Optional, for accuracy: the half-gradient at ``init`` (``init C - D`` / ``init X - Y``) computed
+    # without cancellation. Iterative solvers then evaluate ``(tau - init) C + R0``: the same gradient,
+    # but float32 rounding no longer grows as ``tau C`` and ``D`` cancel (they nearly do near a minimum).
+    R0: Optional[torch.Tensor] = None
 
     @property
     def dual(self) -> bool:
@@ -89,43 +93,123 @@ class InterferenceProblem:
             return (tau @ self.X - self.Y) @ self.X.T
         return torch.addmm(self.D, tau, self.C, beta=-1)
 
+    @property
+    def gram(self) -> torch.Tensor:
+        """The Gram the solvers factor: ``G`` (dual) or ``C`` (primal)."""
+        return self.G if self.dual else self.C
+
+    @property
+    def rhs(self) -> torch.Tensor:
+        """``Y`` (dual) or ``D`` (primal): the minimiser is ``rhs gram^{-1}`` (times ``X^T`` in dual form)."""
+        return self.Y if self.dual else self.D
+
     def eigh(self):
-        """Eigen-pairs of the smaller Gram, in descending order of eigenvalue."""
-        gram = self.G if self.dual else self.C
-        lam, vec = torch.linalg.eigh(gram)
-        return lam.flip(0).clamp_min(0), vec.flip(1)
+        """Eigen-pairs of the smaller Gram, in descending order of eigenvalue.
+
+        Computed in float64 (and returned in the Gram's dtype): besides being more accurate, MKL's
+        float32 ``syevd`` is erratically slow on some CPUs (tens of seconds for n ~ 1000-3000 on AMD EPYC),
+        its float64 path is not.
+        """
+        gram = self.gram
+        lam, vec = torch.linalg.eigh(gram.double() if gram.dtype == torch.float32 else gram)
+        return lam.flip(0).clamp_min(0).to(gram.dtype), vec.flip(1).to(gram.dtype)
 
 
 def _use_dual(n_in: int, rank: int) -> bool:
-    # Primal costs ~out*in^2 per product, dual ~2*out*in*r: pick the smaller.
+    # Iterative solvers: a step costs ~out*in^2 primal, ~2*out*in*r dual: pick the smaller.
     return 2 * rank < n_in
 
 
-def wudi_problem(task_vectors: TensorsLike) -> InterferenceProblem:
-    """Build Eq. 1 for nonzero task vectors ``[T, out, in]`` (zero ones must be dropped first)."""
+def _use_dual_direct(n_tasks: int, n_out: int, n_in: int) -> bool:
+    """Space for the one-shot solvers (closed_form, spectral): the smaller Gram.
+
+    It is the full-rank one (``C`` has rank <= min(in, T*out)), so its Cholesky factor exists in
+    float32, and it is also the cheaper: the dual's set-up ``T(T+1)/2 out^2 in`` (distinct blocks of
+    ``G``) + ``out r in`` (back-projection) against the primal's ``2 T out in^2`` (``C`` and ``D``),
+    and the factorisation is ``min(in, r)^3 / 3``.
+    """
+    return n_tasks * n_out < n_in
+
+
+def _gram(a: torch.Tensor) -> torch.Tensor:
+    """``a^T a`` for ``a`` [m, n]; for large ``n`` only 3 of its 4 half-blocks are multiplied (it is
+    symmetric), 3/4 of the multiply-adds of one product."""
+    n = a.shape[1]
+    if n < 512:
+        return a.T @ a
+    h = n // 2
+    a0, a1 = a[:, :h], a[:, h:]
+    out = torch.empty(n, n, dtype=a.dtype, device=a.device)
+    out[:h, :h] = a0.T @ a0
+    off = a0.T @ a1
+    out[:h, h:] = off
+    out[h:, :h] = off.T
+    out[h:, h:] = a1.T @ a1
+    return out
+
+
+def wudi_problem(
+    task_vectors: TensorsLike, *, dual: Optional[bool] = None, residual: bool = False
+) -> InterferenceProblem:
+    """Build Eq. 1 for nonzero task vectors ``[T, out, in]`` (zero ones must be dropped first).
+
+    ``dual=None`` picks the space that makes an optimiser step cheaper (:func:`_use_dual`);
+    ``True``/``False`` force the dual (``X, Y, G``) or primal (``C, D``) form. ``R0`` (the
+    cancellation-free half-gradient at ``init``) is always filled in the dual form, where it is free;
+    in the primal form only with ``residual=True`` (it costs as much as ``D``).
+    """
     tvs = _stack(task_vectors)
     T, n_out, n_in = tvs.shape
     sq_norms = tvs.square().sum(dim=(1, 2))
     if not bool((sq_norms > 0).all()):
         raise ValueError("wudi_problem: a task vector is exactly zero; drop it before solving")
     init = tvs.sum(dim=0)
-    if _use_dual(n_in, T * n_out):
+    if dual is None:
+        dual = _use_dual(n_in, T * n_out)
+    if dual:
         scale = sq_norms.rsqrt()
-        X = (tvs * scale[:, None, None]).transpose(1, 2).reshape(T, n_in, n_out)
-        X = torch.cat(list(X), dim=1)  # [in, T*out]
-        G = X.T @ X
+        # X^T = [sqrt(w_i) tau_i] stacked by rows: [T*out, in], contiguous; X is its transpose view.
+        Xt = (tvs * scale[:, None, None]).reshape(T * n_out, n_in)
+        # G = X^T X is symmetric: compute its T(T+1)/2 distinct blocks only.
+        G = torch.empty(T * n_out, T * n_out, dtype=tvs.dtype, device=tvs.device)
+        blocks = [Xt[i * n_out:(i + 1) * n_out] for i in range(T)]
+        for i in range(T):
+            for j in range(i, T):
+                blk = _gram(blocks[i].T) if i == j else blocks[i] @ blocks[j].T
+                G[i * n_out:(i + 1) * n_out, j * n_out:(j + 1) * n_out] = blk
+                if j != i:
+                    G[j * n_out:(j + 1) * n_out, i * n_out:(i + 1) * n_out] = blk.T
         # Y_i = tau_i X_i = sqrt(w_i) tau_i tau_i^T = G_ii / sqrt(w_i): free from the Gram.
         Y = torch.cat(
             [G[i * n_out:(i + 1) * n_out, i * n_out:(i + 1) * n_out] / scale[i] for i in range(T)], dim=1
         )
-        return InterferenceProblem(init=init, X=X, Y=Y, G=G)
+        # R0_i = (init - tau_i) X_i = sum_{j != i} tau_j X_i = sum_{j != i} G_ji / sqrt(w_j): also free.
+        R0 = torch.cat(
+            [
+                sum(
+                    (G[j * n_out:(j + 1) * n_out, i * n_out:(i + 1) * n_out] / scale[j] for j in range(T) if j != i),
+                    torch.zeros(n_out, n_out, dtype=tvs.dtype, device=tvs.device),
+                )
+                for i in range(T)
+            ],
+            dim=1,
+        )
+        return InterferenceProblem(init=init, X=Xt.T, Y=Y, G=G, R0=R0)
     C = torch.zeros(n_in, n_in, dtype=tvs.dtype, device=tvs.device)
     D = torch.zeros(n_out, n_in, dtype=tvs.dtype, device=tvs.device)
+    R0 = torch.zeros(n_out, n_in, dtype=tvs.dtype, device=tvs.device) if residual else None
     for tau, sq in zip(tvs, sq_norms):
-        gram_i = tau.T @ tau
+        gram_i = _gram(tau)
         C.add_(gram_i, alpha=1 / float(sq))
-        D.addmm_(tau, gram_i, alpha=1 / float(sq))
-    return InterferenceProblem(init=init, C=C, D=D)
+        if n_in <= 2 * n_out:
+            D.addmm_(tau, gram_i, alpha=1 / float(sq))
+            if R0 is not None:  # R0 = sum_i w_i (init - tau_i) tau_i^T tau_i
+                R0.addmm_(init - tau, gram_i, alpha=1 / float(sq))
+        else:  # (tau tau^T) tau is cheaper for wide weights
+            D.addmm_(tau @ tau.T, tau, alpha=1 / float(sq))
+            if R0 is not None:
+                R0.addmm_((init - tau) @ tau.T, tau, alpha=1 / float(sq))
+    return InterferenceProblem(init=init, C=C, D=D, R0=R0)
 
 
 def lowrank_problem(task_vectors: TensorsLike) -> InterferenceProblem:
@@ -168,11 +252,20 @@ def adam_solve(
     The gradient ``2 (tau C - D)`` is the exact autograd gradient of the authors' loss, so the
     trajectory is theirs up to floating-point rounding.
     """
-    tau = torch.nn.Parameter(problem.init.clone())
+    init = problem.init
+    tau = torch.nn.Parameter(init.clone())
     optimizer = torch.optim.Adam([tau], lr=learning_rate, betas=betas, eps=eps, weight_decay=0)
     with torch.no_grad():
+        # grad/2 = tau C - D = (tau - init) C + R0: same value, no cancellation of two large terms.
+        r0 = problem.R0 if problem.R0 is not None else problem.half_gradient(init)
+        delta = torch.empty_like(init)
         for _ in range(iterations):
-            tau.grad = problem.half_gradient(tau).mul_(2)
+            torch.sub(tau, init, out=delta)
+            if problem.dual:
+                grad = torch.addmm(r0, delta, problem.X) @ problem.X.T
+            else:
+                grad = torch.addmm(r0, delta, problem.C)
+            tau.grad = grad.mul_(2)
             optimizer.step()
     return tau.detach()
 
@@ -187,19 +280,71 @@ def closed_form_solve(problem: InterferenceProblem, *, ridge: float = RIDGE) -> 
     """
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
-    gram = problem.G if problem.dual else problem.C
+    gram, rhs = problem.gram, problem.rhs
     n = gram.shape[0]
     rho = ridge * float(gram.diagonal().sum()) / n
-    rhs = problem.Y if problem.dual else problem.D
-    factor, info = torch.linalg.cholesky_ex(gram + rho * torch.eye(n, dtype=gram.dtype, device=gram.device))
+    shifted = gram.clone()
+    shifted.diagonal().add_(rho)
+    factor, info = torch.linalg.cholesky_ex(shifted)
+    del shifted
     if int(info) == 0:
         coef = torch.cholesky_solve(rhs.T, factor).T
     else:
+        del factor
         lam, vec = problem.eigh()
         cutoff = max(rho, float(lam[0]) * n * torch.finfo(gram.dtype).eps)
         inv = torch.where(lam > cutoff, 1 / (lam + rho).clamp_min(cutoff), torch.zeros_like(lam))
         coef = ((rhs @ vec) * inv) @ vec.T
     return coef @ problem.X.T if problem.dual else coef
+
+
+def _flow_gain(lam: torch.Tensor, time: float) -> torch.Tensor:
+    """``(1 - exp(-lam t)) / lam`` (``-> t`` as ``lam -> 0``), without dividing by zero."""
+    tiny = torch.finfo(lam.dtype).tiny
+    return torch.where(lam > tiny, -torch.expm1(-lam * time) / lam.clamp_min(tiny), torch.full_like(lam, time))
+
+
+def _chebyshev_gain(bound: float, time: float, tol: float, max_degree: int = 256) -> list[float]:
+    """Chebyshev coefficients of ``lam -> (1 - exp(-lam t)) / lam`` on ``[0, bound]``, truncated at the
+    first three consecutive coefficients totalling below ``tol * t / 4`` (``t`` is the function's
+    maximum; the function is entire, so past its hump the coefficients decay faster than geometrically
+    and the dropped tail is below ``tol * t``)."""
+    n = 2 * max_degree
+    k = torch.arange(n, dtype=torch.float64)
+    nodes = torch.cos(math.pi * (k + 0.5) / n)
+    values = _flow_gain((nodes + 1) * (bound / 2), time)
+    coeffs = (2 / n) * (torch.cos(math.pi * k[: max_degree + 3, None] * (k[None, :] + 0.5) / n) @ values)
+    coeffs[0] /= 2
+    window = coeffs.abs().unfold(0, 3, 1).sum(1)  # window[j] = |c_j| + |c_j+1| + |c_j+2|
+    small = (window[1:] < tol * time / 4).nonzero()
+    degree = int(small[0]) if len(small) else max_degree
+    return coeffs[: degree + 1].tolist()
+
+
+def _apply_chebyshev(rhs: torch.Tensor, gram: torch.Tensor, coeffs: list[float], bound: float) -> torch.Tensor:
+    """``rhs @ p(gram)`` for the Chebyshev series ``p`` on ``[0, bound]``, by Clenshaw's recurrence
+    (one product with ``gram`` per degree). When ``rhs`` has more rows than ``gram``, ``p(gram)`` is
+    built first (cheaper) and applied once."""
+    n = gram.shape[0]
+    if rhs.shape[0] > n:
+        return rhs @ _apply_chebyshev(torch.eye(n, dtype=gram.dtype, device=gram.device), gram, coeffs, bound)
+    # x in [-1, 1] <-> lam = bound (x + 1) / 2: right-multiplying by G_hat = (2 / bound) G - I.
+    scale = 2 / bound
+    b1 = torch.zeros_like(rhs)
+    b2 = torch.zeros_like(rhs)
+    for c in reversed(coeffs[1:]):
+        # b_k = c_k rhs + 2 b_{k+1} G_hat - b_{k+2} = 2 scale b_{k+1} G - (b_{k+2} + 2 b_{k+1} - c_k rhs),
+        # written over b_{k+2}'s buffer.
+        b2.add_(b1, alpha=2).sub_(rhs, alpha=c).addmm_(b1, gram, beta=-1, alpha=2 * scale)
+        b2, b1 = b1, b2
+    out = torch.addmm(b1, b1, gram, beta=-1, alpha=scale)
+    return out.sub_(b2).add_(rhs, alpha=coeffs[0])
+
+
+def _spectral_bound(gram: torch.Tensor) -> float:
+    """An upper bound on the Gram's largest eigenvalue: min(trace, Frobenius norm) (it is PSD)."""
+    bound = min(float(gram.diagonal().sum()), float(torch.linalg.matrix_norm(gram)))
+    return bound * (1 + 1e-4) + torch.finfo(gram.dtype).tiny
 
 
 def spectral_solve(
@@ -220,22 +365,42 @@ def spectral_solve(
     300 Adam steps beat the exact minimiser. ``C``'s trace equals the number of tasks whatever the
     scale of the task vectors, so ``t`` is dimensionless. ``keep_fraction < 1`` lets only the top
     share of eigen-directions (by eigenvalue) move; the others stay at the init.
+
+    With ``keep_fraction = 1`` the matrix function ``V diag(f / lam) V^T`` is applied as a Chebyshev
+    series on ``[0, lam_max bound]`` (accurate to the working precision, no eigen-decomposition:
+    a handful of matrix products); an eigen-decomposition is used when ``keep_fraction < 1`` or when
+    ``lam_max * t`` is so large that the series would cost more.
     """
     if time < 0:
         raise ValueError(f"time must be >= 0, got {time}")
     if not 0 < keep_fraction <= 1:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
-    lam, vec = problem.eigh()
-    keep = max(1, math.ceil(keep_fraction * lam.numel()))
-    lam, vec = lam[:keep], vec[:, :keep]
-    # f / lam -> t as lam -> 0; -expm1(-x)/lam is accurate there without dividing by zero.
-    tiny = torch.finfo(lam.dtype).tiny
-    gain = torch.where(lam > tiny, -torch.expm1(-lam * time) / lam.clamp_min(tiny), torch.full_like(lam, time))
+    if time == 0:
+        return problem.init.clone()
+    gram = problem.gram
+    n = gram.shape[0]
     if problem.dual:
-        residual = problem.init @ problem.X - problem.Y
-        return problem.init - (((residual @ vec) * gain) @ vec.T) @ problem.X.T
-    residual = problem.half_gradient(problem.init)
-    return problem.init - ((residual @ vec) * gain) @ vec.T
+        residual = torch.addmm(problem.Y, problem.init, problem.X, beta=-1)  # init X - Y
+    else:
+        residual = problem.half_gradient(problem.init)  # init C - D
+    coeffs = None
+    if keep_fraction == 1 and time > 0:
+        bound = _spectral_bound(gram)
+        tol = 1e-13 if gram.dtype == torch.float64 else 2e-7
+        coeffs = _chebyshev_gain(bound, time, tol)
+        if (len(coeffs) - 1) * min(residual.shape[0], n) > 30 * n:
+            coeffs = None  # an eigen-decomposition is cheaper
+    if coeffs is not None:
+        update = _apply_chebyshev(residual, gram, coeffs, bound)
+    else:
+        lam, vec = problem.eigh()
+        keep = max(1, math.ceil(keep_fraction * lam.numel()))
+        lam, vec = lam[:keep], vec[:, :keep]
+        update = ((residual @ vec) * _flow_gain(lam, time)) @ vec.T
+    del residual
+    if problem.dual:
+        return torch.addmm(problem.init, update, problem.X.T, alpha=-1)
+    return problem.init - update
 
 
 def wudi_merged_task_vector(
@@ -250,13 +415,15 @@ def wudi_merged_task_vector(
 ) -> torch.Tensor:
     """``tau_m`` of Eq. 1 for nonzero task vectors ``[T, out, in]``, by the named solver."""
     if solver == "adam":
-        return adam_solve(wudi_problem(task_vectors), iterations=iterations, learning_rate=learning_rate)
+        return adam_solve(wudi_problem(task_vectors, residual=True), iterations=iterations, learning_rate=learning_rate)
     if solver == "lowrank":
         return adam_solve(lowrank_problem(task_vectors), iterations=iterations, learning_rate=learning_rate)
-    if solver == "closed_form":
-        return closed_form_solve(wudi_problem(task_vectors), ridge=ridge)
-    if solver == "spectral":
-        return spectral_solve(wudi_problem(task_vectors), time=time, keep_fraction=keep_fraction)
+    if solver in ("closed_form", "spectral"):
+        tvs = _stack(task_vectors)
+        problem = wudi_problem(tvs, dual=_use_dual_direct(*tvs.shape))
+        if solver == "closed_form":
+            return closed_form_solve(problem, ridge=ridge)
+        return spectral_solve(problem, time=time, keep_fraction=keep_fraction)
     raise ValueError(f"unknown WUDI solver {solver!r}; expected one of {', '.join(SOLVERS)}")
 
 
