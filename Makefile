@@ -9,6 +9,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
+# Console scripts of the venv (mergekit-yaml) without activating it.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: demo test test-fast install bench-speed bench-quality bench-mudsc
 
@@ -28,7 +30,7 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
-	PATH="$(abspath $(BIN)):$$PATH" bash tests/mergekit_upstream/run.sh
+	bash tests/mergekit_upstream/run.sh
 
 test-fast: install
 	$(BIN)/python -m pytest -q tests

@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))
 from tests.reference_wudi import naive_wudi_loop  # noqa: E402
 
 from mergekit_wudi.solvers import wudi as S  # noqa: E402
+from mergekit_wudi.toy import mergekit_yaml_executable  # noqa: E402
 
 CACHE = REPO / "benchmarks" / "cache"
 RESULTS = REPO / "benchmarks" / "results"
@@ -175,7 +176,7 @@ def run_merge(label: str, cfg: dict, cuda: bool, log_dir: Path) -> dict:
     import yaml
 
     (work / "config.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
+    exe = mergekit_yaml_executable()
     cmd = [exe, str(work / "config.yml"), str(work / "out"), "--no-copy-tokenizer", "--no-write-model-card",
            "--quiet"] + (["--cuda"] if cuda else [])
     print(f"[merge] {label} ...", flush=True)

@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mergekit_wudi.toy import make_llama_family
+from mergekit_wudi.toy import make_llama_family, mergekit_yaml_executable
 
 
 def interference(tau: torch.Tensor, task_vectors: torch.Tensor) -> float:
@@ -49,8 +49,8 @@ def main(argv=None) -> int:
     config_path = work / "wudi.yml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     out = work / "merged"
-    command = ["mergekit-yaml", str(config_path), str(out), "--no-copy-tokenizer", "--quiet"]
-    print("2. Running:", " ".join(command))
+    command = [mergekit_yaml_executable(), str(config_path), str(out), "--no-copy-tokenizer", "--quiet"]
+    print("2. Running: mergekit-yaml", " ".join(command[1:]))
     print("   with", config_path.name + ":\n     " + yaml.safe_dump(config, sort_keys=False).replace("\n", "\n     "))
     start = time.perf_counter()
     subprocess.run(command, check=True)

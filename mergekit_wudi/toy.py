@@ -58,3 +58,13 @@ def make_llama_family(
         paths.append(path)
     base.load_state_dict(base_state)
     return paths
+
+
+def mergekit_yaml_executable() -> str:
+    """The ``mergekit-yaml`` script of the running interpreter's environment (also when that
+    environment is not activated), else whichever one is on PATH."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / "mergekit-yaml"
+    return str(beside) if beside.exists() else (shutil.which("mergekit-yaml") or "mergekit-yaml")

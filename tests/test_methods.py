@@ -16,6 +16,7 @@ from mergekit.merge_methods.api import merge_state_dicts, merge_tensors
 from safetensors.torch import load_file, save_file
 
 from mergekit_wudi.solvers import wudi as W
+from mergekit_wudi.toy import mergekit_yaml_executable
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -39,7 +40,7 @@ def run_yaml(config, out, *extra):
     cfg = Path(out).parent / f"{Path(out).name}.yml"
     cfg.write_text(yaml.safe_dump(config))
     return subprocess.run(
-        ["mergekit-yaml", str(cfg), str(out), "--no-copy-tokenizer", "--quiet", *extra],
+        [mergekit_yaml_executable(), str(cfg), str(out), "--no-copy-tokenizer", "--quiet", *extra],
         capture_output=True,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},

@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 import mergekit_wudi  # noqa: F401
+from mergekit_wudi.toy import mergekit_yaml_executable
 
 
 def _config(family, method, parameters, model_parameters=None):
@@ -50,7 +51,7 @@ def _mergekit_yaml(config, tmp_path, name):
     cfg.write_text(yaml.safe_dump(config))
     out = tmp_path / name
     done = subprocess.run(
-        ["mergekit-yaml", str(cfg), str(out), "--no-copy-tokenizer", "--quiet"], capture_output=True, text=True
+        [mergekit_yaml_executable(), str(cfg), str(out), "--no-copy-tokenizer", "--quiet"], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return _weights(out)
