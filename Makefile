@@ -38,9 +38,13 @@ test-fast: install
 bench-speed: install
 	$(BIN)/python benchmarks/speed.py
 
-bench-quality: install
-	$(BIN)/python -m pip install -q -r benchmarks/requirements.txt
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[test,benchmark]'
+	touch $@
+
+bench-quality: $(VENV)/.bench-installed
+	test -d /usr/share/games/fortunes || (apt-get install -y fortunes || (apt-get update && apt-get install -y fortunes))
 	$(BIN)/python benchmarks/quality.py
 
-bench-mudsc: install
+bench-mudsc: $(VENV)/.bench-installed
 	$(BIN)/python benchmarks/mudsc.py

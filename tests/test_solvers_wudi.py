@@ -118,8 +118,10 @@ def test_spectral_keep_fraction_moves_only_top_directions():
     assert float(moved.norm()) > 0
 
 
-def test_lowrank_equals_optmerge_loop():
-    tvs = task_vectors(3, 24, 36)
+@pytest.mark.parametrize("T,n_out,n_in", [(3, 24, 36), (3, 48, 200)])  # primal, dual
+def test_lowrank_equals_optmerge_loop(T, n_out, n_in):
+    tvs = task_vectors(T, n_out, n_in)
+    assert W.lowrank_problem(tvs).dual == (n_in == 200)
     ours = W.wudi_merged_task_vector(tvs, "lowrank", iterations=100)
     reference = naive_lowrank_loop(tvs, iterations=100)
     assert rel(ours, reference) < 1e-5

@@ -45,8 +45,8 @@ LEARNING_RATE = 1e-5
 BETAS = (0.9, 0.999)
 EPS = 1e-8
 # This project's defaults for the fast solvers; see README "Solvers" for how they were chosen.
-RIDGE = 1e-6
-FLOW_TIME = 2.0
+RIDGE = 1e-2
+FLOW_TIME = 8.0
 KEEP_FRACTION = 1.0
 
 TensorsLike = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -257,7 +257,9 @@ def adam_solve(
     optimizer = torch.optim.Adam([tau], lr=learning_rate, betas=betas, eps=eps, weight_decay=0)
     with torch.no_grad():
         # grad/2 = tau C - D = (tau - init) C + R0: same value, no cancellation of two large terms.
-        r0 = problem.R0 if problem.R0 is not None else problem.half_gradient(init)
+        r0 = problem.R0
+        if r0 is None:  # the residual at init, in the space the step works in
+            r0 = torch.addmm(problem.Y, init, problem.X, beta=-1) if problem.dual else problem.half_gradient(init)
         delta = torch.empty_like(init)
         for _ in range(iterations):
             torch.sub(tau, init, out=delta)
