@@ -547,21 +547,17 @@ def write_report(results, name, log):
         for m, d in per.items():
             lines.append(f"| {m} | " + " | ".join(f"{100*mean(d[t]):.1f}" if t in d else "" for t in tasks) + " |")
         lines.append("")
-    # flow_time on validation
-    lines += ["## WUDI spectral: flow_time on the validation split (mean val acc over seeds)", ""]
-    for k in summary:
-        grids = [s["subsets"][k]["methods"].get("_spectral_flow_time_val") for s in results["seeds"].values()
-                 if k in s["subsets"]]
-        grids = [g for g in grids if g]
-        if grids:
-            lines.append(f"- {k} tasks: " + ", ".join(f"t={t}: {100*mean([g[t] for g in grids]):.1f}" for t in grids[0]))
-    lines += ["", "## WUDI closed_form: ridge on the validation split (mean val acc over seeds)", ""]
-    for k in summary:
-        grids = [s["subsets"][k]["methods"].get("_closed_form_ridge_val") for s in results["seeds"].values()
-                 if k in s["subsets"]]
-        grids = [g for g in grids if g]
-        if grids:
-            lines.append(f"- {k} tasks: " + ", ".join(f"ridge={r}: {100*mean([g[r] for g in grids]):.1f}" for r in grids[0]))
+    # the solver-option grids scored on validation
+    for title, key, label in [("WUDI spectral: flow_time", "_spectral_flow_time_val", "t"),
+                              ("WUDI closed_form: ridge", "_closed_form_ridge_val", "ridge")]:
+        lines += [f"## {title} on the validation split (mean val acc over seeds)", ""]
+        for k in summary:
+            grids = [s["subsets"][k]["methods"].get(key) for s in results["seeds"].values() if k in s["subsets"]]
+            grids = [g for g in grids if g]
+            if grids:
+                lines.append(f"- {k} tasks: " + ", ".join(f"{label}={v}: {100*mean([g[v] for g in grids]):.1f}"
+                                                         for v in grids[0]))
+        lines.append("")
     lines.append("")
     (RESULTS / f"{name}.md").write_text("\n".join(lines))
     plot(summary, RESULTS / f"{name}.png")
