@@ -440,6 +440,19 @@ def _f(x, fmt="{:.1f}"):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
 
 
+def _merge_table(merges: dict) -> list:
+    """Markdown rows of whole-model merges: wall, CPU, peak RSS and their ratios to task_arithmetic."""
+    rows = ["| method | wall s | x task_arithmetic | CPU s (user+sys) | peak RSS MiB | x task_arithmetic |",
+            "|---|---|---|---|---|---|"]
+    for k, v in merges.items():
+        name = k if k in ("task_arithmetic", "ties") else f"wudi `{k}`"
+        rows.append(f"| {name} | {_f(v['wall_s'])} | {_f(v.get('wall_ratio_vs_task_arithmetic'), '{:.2f}')} | "
+                    f"{_f(v.get('user_s', 0) + v.get('sys_s', 0))} | "
+                    f"{_f(v['peak_rss_mib'], '{:.0f}')} | {_f(v.get('rss_ratio_vs_task_arithmetic'), '{:.2f}')} |"
+                    + ("" if v.get("ok") else " FAILED"))
+    return rows + [""]
+
+
 def render_md(r: dict) -> str:
     m = r["machine"]
     lines = [f"### Speed benchmark ({r['mode']}, `{r['command']}`, {r['date']})", "",
@@ -452,24 +465,9 @@ def render_md(r: dict) -> str:
         md = r["model"]
         lines += [f"Whole-model `mergekit-yaml` merge: Qwen2.5-0.5B-shaped, {md['layers']} layers, {md['experts']} "
                   f"experts ({md['expert_delta']}), bf16 output.", "",
-                  "| method | wall s | x task_arithmetic | CPU s (user+sys) | peak RSS MiB | x task_arithmetic |",
-                  "|---|---|---|---|---|---|"]
-        for k, v in r["merges"].items():
-            name = k if k in ("task_arithmetic", "ties") else f"wudi `{k}`"
-            lines.append(f"| {name} | {_f(v['wall_s'])} | {_f(v.get('wall_ratio_vs_task_arithmetic'), '{:.2f}')} | "
-                         f"{_f(v.get('user_s', 0) + v.get('sys_s', 0))} | "
-                         f"{_f(v['peak_rss_mib'], '{:.0f}')} | {_f(v.get('rss_ratio_vs_task_arithmetic'), '{:.2f}')} |"
-                         + ("" if v.get("ok") else " FAILED"))
-        lines.append("")
+                  *_merge_table(r["merges"])]
     for extra in r.get("extra_runs", []):
-        lines += [f"{extra['label']}", "", "| method | wall s | x task_arithmetic | CPU s (user+sys) | peak RSS MiB | x task_arithmetic |",
-                  "|---|---|---|---|---|---|"]
-        for k, v in extra["merges"].items():
-            name = k if k in ("task_arithmetic", "ties") else f"wudi `{k}`"
-            lines.append(f"| {name} | {_f(v['wall_s'])} | {_f(v.get('wall_ratio_vs_task_arithmetic'), '{:.2f}')} | "
-                         f"{_f(v.get('user_s', 0) + v.get('sys_s', 0))} | {_f(v['peak_rss_mib'], '{:.0f}')} | "
-                         f"{_f(v.get('rss_ratio_vs_task_arithmetic'), '{:.2f}')} |")
-        lines.append("")
+        lines += [f"{extra['label']}", "", *_merge_table(extra["merges"])]
     if r.get("floor"):
         f = r["floor"]
         lines += [f"Floor ({f['layers']} layers' linear weights, float32, cheaper space): Gram products alone "
