@@ -5,7 +5,10 @@ registry: at once if mergekit is already imported, else as soon as it is. The ``
 package installs does the same at interpreter start, so plain ``mergekit-yaml`` sees them too.
 
 - the math: :mod:`mergekit_wudi.solvers` (framework-free functions)
-- the mergekit adapter: :mod:`mergekit_wudi.methods`
+- the mergekit adapter: :mod:`mergekit_wudi.methods` (kernels), :mod:`mergekit_wudi.registration`
+  (the registry), :mod:`mergekit_wudi._startup` (the start-up hook), :mod:`mergekit_wudi.output`
+  (what a merge does to its output folder), :mod:`mergekit_wudi.validation` and
+  :mod:`mergekit_wudi.inputs` (checks before any tensor is read)
 - the Lightning callback: :mod:`mergekit_wudi.lightning`
 """
 

@@ -1,30 +1,40 @@
 """Start-up hook that lets a plain ``mergekit-yaml`` see this plugin's merge methods.
 
-mergekit 0.1.5 has no plugin discovery, so ``mergekit_wudi_startup.pth`` (installed into
-site-packages) imports this module at every interpreter start. It imports nothing heavy: it only
-puts a finder on ``sys.meta_path`` that waits for mergekit to be imported, then
+mergekit 0.1.5 has no plugin discovery, so ``mergekit_wudi.pth`` (installed into site-packages)
+imports this module at every interpreter start. It imports nothing heavy: it only puts a finder on
+``sys.meta_path`` that runs code right after three modules finish loading:
 
-- registers our methods once ``mergekit.merge_methods`` has finished loading, and
-- makes ``mergekit.merge.run_merge`` write merges that use our methods atomically.
+- ``mergekit.merge_methods`` and ``mergekit_wudi.methods``: once both are loaded, our methods are
+  registered (:func:`mergekit_wudi.registration.register_methods`). If mergekit is imported first,
+  this imports ``mergekit_wudi.methods`` at that moment; if our kernels are imported first (they
+  import mergekit), registration waits until they have finished loading. No import cycle.
+- ``mergekit.merge``: its ``run_merge`` gets the safe-output wrapper
+  (:func:`mergekit_wudi.output.install`), before ``mergekit-yaml`` imports the name.
 """
 
 from __future__ import annotations
 
 import sys
 
-_TARGETS = ("mergekit.merge_methods", "mergekit.merge")
+_REGISTRY, _KERNELS, _MERGE = "mergekit.merge_methods", "mergekit_wudi.methods", "mergekit.merge"
+_TARGETS = (_REGISTRY, _KERNELS, _MERGE)
+_loading: set = set()
+
+
+def _loaded(name: str) -> bool:
+    return name in sys.modules and name not in _loading
 
 
 def _after_import(name: str) -> None:
-    # Called right after the module's code ran; its parent package may not have the attribute yet.
-    if name == "mergekit.merge_methods":
+    """Run once ``name`` (one of :data:`_TARGETS`) has finished loading."""
+    if name in (_REGISTRY, _KERNELS) and _loaded(_REGISTRY) and _KERNELS not in _loading:
         from mergekit_wudi import registration
 
         registration.register_methods()
-    elif name == "mergekit.merge":
-        from mergekit_wudi import registration
+    elif name == _MERGE:
+        from mergekit_wudi import output
 
-        registration.patch_run_merge()
+        output.install(sys.modules[_MERGE])
 
 
 class _PostImportFinder:
@@ -41,7 +51,11 @@ class _PostImportFinder:
                 exec_module = spec.loader.exec_module
 
                 def exec_then_hook(module, _exec=exec_module, _name=fullname):
-                    _exec(module)
+                    _loading.add(_name)
+                    try:
+                        _exec(module)
+                    finally:
+                        _loading.discard(_name)
                     _after_import(_name)
 
                 spec.loader.exec_module = exec_then_hook
@@ -54,7 +68,7 @@ def install() -> None:
     if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _PostImportFinder())
     for name in _TARGETS:
-        if name in sys.modules:
+        if _loaded(name):
             _after_import(name)
 
 

@@ -1,10 +1,12 @@
-"""Atomic writes and expert loading shared by the adapters."""
+"""Atomic file writes and expert loading for the Lightning callback and the LwPTV mask files.
+
+(A ``mergekit-yaml`` output folder is handled by :mod:`mergekit_wudi.output`.)
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, Union
@@ -14,25 +16,10 @@ import torch
 PathLike = Union[str, os.PathLike]
 
 
-@contextlib.contextmanager
-def atomic_directory(out_path: PathLike) -> Iterator[str]:
-    """Yield a temporary folder that replaces ``out_path`` only if the block succeeds.
-
-    The folder is ``<parent>/.<name>.tmp-XXXX/<name>`` so tools that name outputs after the folder
-    (mergekit's model card) see the final name. On error it is removed and ``out_path`` is untouched.
-    """
-    out = Path(out_path).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    target = staging / out.name
-    try:
-        yield str(target)
-        if out.exists():
-            old = staging / ".previous"
-            os.replace(out, old)
-        os.replace(target, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -42,6 +29,7 @@ def atomic_file(path: PathLike) -> Iterator[str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a user expects what open() would give
     try:
         yield tmp
         os.replace(tmp, path)

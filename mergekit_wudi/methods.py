@@ -1,16 +1,16 @@
 """mergekit 0.1.5 kernels: thin adapters that validate, pick tensors and call the solvers.
 
 ``merge_method: wudi`` in a mergekit YAML runs :func:`wudi_kernel` once per output tensor. The
-math lives in :mod:`mergekit_wudi.solvers`; nothing here reimplements it.
+math lives in :mod:`mergekit_wudi.solvers`; nothing here reimplements it. Importing this module
+has no side effects: :mod:`mergekit_wudi.registration` puts :data:`METHODS` into mergekit's registry.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from functools import cached_property
-from typing import Any, Literal, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from mergekit.merge_methods.base import (
@@ -28,20 +28,35 @@ from mergekit.merge_methods.easy_define import merge_method
 from pydantic import AfterValidator
 from typing_extensions import Annotated
 
+from mergekit_wudi.linear_weights import is_linear_weight
 from mergekit_wudi.solvers import awd as awd_solvers
-from mergekit_wudi.solvers import lwptv as lwptv_solvers
 from mergekit_wudi.solvers import wudi as wudi_solvers
+from mergekit_wudi.solvers.numerics import check_finite
+from mergekit_wudi.solvers.task_vectors import (
+    NON_LINEAR_RULES,
+    PREPROCESS_CHOICES,
+    combine_task_vectors,
+    preprocess_steps,
+    preprocess_task_vectors,
+    task_vectors,
+)
 
 
-def _bounded(
-    name: str, *, minimum: float, inclusive: bool = True, maximum: Optional[float] = None, owner: str = "wudi"
-):
-    """A pydantic check whose error names the YAML parameter at fault."""
+def _checked(name: str, *, minimum: Optional[float] = None, inclusive: bool = True,
+             maximum: Optional[float] = None, choices: Optional[tuple] = None, owner: str = "wudi"):
+    """A pydantic check whose error names the YAML parameter at fault: finite, within bounds, or
+    one of ``choices``."""
 
     def check(value):
         if value is None:
             return value
-        low_ok = value >= minimum if inclusive else value > minimum
+        if choices is not None:
+            if value not in choices:
+                raise ValueError(f"{owner} parameter '{name}' must be one of {', '.join(choices)}; got {value!r}")
+            return value
+        if not math.isfinite(value):
+            raise ValueError(f"{owner} parameter '{name}' must be a finite number, got {value!r}")
+        low_ok = minimum is None or (value >= minimum if inclusive else value > minimum)
         if not low_ok or (maximum is not None and value > maximum):
             bound = f"{'>=' if inclusive else '>'} {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
             raise ValueError(f"{owner} parameter '{name}' must be {bound}, got {value!r}")
@@ -50,38 +65,16 @@ def _bounded(
     return AfterValidator(check)
 
 
-def _one_of(name: str, choices: tuple[str, ...], owner: str = "wudi"):
-    def check(value):
-        if value not in choices:
-            raise ValueError(f"{owner} parameter '{name}' must be one of {', '.join(choices)}; got {value!r}")
-        return value
-
-    return AfterValidator(check)
-
-
-def _finite(name: str, owner: str = "wudi"):
-    def check(value):
-        if not math.isfinite(value):
-            raise ValueError(f"{owner} parameter '{name}' must be a finite number, got {value!r}")
-        return value
-
-    return AfterValidator(check)
-
-
-NonLinearRule = Literal["base", "mean", "sum"]
-
 # ---------------------------------------------------------------------------------------------
 # Task-vector pre-processing (AWD, LwPTV), shared by ``wudi`` and the ``preprocessed_*`` wrappers.
 
-PREPROCESS_CHOICES: tuple[str, ...] = ("none", "awd", "lwptv", "awd+lwptv")
 _PRE = "preprocessing"
-
-PreprocessArg = Annotated[str, _one_of("preprocess", PREPROCESS_CHOICES, _PRE)]
-AwdAlphaArg = Annotated[float, _bounded("awd_alpha", minimum=0, owner=_PRE)]
-AwdStepsArg = Annotated[int, _bounded("awd_steps", minimum=0, owner=_PRE)]
-AwdLrArg = Annotated[float, _bounded("awd_lr", minimum=0, inclusive=False, owner=_PRE)]
-AwdScopeArg = Annotated[str, _one_of("awd_scope", awd_solvers.SCOPES, _PRE)]
-LwptvThresholdArg = Annotated[Optional[float], _bounded("lwptv_threshold", minimum=0, owner=_PRE)]
+PreprocessArg = Annotated[str, _checked("preprocess", choices=PREPROCESS_CHOICES, owner=_PRE)]
+AwdAlphaArg = Annotated[float, _checked("awd_alpha", minimum=0, owner=_PRE)]
+AwdStepsArg = Annotated[int, _checked("awd_steps", minimum=0, owner=_PRE)]
+AwdLrArg = Annotated[float, _checked("awd_lr", minimum=0, inclusive=False, owner=_PRE)]
+AwdScopeArg = Annotated[str, _checked("awd_scope", choices=awd_solvers.SCOPES, owner=_PRE)]
+LwptvThresholdArg = Annotated[Optional[float], _checked("lwptv_threshold", minimum=0, owner=_PRE)]
 
 PREPROCESS_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("preprocess", PreprocessArg, ParameterScope.SHARED, default="none"),
@@ -94,95 +87,35 @@ PREPROCESS_PARAMETERS: tuple[ParameterSpec, ...] = (
 )
 PREPROCESS_NAMES: tuple[str, ...] = tuple(p.name for p in PREPROCESS_PARAMETERS)
 
-_warned: set = set()
 
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logging.warning(message)
-
-
-def preprocess_group(
-    group: TensorGroup,
-    *,
-    preprocess: str = "none",
-    awd_alpha: float = awd_solvers.ALPHA,
-    awd_steps: int = awd_solvers.STEPS,
-    awd_lr: float = awd_solvers.LR,
-    awd_scope: str = "tensor",
-    lwptv_threshold: Optional[float] = None,
-    lwptv_mask_file: Optional[str] = None,
-) -> TensorGroup:
-    """Replace each expert tensor by ``base + processed task vector`` (``preprocess`` != none).
-
-    Order: LwPTV first (drop the redundant layers of each task: from ``lwptv_mask_file``, else
-    ``saliency < lwptv_threshold``), then AWD on the task vectors left (dropped ones stay zero, so
-    those experts equal the base here). Processed tensors are float32 (float64 stays float64);
-    an expert whose task vector is unchanged keeps its own tensor, and if nothing changed the
-    group itself comes back (exactly the unprocessed merge). The math: ``solvers.awd``,
-    ``solvers.lwptv``.
-    """
-    if preprocess not in PREPROCESS_CHOICES:
-        choices = ", ".join(PREPROCESS_CHOICES)
-        raise ValueError(f"{_PRE} parameter 'preprocess' must be one of {choices}; got {preprocess!r}")
-    steps = () if preprocess == "none" else tuple(preprocess.split("+"))
-    use_lwptv, use_awd = "lwptv" in steps, "awd" in steps
-    if use_lwptv:
-        if (lwptv_threshold is None) == (lwptv_mask_file is None):
-            raise ValueError(
-                f"preprocess '{preprocess}' needs exactly one of 'lwptv_threshold' (one pass, per tensor) "
-                "or 'lwptv_mask_file' (from python -m mergekit_wudi.lwptv_masks); "
-                f"got lwptv_threshold={lwptv_threshold!r}, lwptv_mask_file={lwptv_mask_file!r}"
-            )
-    elif lwptv_threshold is not None or lwptv_mask_file is not None:
-        _warn_once(f"lwptv_threshold / lwptv_mask_file are ignored: preprocess is '{preprocess}'")
-    if not steps or not group.non_base:
-        return group
-    _check_finite(group)
-    experts = group.non_base
-    base = group.base.tensor
-    dtype = wudi_solvers.compute_dtype(base.dtype)
-    base32 = base.to(dtype)
-    originals = [entry.tensor.to(dtype) for entry in experts]
-    tvs = torch.stack([tensor - base32 for tensor in originals])
-    processed = tvs
-    if use_lwptv:
-        if lwptv_mask_file is not None:
-            from mergekit_wudi.lwptv_masks import drop_mask
-
-            drop = drop_mask(lwptv_mask_file, group.metadata.name, [entry.id for entry in experts])
-        else:
-            drop = lwptv_solvers.layer_mask(lwptv_solvers.saliency(base32, tvs), threshold=lwptv_threshold)
-        processed = lwptv_solvers.apply_mask(processed, drop)
-    if use_awd:
-        processed = awd_solvers.disentangle(processed, alpha=awd_alpha, steps=awd_steps, lr=awd_lr, scope=awd_scope)
-    unchanged = [bool(torch.equal(new, old)) for new, old in zip(processed, tvs)]
-    if all(unchanged):  # a no-op (threshold 0, alpha -> inf): the very same group, in its own dtype
-        return group
-    new_tensors = {
-        entry.id: (original if same else base32 + new)
-        for entry, original, new, same in zip(experts, originals, processed, unchanged)
-    }
-    entries = tuple(
-        TensorEntry(id=entry.id, tensor=base32 if entry.is_base else new_tensors[entry.id], is_base=entry.is_base)
-        for entry in group.entries
-    )
-    return dataclasses.replace(group, entries=entries)
-
-
-def _is_linear_weight(group: TensorGroup, linear: Optional[bool]) -> bool:
-    if linear is not None:
-        return linear
-    return group.base.tensor.ndim == 2 and group.metadata.vocabulary_axis is None
-
-
-def _check_finite(group: TensorGroup) -> None:
+def check_group_finite(group: TensorGroup) -> None:
+    """NaN/Inf in any input is an error naming the tensor and the model."""
     for entry in group.entries:
-        if not bool(torch.isfinite(entry.tensor).all()):
-            raise ValueError(
-                f"non-finite values (NaN or Inf) in tensor {group.metadata.name!r} of model {entry.id}"
-            )
+        check_finite(entry.tensor, f"tensor {group.metadata.name!r} of model {entry.id}")
+
+
+def check_result_finite(result: torch.Tensor, group: TensorGroup, method: str, parameters: Mapping[str, Any]) -> None:
+    """A non-finite merge result is an error naming the tensor and the parameters that produced it."""
+    shown = {k: v for k, v in parameters.items() if not isinstance(v, Mapping) and v is not None}
+    check_finite(result, f"the {method} result for tensor {group.metadata.name!r}", hint=f"parameters {shown}")
+
+
+def preprocessed_task_vectors(group: TensorGroup, options: Mapping[str, Any]):
+    """``(W0, task vectors, processed task vectors)`` of a group in the compute dtype, the last after
+    ``options['preprocess']``. LwPTV drop flags come from ``lwptv_mask_file`` when one is given
+    (keyed by the models' ids), else from ``lwptv_threshold``."""
+    options = dict(options)
+    mask_file = options.pop("lwptv_mask_file", None)
+    base, tvs = task_vectors(group.base.tensor, [entry.tensor for entry in group.non_base])
+    use_lwptv, _ = preprocess_steps(options.get("preprocess", "none"))
+    drop = None
+    if use_lwptv and mask_file is not None:
+        if options.get("lwptv_threshold") is not None:
+            raise ValueError("preprocessing: give 'lwptv_threshold' or 'lwptv_mask_file', not both")
+        from mergekit_wudi.lwptv_masks import drop_mask
+
+        drop = drop_mask(mask_file, group.metadata.name, [entry.id for entry in group.non_base])
+    return base, tvs, preprocess_task_vectors(base, tvs, drop=drop, **options)
 
 
 @merge_method(
@@ -193,15 +126,15 @@ def _check_finite(group: TensorGroup) -> None:
 )
 def wudi_kernel(
     group: TensorGroup,
-    weight: PerNonBase[Annotated[float, _finite("weight")]] = 1.0,
-    solver: Annotated[str, _one_of("solver", wudi_solvers.SOLVERS)] = "adam",
-    iterations: Annotated[int, _bounded("iterations", minimum=0)] = wudi_solvers.ITERATIONS,
-    learning_rate: Annotated[float, _bounded("learning_rate", minimum=0, inclusive=False)] = wudi_solvers.LEARNING_RATE,
-    scaling: Annotated[float, _finite("scaling")] = 1.0,
-    non_linear: Annotated[str, _one_of("non_linear", ("base", "mean", "sum"))] = "base",
-    ridge: Annotated[float, _bounded("ridge", minimum=0)] = wudi_solvers.RIDGE,
-    flow_time: Annotated[float, _bounded("flow_time", minimum=0)] = wudi_solvers.FLOW_TIME,
-    keep_fraction: Annotated[float, _bounded("keep_fraction", minimum=0, inclusive=False, maximum=1)] = (
+    weight: PerNonBase[Annotated[float, _checked("weight")]] = 1.0,
+    solver: Annotated[str, _checked("solver", choices=wudi_solvers.SOLVERS)] = "adam",
+    iterations: Annotated[int, _checked("iterations", minimum=0)] = wudi_solvers.ITERATIONS,
+    learning_rate: Annotated[float, _checked("learning_rate", minimum=0, inclusive=False)] = wudi_solvers.LEARNING_RATE,
+    scaling: Annotated[float, _checked("scaling")] = 1.0,
+    non_linear: Annotated[str, _checked("non_linear", choices=NON_LINEAR_RULES)] = "base",
+    ridge: Annotated[float, _checked("ridge", minimum=0)] = wudi_solvers.RIDGE,
+    flow_time: Annotated[float, _checked("flow_time", minimum=0)] = wudi_solvers.FLOW_TIME,
+    keep_fraction: Annotated[float, _checked("keep_fraction", minimum=0, inclusive=False, maximum=1)] = (
         wudi_solvers.KEEP_FRACTION
     ),
     linear: Optional[bool] = None,
@@ -215,56 +148,31 @@ def wudi_kernel(
 ) -> torch.Tensor:
     """WUDI-Merging (arXiv 2503.08099, Eq. 1) for linear weights; ``non_linear`` for the rest.
 
-    Linear weights are 2-D tensors without a vocabulary axis (``linear`` overrides, per tensor).
-    ``preprocess`` (``awd``, ``lwptv``, ``awd+lwptv``) refines the task vectors first, see
-    :func:`preprocess_group`.
+    Which tensors are linear weights: :func:`mergekit_wudi.linear_weights.is_linear_weight`
+    (``linear`` overrides, per tensor). ``preprocess`` (``awd``, ``lwptv``, ``awd+lwptv``)
+    refines the task vectors first (:func:`mergekit_wudi.solvers.task_vectors.preprocess_task_vectors`).
     """
-    _check_finite(group)
-    out_dtype = group.base.tensor.dtype
-    is_linear = _is_linear_weight(group, linear)
-    if is_linear or non_linear != "base":  # (a kept base needs no task vectors)
-        group = preprocess_group(
-            group,
-            preprocess=preprocess,
-            awd_alpha=awd_alpha,
-            awd_steps=awd_steps,
-            awd_lr=awd_lr,
-            awd_scope=awd_scope,
-            lwptv_threshold=lwptv_threshold,
-            lwptv_mask_file=lwptv_mask_file,
-        )
+    check_group_finite(group)
     base = group.base.tensor
-    experts = [entry.tensor for entry in group.non_base]
+    meta = group.metadata
+    is_linear = is_linear_weight(meta.name, base.shape, meta.vocabulary_axis, linear)
+    if not is_linear and non_linear == "base":
+        return base
     weights = [weight[entry.id] for entry in group.non_base]
+    options = dict(preprocess=preprocess, awd_alpha=awd_alpha, awd_steps=awd_steps, awd_lr=awd_lr,
+                   awd_scope=awd_scope, lwptv_threshold=lwptv_threshold, lwptv_mask_file=lwptv_mask_file)
+    _, _, tvs = preprocessed_task_vectors(group, options)
     if is_linear:
-        merged = wudi_solvers.wudi(
-            base,
-            experts,
-            solver=solver,
-            scaling=scaling,
-            weights=weights,
-            iterations=iterations,
-            learning_rate=learning_rate,
-            ridge=ridge,
-            time=flow_time,
-            keep_fraction=keep_fraction,
+        merged = wudi_solvers.merge_task_vectors(
+            base, tvs, solver=solver, scaling=scaling, weights=weights, iterations=iterations,
+            learning_rate=learning_rate, ridge=ridge, time=flow_time, keep_fraction=keep_fraction,
         )
     else:
-        merged = combine_non_linear(base, experts, weights, rule=non_linear, scaling=scaling)
-    return merged.to(out_dtype)
-
-
-def combine_non_linear(base, experts, weights, *, rule: str, scaling: float) -> torch.Tensor:
-    """Tensors WUDI does not solve for: keep the base (the authors' choice), or add the mean / sum
-    of the weighted task vectors, times ``scaling``."""
-    if rule == "base":
-        return base
-    dtype = wudi_solvers.compute_dtype(base.dtype)
-    base32 = base.to(dtype)
-    total = sum((e.to(dtype) - base32) * w for e, w in zip(experts, weights))
-    if rule == "mean":
-        total = total / len(experts)
-    return (base32 + scaling * total).to(base.dtype)
+        merged = combine_task_vectors(base, tvs, weights, rule=non_linear, scaling=scaling)
+    parameters = dict(solver=solver, iterations=iterations, learning_rate=learning_rate, scaling=scaling,
+                      ridge=ridge, flow_time=flow_time, keep_fraction=keep_fraction, **options)
+    check_result_finite(merged, group, "wudi", parameters)
+    return merged.to(base.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,8 +180,8 @@ class PreprocessedMerge(GroupMergeMethod):
     """A mergekit built-in (``task_arithmetic``, ``ties``, ...) with AWD / LwPTV pre-processing.
 
     Accepts ALL of the built-in's parameters plus :data:`PREPROCESS_PARAMETERS`; replaces each
-    expert tensor by ``base + processed task vector`` (:func:`preprocess_group`), then calls the
-    built-in's own ``merge_group``. With ``preprocess: none`` it IS the built-in.
+    expert tensor by ``base + processed task vector``, then calls the built-in's own
+    ``merge_group``. With ``preprocess: none`` it IS the built-in (plus finite checks).
     """
 
     inner_name: str
@@ -297,13 +205,33 @@ class PreprocessedMerge(GroupMergeMethod):
         )
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        check_group_finite(group)
         options = {name: parameters.pop(name) for name in PREPROCESS_NAMES if name in parameters}
-        if options.get("preprocess", "none") == "none":
-            preprocess_group(group, **options)  # validates and warns about ignored options
-            return self.inner.merge_group(group, **parameters)
-        out_dtype = group.base.tensor.dtype
-        processed = preprocess_group(group, **options)
-        return self.inner.merge_group(processed, **parameters).to(out_dtype)
+        processed = group
+        if options.get("preprocess", "none") != "none":
+            processed = self._with_task_vectors(group, *preprocessed_task_vectors(group, options))
+        merged = self.inner.merge_group(processed, **parameters)
+        check_result_finite(merged, group, self.method_name, {**parameters, **options})
+        return merged if processed is group else merged.to(group.base.tensor.dtype)
+
+    @staticmethod
+    def _with_task_vectors(group: TensorGroup, base: torch.Tensor, tvs: torch.Tensor, processed: torch.Tensor):
+        """The group with each expert replaced by ``base + tau`` where its task vector changed; the
+        very same group if none did (a no-op pre-processing merges exactly like the built-in)."""
+        experts = group.non_base
+        changed = {entry.id: new for entry, new, old in zip(experts, processed, tvs) if not torch.equal(new, old)}
+        if not changed:
+            return group
+        entries = tuple(
+            TensorEntry(
+                id=entry.id,
+                tensor=base if entry.is_base else (base + changed[entry.id] if entry.id in changed
+                                                   else entry.tensor.to(base.dtype)),
+                is_base=entry.is_base,
+            )
+            for entry in group.entries
+        )
+        return dataclasses.replace(group, entries=entries)
 
 
 preprocessed_task_arithmetic = PreprocessedMerge(
@@ -318,9 +246,3 @@ preprocessed_ties = PreprocessedMerge(
 )
 
 METHODS = (wudi_kernel, preprocessed_task_arithmetic, preprocessed_ties)
-
-# Importing this module first (before mergekit) triggers the registration hook while the module is
-# half-initialised; the hook then defers to this line.
-from mergekit_wudi.registration import register_methods  # noqa: E402
-
-register_methods()

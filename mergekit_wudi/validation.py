@@ -10,6 +10,7 @@ while planning, without naming it. For the methods of this package these are err
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 from typing import Any, Iterator, Mapping, Optional, Tuple
 
@@ -62,7 +63,12 @@ def _check_value(parameter, value: Any, where: str) -> None:
 
 
 def check_parameters(
-    method: str, parameters: Optional[Mapping[str, Any]], *, where: str = "parameters", per_model: bool = False
+    method: str,
+    parameters: Optional[Mapping[str, Any]],
+    *,
+    where: str = "parameters",
+    per_model: bool = False,
+    cross_checks: bool = True,
 ) -> None:
     """Check names and values of one parameter block of ``method`` (a registered merge method).
 
@@ -95,6 +101,8 @@ def check_parameters(
                 continue
         for value, location in _leaves(setting, f"{where}.{name}"):
             _check_value(parameter, value, location)
+    if cross_checks and "preprocess" in by_name:
+        check_preprocess_settings([parameters], method)
 
 
 def _parameter_blocks(raw: Mapping[str, Any]) -> Iterator[Tuple[Optional[Mapping], str, bool]]:
@@ -130,7 +138,7 @@ def check_merge_config(raw: Mapping[str, Any]) -> None:
         if block is not None and not isinstance(block, Mapping):
             raise MergeConfigError(f"{where}: 'parameters' must be a mapping of names to values, got {block!r}")
         check_parameters(method, block, where=where if where == "parameters" else f"{where}.parameters",
-                         per_model=per_model)
+                         per_model=per_model, cross_checks=False)
     if "preprocess" in {p.name for p in _spec(method).parameters}:
         check_preprocess_settings([b for b, _, _ in blocks if b], method)
 
@@ -151,6 +159,10 @@ def check_preprocess_settings(blocks, method: str) -> None:
         raise MergeConfigError(
             f"merge_method {method!r}: preprocess {lwptv[0]!r} needs 'lwptv_threshold' (one pass, per tensor) "
             "or 'lwptv_mask_file' (from python -m mergekit_wudi.lwptv_masks)"
+        )
+    if (thresholds or mask_files) and not lwptv:
+        logging.getLogger(__name__).warning(
+            "lwptv_threshold / lwptv_mask_file are ignored: no 'preprocess' setting of %r uses lwptv", method
         )
     if thresholds and mask_files:
         raise MergeConfigError(f"merge_method {method!r}: give 'lwptv_threshold' or 'lwptv_mask_file', not both")

@@ -142,7 +142,7 @@ def test_mask_file_for_other_models_is_a_clear_error(llama_family, tmp_path):
     write_mask_file(path, {"/somewhere/else": []}, list(base))
     config = _config(llama_family, "preprocessed_task_arithmetic",
                      {"preprocess": "lwptv", "lwptv_mask_file": str(path)}, {"weight": 1.0})
-    with pytest.raises(ValueError, match="has no model"):
+    with pytest.raises(ValueError, match="has no entry for model"):
         _run_merge(config, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

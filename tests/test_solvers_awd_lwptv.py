@@ -201,7 +201,7 @@ def test_wudi_defaults_unchanged_by_preprocess_none():
         ({"preprocess": "awd", "awd_scope": "model"}, "'awd_scope'"),
         ({"preprocess": "lwptv", "lwptv_threshold": -0.1}, "'lwptv_threshold'"),
         ({"preprocess": "lwptv"}, "lwptv_threshold"),
-        ({"preprocess": "lwptv", "lwptv_threshold": 0.1, "lwptv_mask_file": "m.json"}, "exactly one"),
+        ({"preprocess": "lwptv", "lwptv_threshold": 0.1, "lwptv_mask_file": "m.json"}, "not both"),
     ],
 )
 @pytest.mark.parametrize("method", ["wudi", "preprocessed_ties"])

@@ -41,6 +41,8 @@ from typing import Literal
 
 import torch
 
+from mergekit_wudi.solvers.numerics import check_finite, compute_dtype
+
 Scope = Literal["tensor", "row"]
 SCOPES: tuple[str, ...] = ("tensor", "row")
 
@@ -48,10 +50,6 @@ ALPHA = 0.1
 STEPS = 300
 LR = 0.01
 _EPS = 1e-12
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def mean_abs_cosine(task_vectors: torch.Tensor, *, scope: Scope = "tensor") -> torch.Tensor:
@@ -104,9 +102,8 @@ def redundant_vector(
         raise ValueError(f"AWD scope must be one of {', '.join(SCOPES)}; got {scope!r}")
     if task_vectors.ndim < 1:
         raise ValueError("AWD expects task vectors stacked as [T, ...]")
-    tvs = task_vectors.detach().to(_compute_dtype(task_vectors.dtype))
-    if not bool(torch.isfinite(tvs).all()):
-        raise ValueError("AWD: task vectors contain NaN or Inf")
+    tvs = task_vectors.detach().to(compute_dtype(task_vectors.dtype))
+    check_finite(tvs, "the task vectors given to AWD")
     delta = torch.zeros_like(tvs[0]) if tvs.shape[0] else tvs.new_zeros(tvs.shape[1:])
     norms = tvs.reshape(tvs.shape[0], -1).norm(dim=1)
     active = norms > 0

@@ -33,13 +33,11 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 
+from mergekit_wudi.solvers.numerics import check_finite, compute_dtype
+
 SCORE = "relative_norm"
 UNITS: tuple[str, ...] = ("tensor", "block")
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def saliency_from_norms(task_sq_norms: torch.Tensor, base_sq_norm: float) -> torch.Tensor:
@@ -50,12 +48,12 @@ def saliency_from_norms(task_sq_norms: torch.Tensor, base_sq_norm: float) -> tor
 
 def saliency(base: torch.Tensor, task_vectors: torch.Tensor) -> torch.Tensor:
     """Saliency ``s_i = ||tau_i||_F / ||W0||_F`` of one layer for each task: ``[T, ...] -> [T]``."""
-    dtype = _compute_dtype(task_vectors.dtype)
+    dtype = compute_dtype(task_vectors.dtype)
     tvs = task_vectors.to(dtype)
     if tvs.shape[1:] != base.shape:
         raise ValueError(f"task vectors {tuple(tvs.shape)} do not match the base {tuple(base.shape)}")
-    if not bool(torch.isfinite(tvs).all()) or not bool(torch.isfinite(base).all()):
-        raise ValueError("LwPTV: non-finite values (NaN or Inf) in the base or the task vectors")
+    check_finite(base, "the base tensor given to LwPTV")
+    check_finite(tvs, "the task vectors given to LwPTV")
     sq = tvs.reshape(tvs.shape[0], -1).square().sum(dim=1)
     return saliency_from_norms(sq, float(base.to(dtype).square().sum()))
 
@@ -131,12 +129,11 @@ def layer_masks(
         w0 = base(name)
         if not w0.is_floating_point():
             continue
-        dtype = _compute_dtype(w0.dtype)
+        dtype = compute_dtype(w0.dtype)
         w0 = w0.to(dtype)
         tvs = torch.stack([experts[key](name).to(dtype) - w0 for key in keys])
         scores_input = tvs.reshape(len(keys), -1)
-        if not bool(torch.isfinite(scores_input).all()):
-            raise ValueError(f"LwPTV: non-finite values (NaN or Inf) in tensor {name!r}")
+        check_finite(scores_input, f"tensor {name!r} (LwPTV saliency)")
         layer = layer_unit(name, unit)
         units.setdefault(layer, []).append(name)
         base_sq[layer] = base_sq.get(layer, 0.0) + float(w0.square().sum())

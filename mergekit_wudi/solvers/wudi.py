@@ -36,6 +36,9 @@ from typing import Literal, Optional, Sequence, Union
 
 import torch
 
+from mergekit_wudi.solvers.numerics import compute_dtype
+from mergekit_wudi.solvers.task_vectors import task_vectors as task_vectors_of
+
 Solver = Literal["adam", "closed_form", "spectral", "lowrank"]
 SOLVERS: tuple[str, ...] = ("adam", "closed_form", "spectral", "lowrank")
 
@@ -50,11 +53,6 @@ FLOW_TIME = 8.0
 KEEP_FRACTION = 1.0
 
 TensorsLike = Union[torch.Tensor, Sequence[torch.Tensor]]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _stack(task_vectors: TensorsLike) -> torch.Tensor:
@@ -429,6 +427,35 @@ def wudi_merged_task_vector(
     raise ValueError(f"unknown WUDI solver {solver!r}; expected one of {', '.join(SOLVERS)}")
 
 
+def merge_task_vectors(
+    base: torch.Tensor,
+    task_vectors: TensorsLike,
+    *,
+    solver: Solver = "adam",
+    scaling: float = 1.0,
+    weights: Optional[Sequence[float]] = None,
+    **solver_options,
+) -> torch.Tensor:
+    """Merge one linear weight from its task vectors: ``W0 + scaling * tau_m``, ``tau_m`` from Eq. 1.
+
+    ``weights[i]`` multiplies task vector ``i`` before solving. Task vectors that are (after
+    weighting) exactly zero are skipped: Eq. 1 divides by their norm. Computes in float32 (float64
+    for float64 input) and returns the base's dtype. ``solver_options`` go to
+    :func:`wudi_merged_task_vector`.
+    """
+    dtype = compute_dtype(base.dtype)
+    weights = [1.0] * len(task_vectors) if weights is None else list(weights)
+    if len(weights) != len(task_vectors):
+        raise ValueError(f"got {len(weights)} weights for {len(task_vectors)} task vectors")
+    base32 = base.to(dtype)
+    tvs = [tv.to(dtype) * w for tv, w in zip(task_vectors, weights)]
+    tvs = [tv for tv in tvs if bool(tv.any())]
+    if not tvs:
+        return base.clone()
+    tau_m = wudi_merged_task_vector(torch.stack(tvs), solver, **solver_options)
+    return (base32 + scaling * tau_m).to(base.dtype)
+
+
 def wudi(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
@@ -438,21 +465,7 @@ def wudi(
     weights: Optional[Sequence[float]] = None,
     **solver_options,
 ) -> torch.Tensor:
-    """Merge one linear weight: ``W0 + scaling * tau_m`` with ``tau_m`` from Eq. 1.
-
-    ``weights[i]`` multiplies expert ``i``'s task vector before solving. Experts whose (weighted)
-    task vector is exactly zero are skipped: Eq. 1 divides by its norm. Computes in float32
-    (float64 for float64 input) and returns the base's dtype. ``solver_options`` go to
-    :func:`wudi_merged_task_vector`.
-    """
-    dtype = compute_dtype(base.dtype)
-    weights = [1.0] * len(experts) if weights is None else list(weights)
-    if len(weights) != len(experts):
-        raise ValueError(f"got {len(weights)} weights for {len(experts)} experts")
-    base32 = base.to(dtype)
-    tvs = [(e.to(dtype) - base32) * w for e, w in zip(experts, weights)]
-    tvs = [tv for tv in tvs if bool(tv.any())]
-    if not tvs:
-        return base.clone()
-    tau_m = wudi_merged_task_vector(torch.stack(tvs), solver, **solver_options)
-    return (base32 + scaling * tau_m).to(base.dtype)
+    """Merge one linear weight from the expert weights: :func:`merge_task_vectors` of
+    ``tau_i = W_i - W0``."""
+    _, tvs = task_vectors_of(base, experts)
+    return merge_task_vectors(base, tvs, solver=solver, scaling=scaling, weights=weights, **solver_options)
