@@ -30,7 +30,7 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
-	bash tests/mergekit_upstream/run.sh
+	MERGEKIT_SDIST_CACHE=$(abspath $(VENV))/sdist bash tests/mergekit_upstream/run.sh
 
 test-fast: install
 	$(BIN)/python -m pytest -q tests

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -76,6 +77,14 @@ def _load(path: str, _mtime_ns: int, _size: int) -> Dict[str, Any]:
     tensors, drop = content.get("tensors"), content.get("drop")
     if not isinstance(tensors, list) or not isinstance(drop, dict):
         raise ValueError(f"lwptv_mask_file {path!r}: 'tensors' must be a list and 'drop' a mapping")
+    if not all(isinstance(name, str) for name in tensors):
+        raise ValueError(f"lwptv_mask_file {path!r}: 'tensors' must list tensor names (strings)")
+    for model, names in drop.items():
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise ValueError(f"lwptv_mask_file {path!r}: 'drop' of model {model!r} must be a list of tensor names")
+        unknown = sorted(set(names) - set(tensors))
+        if unknown:
+            raise ValueError(f"lwptv_mask_file {path!r}: 'drop' of model {model!r} names unknown tensors {unknown[:5]}")
     return {"tensors": frozenset(tensors), "drop": {k: frozenset(v) for k, v in drop.items()}}
 
 
@@ -123,6 +132,7 @@ def build_mask_file(
 
     from mergekit_wudi.solvers import lwptv
 
+    check_rule(ratio, threshold)
     if isinstance(config, (str, os.PathLike)):
         config = yaml.safe_load(Path(config).read_text())
     if not isinstance(config, MergeConfiguration):
@@ -161,6 +171,7 @@ def build_mask_file_from_state_dicts(
     keyed by the ids the merge uses (the callback's are ``task_0``, ``task_1``, ...)."""
     from mergekit_wudi.solvers import lwptv
 
+    check_rule(ratio, threshold)
     names = [n for n, t in base.items() if t.is_floating_point()]
     drop = lwptv.layer_masks(
         base.__getitem__,
@@ -171,6 +182,16 @@ def build_mask_file_from_state_dicts(
         unit=unit,
     )
     return write_mask_file(out_path, drop, names, ratio=ratio, threshold=threshold, unit=unit)
+
+
+def check_rule(ratio: Optional[float], threshold: Optional[float]) -> None:
+    """Exactly one rule, in range: ``0 <= ratio <= 1`` or a finite ``threshold >= 0`` (before any tensor is read)."""
+    if (ratio is None) == (threshold is None):
+        raise ValueError("LwPTV masks need exactly one of ratio or threshold")
+    if ratio is not None and not 0 <= ratio <= 1:
+        raise ValueError(f"LwPTV ratio must be between 0 and 1, got {ratio!r}")
+    if threshold is not None and not (math.isfinite(threshold) and threshold >= 0):
+        raise ValueError(f"LwPTV threshold must be a finite number >= 0, got {threshold!r}")
 
 
 def _get(loader, name):
@@ -189,6 +210,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rule.add_argument("--threshold", type=float, help="drop layers whose saliency ||tau||/||W0|| is below this")
     parser.add_argument("--unit", choices=("block", "tensor"), default="block", help="what a 'layer' is")
     args = parser.parse_args(argv)
+    try:
+        check_rule(args.ratio, args.threshold)
+    except ValueError as error:
+        parser.error(str(error))
     content = build_mask_file(args.config, args.out, ratio=args.ratio, threshold=args.threshold, unit=args.unit)
     total = len(content["tensors"])
     for model, names in content["drop"].items():

@@ -154,16 +154,28 @@ def _terminate_as_exception():
 
 @contextlib.contextmanager
 def _signals_deferred():
-    """Hold SIGINT/SIGTERM until the block is done (they are delivered right after)."""
+    """Hold SIGINT/SIGTERM until the block is done, then act on them as usual.
+
+    Python runs signal handlers in the main thread whichever thread received the signal (a blocking
+    mask would not do: torch's worker threads leave SIGTERM unblocked), so a recording handler does it.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    received = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for signum in received[:1]:
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, None)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(signum)
 
 
 def _files(folder: Path) -> List[str]:

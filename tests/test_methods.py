@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from mergekit_wudi.solvers import wudi as W
 from mergekit_wudi.toy import mergekit_yaml_executable
+from _data import kernel_tensors as _tensors
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -111,31 +112,6 @@ def test_merge_state_dicts_and_merge_tensors():
     assert torch.allclose(single, W.wudi(base["lin.weight"], [experts[0]["lin.weight"]], solver="closed_form"))
 
 
-def test_registry_is_idempotent_and_plain_python_sees_wudi():
-    import mergekit_wudi
-    from mergekit_wudi import _startup
-
-    before = len(merge_methods.registered_methods())
-    mergekit_wudi.register_methods()
-    mergekit_wudi.register_methods()
-    _startup.install()
-    assert len(merge_methods.registered_methods()) == before
-    assert merge_methods.get("wudi").spec.pretty_name == "WUDI-Merging"
-    probe = (
-        "import sys; from mergekit import merge_methods; merge_methods.get('wudi'); "
-        "print('mergekit_wudi.methods' in sys.modules)"
-    )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    # the start-up hook itself imports neither torch nor mergekit
-    light = subprocess.run(
-        [sys.executable, "-c", "import sys; print('torch' in sys.modules, 'mergekit' in sys.modules)"],
-        capture_output=True,
-        text=True,
-    )
-    assert light.stdout.split() == ["False", "False"]
-
-
 def test_bf16_inputs_are_solved_in_float32(tmp_path):
     g = torch.Generator().manual_seed(1)
     base = torch.randn(12, 10, generator=g)
@@ -150,74 +126,6 @@ def test_bf16_inputs_are_solved_in_float32(tmp_path):
 # --- bad input ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "parameters,needle",
-    [
-        ({"solver": "sgd"}, "wudi parameter 'solver' must be one of adam, closed_form, spectral, lowrank"),
-        ({"iterations": -1}, "wudi parameter 'iterations' must be >= 0"),
-        ({"learning_rate": 0}, "wudi parameter 'learning_rate' must be > 0"),
-        ({"non_linear": "max"}, "wudi parameter 'non_linear' must be one of base, mean, sum"),
-        ({"keep_fraction": 1.5}, "wudi parameter 'keep_fraction'"),
-    ],
-)
-def test_bad_parameters_fail_at_planning_before_any_tensor_is_read(llama_family, tmp_path, monkeypatch, parameters, needle):
-    from mergekit.io import tasks
-
-    loaded = []
-    original = tasks.GatherTensors.execute
-    monkeypatch.setattr(tasks.GatherTensors, "execute", lambda self, **kw: loaded.append(1) or original(self, **kw))
-    with pytest.raises(Exception, match=needle.replace("(", r"\(")):
-        run_merge(
-            MergeConfiguration.model_validate(yaml_config(llama_family, **parameters)),
-            str(tmp_path / "out"),
-            MergeOptions(copy_tokenizer=False, quiet=True),
-        )
-    assert loaded == []
-    assert not (tmp_path / "out").exists()
-
-
-def test_missing_base_model_is_a_clear_error(llama_family, tmp_path):
-    config = yaml_config(llama_family)
-    del config["base_model"]
-    result = run_yaml(config, tmp_path / "out")
-    assert result.returncode != 0
-    assert "requires a base input" in result.stderr
-    assert not (tmp_path / "out").exists()
-
-
-def test_non_finite_input_names_tensor_and_model_and_leaves_no_output(llama_family, tmp_path):
-    bad = tmp_path / "bad_expert"
-    bad.mkdir()
-    for f in Path(llama_family[1]).iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
-    state = load(bad)
-    state["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
-    save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    config = yaml_config([llama_family[0], llama_family[1], bad], iterations=5)
-    out = tmp_path / "out"
-    result = run_yaml(config, out)
-    assert result.returncode != 0
-    assert "non-finite values (NaN or Inf) in tensor 'model.layers.1.mlp.down_proj.weight'" in result.stderr
-    assert str(bad) in result.stderr
-    assert not out.exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
-
-
-def test_failed_merge_keeps_previous_output(llama_family, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("previous")
-    config = yaml_config(llama_family, solver="closed_form")
-    config["models"][0]["parameters"] = {"weight": float("nan")}
-    result = run_yaml(config, out)
-    assert result.returncode != 0
-    assert "parameter 'weight' must be a finite number" in result.stderr
-    assert (out / "keep.txt").read_text() == "previous"
-    ok = run_yaml(yaml_config(llama_family, solver="closed_form"), out)
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    assert (out / "keep.txt").read_text() == "previous" and (out / "model.safetensors").exists()
-
-
 def test_expert_equal_to_base_is_skipped_per_tensor(llama_family, tmp_path):
     config = yaml_config([llama_family[0], llama_family[0], llama_family[1]], solver="closed_form")
     config["models"][0]["model"] = str(llama_family[0])
@@ -229,17 +137,61 @@ def test_expert_equal_to_base_is_skipped_per_tensor(llama_family, tmp_path):
     assert torch.allclose(merged[name], W.wudi(base[name], [expert[name]], solver="closed_form"), atol=1e-7)
 
 
-def test_non_finite_weight_or_scaling_is_named(llama_family, tmp_path):
-    config = yaml_config(llama_family, scaling=float("inf"))
-    with pytest.raises(Exception, match="parameter 'scaling' must be a finite number"):
-        run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "o"), MergeOptions(copy_tokenizer=False, quiet=True))
-    config = yaml_config(llama_family)
-    config["models"][1]["parameters"] = {"weight": float("nan")}
-    with pytest.raises(Exception, match="parameter 'weight' must be a finite number"):
-        run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "o"), MergeOptions(copy_tokenizer=False, quiet=True))
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("task_arithmetic", {"weight": 0.7, "lambda": 0.9}),
+        ("ties", {"weight": 1.0, "density": 0.4}),
+        ("ties", {"weight": [0.5, 1.0, 0.3], "density": 0.7, "normalize": False, "int8_mask": True}),
+    ],
+)
+def test_wrappers_with_preprocess_none_equal_the_builtin(method, params):
+    tensors = _tensors(torch.bfloat16)
+    expected = merge_tensors(tensors, method, base_index=0, parameters=params)
+    got = merge_tensors(tensors, f"preprocessed_{method}", base_index=0, parameters=params)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+    got0 = merge_tensors(
+        tensors, f"preprocessed_{method}", base_index=0, parameters={**params, "preprocess": "lwptv", "lwptv_threshold": 0}
+    )
+    assert torch.equal(got0, expected)
 
 
-def test_importing_the_kernel_module_first_registers_everything():
-    probe = "import mergekit_wudi.methods; from mergekit import merge_methods as m; print(m.get('wudi').spec.name)"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.strip() == "wudi", done.stderr
+@pytest.mark.parametrize("method", ["wudi", "preprocessed_task_arithmetic", "preprocessed_ties"])
+def test_kernels_full_mask_is_pretrained_and_awd_changes_result(method):
+    tensors = _tensors()
+    params = {"weight": 1.0}
+    full = merge_tensors(tensors, method, base_index=0, parameters={**params, "preprocess": "lwptv", "lwptv_threshold": 1e9})
+    assert torch.equal(full, tensors[0])
+    plain = merge_tensors(tensors, method, base_index=0, parameters=params)
+    processed = merge_tensors(
+        tensors, method, base_index=0, parameters={**params, "preprocess": "awd", "awd_steps": 30, "awd_alpha": 0.01}
+    )
+    assert torch.isfinite(processed).all() and not torch.equal(plain, processed)
+    noop = merge_tensors(tensors, method, base_index=0, parameters={**params, "preprocess": "awd", "awd_alpha": 1e9})
+    torch.testing.assert_close(noop, plain)
+
+
+def test_wudi_defaults_unchanged_by_preprocess_none():
+    tensors = _tensors()
+    a = merge_tensors(tensors, "wudi", base_index=0, parameters={"solver": "closed_form"})
+    b = merge_tensors(tensors, "wudi", base_index=0, parameters={"solver": "closed_form", "preprocess": "none"})
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        ({"preprocess": "awd+ties"}, "'preprocess'"),
+        ({"preprocess": "awd", "awd_alpha": -1}, "'awd_alpha'"),
+        ({"preprocess": "awd", "awd_lr": 0}, "'awd_lr'"),
+        ({"preprocess": "awd", "awd_steps": -3}, "'awd_steps'"),
+        ({"preprocess": "awd", "awd_scope": "model"}, "'awd_scope'"),
+        ({"preprocess": "lwptv", "lwptv_threshold": -0.1}, "'lwptv_threshold'"),
+        ({"preprocess": "lwptv"}, "lwptv_threshold"),
+        ({"preprocess": "lwptv", "lwptv_threshold": 0.1, "lwptv_mask_file": "m.json"}, "not both"),
+    ],
+)
+@pytest.mark.parametrize("method", ["wudi", "preprocessed_ties"])
+def test_bad_preprocessing_parameters_are_named(method, params, match):
+    with pytest.raises(Exception, match=match):
+        merge_tensors(_tensors(), method, base_index=0, parameters={"weight": 1.0, **params})
