@@ -23,7 +23,8 @@ Solvers (``solver=`` in :func:`wudi`):
 - ``closed_form``: the exact minimiser ``D (C + rho I)^{-1}`` (``D C^+`` as ``ridge -> 0``).
 - ``spectral``: exact gradient flow of Eq. 1 from the sum init for time ``t`` (Eq. 2 below),
   optionally restricted to the top share of eigen-directions of ``C``.
-- ``lowrank``: the authors' follow-up for LLMs (OptMerge, arXiv 2505.19892): per task keep rank
+- ``lowrank``: the authors' follow-up for LLMs (OptMerge, arXiv 2505.19892; its InternVL script
+  ``wudi_merging2``, not the Qwen2-VL one: see :mod:`.optmerge`): per task keep rank
   ``k = floor(min(out, in) / T)``; target ``A_i = mean + rank-k SVD of (tau_i - mean)``,
   projector ``P_i = diag(s_k) V_k^T`` of ``tau_i``; the same Adam loop.
 """
@@ -31,12 +32,20 @@ Solvers (``solver=`` in :func:`wudi`):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, Optional, Sequence, Union
+from typing import Literal, Optional, Sequence
 
 import torch
 
+from mergekit_wudi.solvers.interference import (  # noqa: F401  (re-exported: the problem is part of this API)
+    InterferenceProblem,
+    TensorsLike,
+    _stack,
+    _use_dual_direct,
+    wudi_problem,
+)
+from mergekit_wudi.solvers.matrix_functions import _apply_chebyshev, _chebyshev_gain, _flow_gain, _spectral_bound
 from mergekit_wudi.solvers.numerics import compute_dtype
+from mergekit_wudi.solvers.optmerge import lowrank_problem
 from mergekit_wudi.solvers.task_vectors import task_vectors as task_vectors_of
 
 Solver = Literal["adam", "closed_form", "spectral", "lowrank"]
@@ -51,191 +60,6 @@ EPS = 1e-8
 RIDGE = 1e-2
 FLOW_TIME = 8.0
 KEEP_FRACTION = 1.0
-
-TensorsLike = Union[torch.Tensor, Sequence[torch.Tensor]]
-
-
-def _stack(task_vectors: TensorsLike) -> torch.Tensor:
-    tvs = task_vectors if isinstance(task_vectors, torch.Tensor) else torch.stack(list(task_vectors))
-    if tvs.ndim != 3:
-        raise ValueError(f"WUDI solves 2-D weights: expected task vectors [T, out, in], got {tuple(tvs.shape)}")
-    return tvs.to(compute_dtype(tvs.dtype))
-
-
-@dataclass
-class InterferenceProblem:
-    """The quadratic ``L(tau) = ||tau X - Y||_F^2`` of Eq. 1, kept in its cheaper space.
-
-    Primal form holds ``C = X X^T`` and ``D = Y X^T``; dual form holds ``X``, ``Y`` and
-    ``G = X^T X``. ``init`` is the starting point of the iterative solvers (the sum of task vectors).
-    """
-
-    init: torch.Tensor
-    C: Optional[torch.Tensor] = None
-    D: Optional[torch.Tensor] = None
-    X: Optional[torch.Tensor] = None
-    Y: Optional[torch.Tensor] = None
-    G: Optional[torch.Tensor] = None
-    # Optional, for accuracy: the half-gradient at ``init`` (``init C - D`` / ``init X - Y``) computed
-    # without cancellation. Iterative solvers then evaluate ``(tau - init) C + R0``: the same gradient,
-    # but float32 rounding no longer grows as ``tau C`` and ``D`` cancel (they nearly do near a minimum).
-    R0: Optional[torch.Tensor] = None
-
-    @property
-    def dual(self) -> bool:
-        return self.X is not None
-
-    def half_gradient(self, tau: torch.Tensor) -> torch.Tensor:
-        """``(tau C - D)``, half of ``dL/dtau``."""
-        if self.dual:
-            return (tau @ self.X - self.Y) @ self.X.T
-        return torch.addmm(self.D, tau, self.C, beta=-1)
-
-    @property
-    def gram(self) -> torch.Tensor:
-        """The Gram the solvers factor: ``G`` (dual) or ``C`` (primal)."""
-        return self.G if self.dual else self.C
-
-    @property
-    def rhs(self) -> torch.Tensor:
-        """``Y`` (dual) or ``D`` (primal): the minimiser is ``rhs gram^{-1}`` (times ``X^T`` in dual form)."""
-        return self.Y if self.dual else self.D
-
-    def eigh(self):
-        """Eigen-pairs of the smaller Gram, in descending order of eigenvalue.
-
-        Computed in float64 (and returned in the Gram's dtype): besides being more accurate, MKL's
-        float32 ``syevd`` is erratically slow on some CPUs (tens of seconds for n ~ 1000-3000 on AMD EPYC),
-        its float64 path is not.
-        """
-        gram = self.gram
-        lam, vec = torch.linalg.eigh(gram.double() if gram.dtype == torch.float32 else gram)
-        return lam.flip(0).clamp_min(0).to(gram.dtype), vec.flip(1).to(gram.dtype)
-
-
-def _use_dual(n_in: int, rank: int) -> bool:
-    # Iterative solvers: a step costs ~out*in^2 primal, ~2*out*in*r dual: pick the smaller.
-    return 2 * rank < n_in
-
-
-def _use_dual_direct(n_tasks: int, n_out: int, n_in: int) -> bool:
-    """Space for the one-shot solvers (closed_form, spectral): the smaller Gram.
-
-    It is the full-rank one (``C`` has rank <= min(in, T*out)), so its Cholesky factor exists in
-    float32, and it is also the cheaper: the dual's set-up ``T(T+1)/2 out^2 in`` (distinct blocks of
-    ``G``) + ``out r in`` (back-projection) against the primal's ``2 T out in^2`` (``C`` and ``D``),
-    and the factorisation is ``min(in, r)^3 / 3``.
-    """
-    return n_tasks * n_out < n_in
-
-
-def _gram(a: torch.Tensor) -> torch.Tensor:
-    """``a^T a`` for ``a`` [m, n]; for large ``n`` only 3 of its 4 half-blocks are multiplied (it is
-    symmetric), 3/4 of the multiply-adds of one product."""
-    n = a.shape[1]
-    if n < 512:
-        return a.T @ a
-    h = n // 2
-    a0, a1 = a[:, :h], a[:, h:]
-    out = torch.empty(n, n, dtype=a.dtype, device=a.device)
-    out[:h, :h] = a0.T @ a0
-    off = a0.T @ a1
-    out[:h, h:] = off
-    out[h:, :h] = off.T
-    out[h:, h:] = a1.T @ a1
-    return out
-
-
-def wudi_problem(
-    task_vectors: TensorsLike, *, dual: Optional[bool] = None, residual: bool = False
-) -> InterferenceProblem:
-    """Build Eq. 1 for nonzero task vectors ``[T, out, in]`` (zero ones must be dropped first).
-
-    ``dual=None`` picks the space that makes an optimiser step cheaper (:func:`_use_dual`);
-    ``True``/``False`` force the dual (``X, Y, G``) or primal (``C, D``) form. ``R0`` (the
-    cancellation-free half-gradient at ``init``) is always filled in the dual form, where it is free;
-    in the primal form only with ``residual=True`` (it costs as much as ``D``).
-    """
-    tvs = _stack(task_vectors)
-    T, n_out, n_in = tvs.shape
-    sq_norms = tvs.square().sum(dim=(1, 2))
-    if not bool((sq_norms > 0).all()):
-        raise ValueError("wudi_problem: a task vector is exactly zero; drop it before solving")
-    init = tvs.sum(dim=0)
-    if dual is None:
-        dual = _use_dual(n_in, T * n_out)
-    if dual:
-        scale = sq_norms.rsqrt()
-        # X^T = [sqrt(w_i) tau_i] stacked by rows: [T*out, in], contiguous; X is its transpose view.
-        Xt = (tvs * scale[:, None, None]).reshape(T * n_out, n_in)
-        # G = X^T X is symmetric: compute its T(T+1)/2 distinct blocks only.
-        G = torch.empty(T * n_out, T * n_out, dtype=tvs.dtype, device=tvs.device)
-        blocks = [Xt[i * n_out:(i + 1) * n_out] for i in range(T)]
-        for i in range(T):
-            for j in range(i, T):
-                blk = _gram(blocks[i].T) if i == j else blocks[i] @ blocks[j].T
-                G[i * n_out:(i + 1) * n_out, j * n_out:(j + 1) * n_out] = blk
-                if j != i:
-                    G[j * n_out:(j + 1) * n_out, i * n_out:(i + 1) * n_out] = blk.T
-        # Y_i = tau_i X_i = sqrt(w_i) tau_i tau_i^T = G_ii / sqrt(w_i): free from the Gram.
-        Y = torch.cat(
-            [G[i * n_out:(i + 1) * n_out, i * n_out:(i + 1) * n_out] / scale[i] for i in range(T)], dim=1
-        )
-        # R0_i = (init - tau_i) X_i = sum_{j != i} tau_j X_i = sum_{j != i} G_ji / sqrt(w_j): also free.
-        R0 = torch.cat(
-            [
-                sum(
-                    (G[j * n_out:(j + 1) * n_out, i * n_out:(i + 1) * n_out] / scale[j] for j in range(T) if j != i),
-                    torch.zeros(n_out, n_out, dtype=tvs.dtype, device=tvs.device),
-                )
-                for i in range(T)
-            ],
-            dim=1,
-        )
-        return InterferenceProblem(init=init, X=Xt.T, Y=Y, G=G, R0=R0)
-    C = torch.zeros(n_in, n_in, dtype=tvs.dtype, device=tvs.device)
-    D = torch.zeros(n_out, n_in, dtype=tvs.dtype, device=tvs.device)
-    R0 = torch.zeros(n_out, n_in, dtype=tvs.dtype, device=tvs.device) if residual else None
-    for tau, sq in zip(tvs, sq_norms):
-        gram_i = _gram(tau)
-        C.add_(gram_i, alpha=1 / float(sq))
-        if n_in <= 2 * n_out:
-            D.addmm_(tau, gram_i, alpha=1 / float(sq))
-            if R0 is not None:  # R0 = sum_i w_i (init - tau_i) tau_i^T tau_i
-                R0.addmm_(init - tau, gram_i, alpha=1 / float(sq))
-        else:  # (tau tau^T) tau is cheaper for wide weights
-            D.addmm_(tau @ tau.T, tau, alpha=1 / float(sq))
-            if R0 is not None:
-                R0.addmm_((init - tau) @ tau.T, tau, alpha=1 / float(sq))
-    return InterferenceProblem(init=init, C=C, D=D, R0=R0)
-
-
-def lowrank_problem(task_vectors: TensorsLike) -> InterferenceProblem:
-    """OptMerge's low-rank form of Eq. 1 (the WUDI authors' follow-up for LLMs).
-
-    With ``k = floor(min(out, in) / T)``, ``mean = mean_i tau_i``, ``P_i = diag(s_k) V_k^T`` from the
-    SVD of ``tau_i`` and ``A_i = mean + U'_k S'_k V'_k^T`` from the SVD of ``tau_i - mean``:
-    ``L(tau) = sum_i ||(tau - A_i) P_i^T||^2 / ||tau_i||^2``, init = sum of task vectors.
-    """
-    tvs = _stack(task_vectors)
-    T, n_out, n_in = tvs.shape
-    k = max(1, min(n_out, n_in) // T)
-    sq_norms = tvs.square().sum(dim=(1, 2))
-    mean = tvs.mean(dim=0)
-    xs, ys = [], []
-    for tau, sq in zip(tvs, sq_norms):
-        _, s, vh = torch.linalg.svd(tau, full_matrices=False)
-        x = (vh[:k].T * s[:k]) / sq.sqrt()  # sqrt(w_i) P_i^T, [in, k]
-        u2, s2, vh2 = torch.linalg.svd(tau - mean, full_matrices=False)
-        target = mean + (u2[:, :k] * s2[:k]) @ vh2[:k]
-        xs.append(x)
-        ys.append(target @ x)
-    X, Y = torch.cat(xs, dim=1), torch.cat(ys, dim=1)
-    init = tvs.sum(dim=0)
-    if _use_dual(n_in, X.shape[1]):
-        return InterferenceProblem(init=init, X=X, Y=Y, G=X.T @ X)
-    return InterferenceProblem(init=init, C=X @ X.T, D=Y @ X.T)
-
 
 def adam_solve(
     problem: InterferenceProblem,
@@ -298,55 +122,6 @@ def closed_form_solve(problem: InterferenceProblem, *, ridge: float = RIDGE) -> 
     return coef @ problem.X.T if problem.dual else coef
 
 
-def _flow_gain(lam: torch.Tensor, time: float) -> torch.Tensor:
-    """``(1 - exp(-lam t)) / lam`` (``-> t`` as ``lam -> 0``), without dividing by zero."""
-    tiny = torch.finfo(lam.dtype).tiny
-    return torch.where(lam > tiny, -torch.expm1(-lam * time) / lam.clamp_min(tiny), torch.full_like(lam, time))
-
-
-def _chebyshev_gain(bound: float, time: float, tol: float, max_degree: int = 256) -> list[float]:
-    """Chebyshev coefficients of ``lam -> (1 - exp(-lam t)) / lam`` on ``[0, bound]``, truncated at the
-    first three consecutive coefficients totalling below ``tol * t / 4`` (``t`` is the function's
-    maximum; the function is entire, so past its hump the coefficients decay faster than geometrically
-    and the dropped tail is below ``tol * t``)."""
-    n = 2 * max_degree
-    k = torch.arange(n, dtype=torch.float64)
-    nodes = torch.cos(math.pi * (k + 0.5) / n)
-    values = _flow_gain((nodes + 1) * (bound / 2), time)
-    coeffs = (2 / n) * (torch.cos(math.pi * k[: max_degree + 3, None] * (k[None, :] + 0.5) / n) @ values)
-    coeffs[0] /= 2
-    window = coeffs.abs().unfold(0, 3, 1).sum(1)  # window[j] = |c_j| + |c_j+1| + |c_j+2|
-    small = (window[1:] < tol * time / 4).nonzero()
-    degree = int(small[0]) if len(small) else max_degree
-    return coeffs[: degree + 1].tolist()
-
-
-def _apply_chebyshev(rhs: torch.Tensor, gram: torch.Tensor, coeffs: list[float], bound: float) -> torch.Tensor:
-    """``rhs @ p(gram)`` for the Chebyshev series ``p`` on ``[0, bound]``, by Clenshaw's recurrence
-    (one product with ``gram`` per degree). When ``rhs`` has more rows than ``gram``, ``p(gram)`` is
-    built first (cheaper) and applied once."""
-    n = gram.shape[0]
-    if rhs.shape[0] > n:
-        return rhs @ _apply_chebyshev(torch.eye(n, dtype=gram.dtype, device=gram.device), gram, coeffs, bound)
-    # x in [-1, 1] <-> lam = bound (x + 1) / 2: right-multiplying by G_hat = (2 / bound) G - I.
-    scale = 2 / bound
-    b1 = torch.zeros_like(rhs)
-    b2 = torch.zeros_like(rhs)
-    for c in reversed(coeffs[1:]):
-        # b_k = c_k rhs + 2 b_{k+1} G_hat - b_{k+2} = 2 scale b_{k+1} G - (b_{k+2} + 2 b_{k+1} - c_k rhs),
-        # written over b_{k+2}'s buffer.
-        b2.add_(b1, alpha=2).sub_(rhs, alpha=c).addmm_(b1, gram, beta=-1, alpha=2 * scale)
-        b2, b1 = b1, b2
-    out = torch.addmm(b1, b1, gram, beta=-1, alpha=scale)
-    return out.sub_(b2).add_(rhs, alpha=coeffs[0])
-
-
-def _spectral_bound(gram: torch.Tensor) -> float:
-    """An upper bound on the Gram's largest eigenvalue: min(trace, Frobenius norm) (it is PSD)."""
-    bound = min(float(gram.diagonal().sum()), float(torch.linalg.matrix_norm(gram)))
-    return bound * (1 + 1e-4) + torch.finfo(gram.dtype).tiny
-
-
 def spectral_solve(
     problem: InterferenceProblem,
     *,
@@ -364,7 +139,10 @@ def spectral_solve(
     (``f = 1``): early stopping as a spectral filter, the regularisation that makes the authors'
     300 Adam steps beat the exact minimiser. ``C``'s trace equals the number of tasks whatever the
     scale of the task vectors, so ``t`` is dimensionless. ``keep_fraction < 1`` lets only the top
-    share of eigen-directions (by eigenvalue) move; the others stay at the init.
+    share of eigen-directions (by eigenvalue) move; the others stay at the init. The share counts the
+    eigenvalues of the smaller Gram (size ``min(in, T*out)``), not a rank of the ``in``-dimensional
+    input space: on wide layers (``in > T*out``) it keeps a different number of directions than a rank
+    ratio over ``in`` such as SWUDI's ``truncate_rank_ratio``.
 
     With ``keep_fraction = 1`` the matrix function ``V diag(f / lam) V^T`` is applied as a Chebyshev
     series on ``[0, lam_max bound]`` (accurate to the working precision, no eigen-decomposition:
