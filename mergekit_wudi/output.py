@@ -21,6 +21,11 @@ model card, tokenizer) so that
    locked (``flock``) and never touched.
 
 Merges with mergekit's own methods run exactly as mergekit runs them.
+
+Why a wrapper around ``run_merge``: mergekit 0.1.5 has no output hook, and ``run_merge`` is the one
+place that sees every file of a merge (the tensor writer alone would miss config, card and tokenizer).
+The wrapper keeps its signature and result, acts only for this package's methods, and is installed
+once, here, by the start-up hook (a user calling ``mergekit.merge.run_merge`` gets it too).
 """
 
 from __future__ import annotations
