@@ -6,7 +6,7 @@
 | unknown parameter name (``iteratons``)        | MergeConfigError, suggests the name     | setup (no step)   |
 | bad value (``solver: sgd``, ``lr: .inf``)     | MergeConfigError naming the parameter   | setup (no step)   |
 | unknown method / MuDSC parameter              | ValueError naming it                    | setup (no step)   |
-| include / exclude pattern matching nothing    | MergeInputError naming the pattern      | setup (no step)   |
+| include / exclude pattern matching nothing    | MergeInputError naming the pattern      | setup (no step); on_fit_start for configure_model modules |
 | explicit experts without base                 | MergeInputError                         | setup (no step)   |
 | expert NaN / wrong shape / missing / untrained| MergeInputError naming expert + tensor  | merge, before any write |
 | non-finite merged tensor                      | MergeResultError naming tensor + params | merge, before any write or load |
@@ -20,6 +20,7 @@ import sys
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
 from mergekit_wudi.lightning import MergeInputError, MergeResultError, RegistryMerge, WUDIMergeCallback
 from mergekit_wudi.validation import MergeConfigError
@@ -187,3 +188,29 @@ def test_mudsc_without_module_is_a_clear_error(tmp_path, monkeypatch):
     callback = WUDIMergeCallback(method="mudsc", experts=experts, dataloader=task_loader(0))
     with pytest.raises(ImportError, match="method='mudsc' needs mergekit_wudi.mudsc.mudsc_merge"):
         callback.merge(None, TinyModel())
+
+
+class LateModel(TinyModel):
+    """Builds its head in configure_model: patterns naming it can only be checked in on_fit_start."""
+
+    def __init__(self):
+        super().__init__()
+        del self.head
+
+    def configure_model(self):
+        if not hasattr(self, "head"):
+            self.head = nn.Linear(8, 2)
+
+
+@pytest.mark.parametrize("exclude, fails", [(["head"], False), (["haed"], True)])
+def test_patterns_of_a_configure_model_module_are_checked_before_the_first_step(tmp_path, exclude, fails):
+    counter = CountSteps()
+    callback = WUDIMergeCallback(parameters=FAST_WUDI, exclude=exclude, num_tasks=1, output=str(tmp_path / "m"))
+    trainer = make_trainer(tmp_path, [callback, counter])
+    if fails:
+        with pytest.raises(MergeInputError, match="exclude pattern 'haed' matches no tensor of the module"):
+            trainer.fit(LateModel(), task_loader(0))
+        assert counter.steps == 0
+    else:
+        trainer.fit(LateModel(), task_loader(0))
+        assert counter.steps == 2 and set(callback.task_heads[0]) == {"head.weight", "head.bias"}
