@@ -1,4 +1,8 @@
-"""WUDIMergeCallback: real lightning.Trainer runs on CPU with a tiny model (a few steps each)."""
+"""WUDIMergeCallback's hooks and modes: real lightning.Trainer runs on CPU with a tiny model (a few steps each).
+
+The helpers here (TinyModel, task_loader, make_trainer, direct_merge, assert_same, write_inputs) are
+shared by tests/test_lightning_checks.py and tests/test_lightning_strategies.py.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import os
 import pickle
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from mergekit_wudi.io import load_state_dict, save_safetensors_atomic
-from mergekit_wudi.lightning import MergeInputError, WUDIMergeCallback
+from mergekit_wudi.lightning import WUDIMergeCallback
 
 FAST_WUDI = {"iterations": 20, "learning_rate": 1e-2}
 
@@ -77,6 +80,20 @@ def assert_same(actual, expected):
     assert set(actual) == set(expected)
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def write_inputs(tmp_path, expert_edit=lambda state, base: state):
+    """base.safetensors and two expert files (expert 1 passed through ``expert_edit``)."""
+    base = TinyModel().state_dict()
+    paths = []
+    for task in range(2):
+        state = {n: t + 0.01 * (task + 1) for n, t in base.items()}
+        if task == 1:
+            state = expert_edit(state, base)
+        paths.append(str(tmp_path / f"e{task}.safetensors"))
+        save_safetensors_atomic(state, paths[-1])
+    save_safetensors_atomic(base, tmp_path / "base.safetensors")
+    return str(tmp_path / "base.safetensors"), paths
 
 
 def test_sequential_three_tasks_match_direct_merge(tmp_path):
@@ -169,96 +186,24 @@ def test_resume_knows_which_experts_are_done(tmp_path):
     assert resumed.state_dict()["merged"] == resumed.merged_path
 
 
-def _write_inputs(tmp_path, expert_edit):
-    base = TinyModel().state_dict()
-    paths = []
-    for task in range(2):
-        state = {n: t + 0.01 * (task + 1) for n, t in base.items()}
-        if task == 1:
-            state = expert_edit(state, base)
-        paths.append(str(tmp_path / f"e{task}.safetensors"))
-        save_safetensors_atomic(state, paths[-1])
-    save_safetensors_atomic(base, tmp_path / "base.safetensors")
-    return str(tmp_path / "base.safetensors"), paths
-
-
-def _nan(state, base):
-    state["body.3.weight"][0, 0] = float("nan")
-    return state
-
-
-def _bad_shape(state, base):
-    state["body.3.weight"] = torch.zeros(8, 9)
-    return state
-
-
-def _missing(state, base):
-    del state["body.3.bias"]
-    return state
-
-
-def _equal_to_base(state, base):
-    return dict(base)
-
-
-@pytest.mark.parametrize(
-    "edit, message",
-    [
-        (_nan, r"'body.3.weight' of expert task_1 .*non-finite"),
-        (_bad_shape, r"'body.3.weight' of expert task_1 .*shape \(8, 9\)"),
-        (_missing, r"expert task_1 .*lacks .*body.3.bias"),
-        (_equal_to_base, r"expert task_1 .*identical to the base"),
-    ],
-)
-def test_bad_input_raises_naming_expert_and_tensor_and_writes_nothing(tmp_path, edit, message):
-    base, experts = _write_inputs(tmp_path, edit)
-    out = tmp_path / "out"
-    callback = WUDIMergeCallback(parameters=FAST_WUDI, experts=experts, base=base, output=str(out))
-    with pytest.raises(MergeInputError, match=message):
-        callback.merge(None, TinyModel())
-    assert not out.exists()
-
-
-def test_missing_base_and_unknown_method_fail_early(tmp_path):
-    _, experts = _write_inputs(tmp_path, lambda s, b: s)
-    callback = WUDIMergeCallback(experts=experts, base=str(tmp_path / "nope.ckpt"), output=str(tmp_path / "o"))
-    with pytest.raises(MergeInputError, match="base file not found: .*nope.ckpt"):
-        callback.merge(None, TinyModel())
-    with pytest.raises(MergeInputError, match="without base="):
-        make_trainer(tmp_path, [WUDIMergeCallback(experts=experts)]).fit(TinyModel(), task_loader(0))
-    with pytest.raises(ValueError, match="unknown merge method 'nope'"):
-        WUDIMergeCallback(method="nope", experts=experts, base=experts[0]).merge()
-    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['iters'\]"):
-        WUDIMergeCallback(parameters={"iters": 3}, experts=experts, base=experts[0]).merge()
-    assert not (tmp_path / "o").exists()
-
-
-def test_interrupted_merge_leaves_no_output(tmp_path, monkeypatch):
-    base, experts = _write_inputs(tmp_path, lambda s, b: s)
-    out = tmp_path / "out"
-    from mergekit.merge_methods import api
-
-    calls = []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return merge_state_dicts(*args, **kwargs)
-
-    monkeypatch.setattr(api, "merge_state_dicts", failing)
-    callback = WUDIMergeCallback(parameters=FAST_WUDI, experts=experts, base=base, output=str(out))
-    with pytest.raises(KeyboardInterrupt):
-        callback.merge(None, TinyModel())
-    assert not out.exists()
-
-
-def test_mudsc_without_module_is_a_clear_error(tmp_path, monkeypatch):
-    _, experts = _write_inputs(tmp_path, lambda s, b: s)
-    monkeypatch.setitem(sys.modules, "mergekit_wudi.mudsc", None)
-    callback = WUDIMergeCallback(method="mudsc", experts=experts, dataloader=task_loader(0))
-    with pytest.raises(ImportError, match="method='mudsc' needs mergekit_wudi.mudsc.mudsc_merge"):
-        callback.merge(None, TinyModel())
+def test_spawned_fits_are_recovered_from_the_files_they_wrote(tmp_path):
+    """ddp_spawn fits a pickled copy of the callback; the parent's copy catches up from the files
+    (labelled with the run id), not from a second copy of the state."""
+    out = str(tmp_path / "merge")
+    model = TinyModel()
+    pretrained = {k: v.clone() for k, v in model.state_dict().items()}
+    parent = WUDIMergeCallback(parameters=FAST_WUDI, output=out, num_tasks=2)
+    worker = pickle.loads(pickle.dumps(parent))  # what a spawned worker gets
+    make_trainer(tmp_path, [worker]).fit(model, task_loader(0))
+    assert parent.expert_paths == [] and len(worker.expert_paths) == 1
+    assert not Path(out, "merge_state.json").exists()
+    # A stale expert file of another run is never taken for ours.
+    save_safetensors_atomic(pretrained, Path(out, "experts", "task_1.safetensors"), metadata={"run_id": "other"})
+    make_trainer(tmp_path, [parent]).fit(model, task_loader(1))
+    assert parent.expert_paths == worker.expert_paths + [str(Path(out, "experts", "task_1.safetensors"))]
+    assert_same(load_state_dict(Path(out, "base.safetensors")), pretrained)  # the base was not re-snapshotted
+    expected = direct_merge("wudi", FAST_WUDI, Path(out, "base.safetensors"), parent.expert_paths, model)
+    assert_same(load_state_dict(parent.merged_path), expected)
 
 
 def test_picklable_and_checkpointable_state():
@@ -295,7 +240,7 @@ def test_lightning_cli_class_path(tmp_path):
 DDP_SCRIPT = """
 import os, sys, torch
 sys.path.insert(0, {tests!r})
-from test_lightning import TinyModel, task_loader, make_trainer, FAST_WUDI
+from test_lightning_callback import TinyModel, task_loader, make_trainer, FAST_WUDI
 from mergekit_wudi.lightning import WUDIMergeCallback
 
 out = sys.argv[1]
@@ -323,3 +268,45 @@ def test_ddp_two_processes_identical_result(tmp_path):
     expected = direct_merge("wudi", FAST_WUDI, merge_dir / "base.safetensors", ranks[0]["experts"], TinyModel())
     assert_same(ranks[0]["state"], expected)
     assert_same(load_state_dict(merge_dir / "merged.safetensors"), expected)
+
+
+def test_mudsc_strategy_at_fit_end_keeps_aligned_heads(tmp_path):
+    from mergekit_wudi.mudsc import mudsc_merge
+
+    experts = []
+    for task in range(2):  # different inits, different tasks, no shared base
+        expert = TinyModel(seed=10 + task)
+        make_trainer(tmp_path, []).fit(expert, task_loader(task))
+        experts.append(str(tmp_path / f"expert{task}.safetensors"))
+        save_safetensors_atomic(expert.state_dict(), experts[-1])
+    params = {"mode": "align", "alpha": 0.5, "max_batches": 2}
+    callback = WUDIMergeCallback(method="mudsc", parameters=params, experts=experts, exclude=["head"],
+                                 output=str(tmp_path / "out"))
+    model = TinyModel(seed=0)
+    make_trainer(tmp_path, [callback], max_steps=1).fit(model, task_loader(0))
+    merged = load_state_dict(callback.merged_path)
+    assert set(merged) == {n for n in model.state_dict() if not n.startswith("head")}
+    # the same merge called directly, on the trainer's (unlabeled) train data
+    models = []
+    for path in experts:
+        m = TinyModel()
+        m.load_state_dict(load_state_dict(path))
+        models.append(m)
+    direct_model, info = mudsc_merge(models, task_loader(0), **params, return_info=True)
+    direct = direct_model.state_dict()
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, direct[name], msg=name)
+        torch.testing.assert_close(model.state_dict()[name], tensor, msg=name)
+    # each task keeps its own head, expressed in the merged unit order (expert 1 was permuted onto expert 0)
+    for task, head in enumerate(callback.task_heads):
+        assert set(head) == {"head.weight", "head.bias"}
+        for name, tensor in head.items():
+            torch.testing.assert_close(tensor, info["aligned_states"][task][name], msg=name)
+    torch.testing.assert_close(callback.task_heads[0]["head.weight"], models[0].head.weight.detach())
+    assert not torch.equal(callback.task_heads[1]["head.weight"], models[1].head.weight.detach())
+    # zip merges units within a model: no expert's own head fits, so keeping heads out is refused
+    zipped = WUDIMergeCallback(method="mudsc", parameters={**params, "mode": "zip"}, experts=experts,
+                               exclude=["head"], output=str(tmp_path / "zip"))
+    with pytest.raises(ValueError, match="mode='zip' cannot keep per-task tensors out of the merge"):
+        make_trainer(tmp_path, [zipped], max_steps=1).fit(TinyModel(seed=0), task_loader(0))
+    assert not (tmp_path / "zip" / "merged.safetensors").exists()

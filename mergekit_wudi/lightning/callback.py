@@ -1,0 +1,391 @@
+"""The callback: hooks in the order Lightning fires them, and a tiny checkpointable state.
+
+:class:`WUDIMergeCallback` is an adapter, like Lightning's ``WeightAveraging``: it collects the
+pretrained weights and one set of weights per task, then hands them to a merge strategy
+(:mod:`~mergekit_wudi.lightning.strategies`; by default mergekit's registry with ``wudi`` --
+WUDI-Merging, arXiv 2503.08099). It never computes a merge itself.
+
+Data path: module state -> ``<output>/base.safetensors`` and ``<output>/experts/task_<i>.safetensors``
+(:mod:`~mergekit_wudi.lightning.storage`) -> ``merge_state_dicts`` on each rank's share of the
+tensors (:mod:`~mergekit_wudi.lightning.distributed`) -> ``<output>/merged.safetensors``
+(+ ``<output>/heads/task_<i>.safetensors`` for tensors kept out of the merge) -> the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from mergekit_wudi.io import load_state_dict
+from mergekit_wudi.lightning.checks import (
+    MergeInputError,
+    StateDict,
+    check_finite_results,
+    check_num_tasks,
+    check_patterns,
+    select_names,
+    validate_merge_inputs,
+)
+from mergekit_wudi.lightning.distributed import broadcast, distributed_world, is_sharded_module
+from mergekit_wudi.lightning.storage import SnapshotStore, expert_id
+from mergekit_wudi.lightning.strategies import MergeStrategy, MudscMerge, RegistryMerge
+
+
+class WUDIMergeCallback(Callback):
+    """Merge task experts fine-tuned from one pretrained model, at the end of training.
+
+    WUDI-Merging (Cheng et al., ICML 2025, arXiv 2503.08099) by default; any method in mergekit's
+    registry via ``method``. Two modes:
+
+    - sequential (``experts=None``): the first ``trainer.fit`` snapshots the pretrained weights (or
+      uses ``base``); the end of every fit saves that task's expert; after ``num_tasks`` experts (or
+      an explicit :meth:`merge` call) the experts are merged.
+    - explicit (``experts=[paths]``): Lightning ``.ckpt`` files or safetensors, merged at the end of
+      the fit; ``base`` is then required for methods that need one.
+
+    Weights of ``nn.Linear`` modules are passed to ``wudi`` as linear weights (``linear`` per
+    tensor, :func:`~mergekit_wudi.lightning.strategies.linear_flags`: not embeddings, not LM heads,
+    not a Linear tied to an embedding); other floating tensors follow its ``non_linear`` rule.
+    Tensors that do not match ``include`` or that match ``exclude`` (per-task heads) stay out of the
+    merge and are kept per task in ``<output>/heads/task_<i>.safetensors`` and :attr:`task_heads`.
+
+    The method, its parameters, ``num_tasks`` and the patterns are checked in ``setup``, before
+    the first training step. To merge another way, override :meth:`build_strategy`.
+
+    Args:
+        method: a registered mergekit merge method (``wudi``, ``task_arithmetic``, ``ties``, ...),
+            or ``"mudsc"`` for experts from different inits (``mergekit_wudi.mudsc.mudsc_merge``).
+        parameters: the method's parameters, as in a mergekit YAML (``{"solver": "closed_form"}``);
+            per-expert values as a list in task order or a mapping keyed ``task_0``, ``task_1``, ...
+        experts: explicit mode: paths of the experts.
+        base: the pretrained weights (path or state dict); default: the module at the first fit.
+        include: name patterns (glob; a plain name matches as a prefix) of tensors to merge.
+        exclude: name patterns of tensors to keep out of the merge (e.g. ``["heads"]``).
+        output: folder for snapshots and results; default ``<trainer.default_root_dir>/merge``.
+        load_merged: copy the merged weights into the module after the merge.
+        num_tasks: sequential mode: merge automatically once this many experts are saved.
+        progress: show a progress bar over tensors (also off when the trainer's bar is off).
+        shard: under multi-process DDP, spread the merge over the ranks and gather
+            (else rank 0 computes all of it and the others receive it).
+        merge_device: where the merge computes (default: the strategy's root device).
+        dataloader: ``method="mudsc"`` only: data for activation statistics (default: the
+            trainer's train dataloader).
+        reset_to_base: sequential mode: at the start of every fit after the first, load the base
+            into the merged tensors of the module, so each task is fine-tuned from the pretrained
+            weights even when the same module object is fitted again (not on resume).
+    """
+
+    def __init__(
+        self,
+        method: str = "wudi",
+        parameters: Optional[Dict[str, Any]] = None,
+        experts: Optional[List[str]] = None,
+        base: Optional[Union[str, Dict[str, torch.Tensor]]] = None,
+        include: Optional[List[str]] = None,
+        exclude: Optional[List[str]] = None,
+        output: Optional[str] = None,
+        load_merged: bool = True,
+        num_tasks: Optional[int] = None,
+        progress: bool = True,
+        shard: bool = True,
+        merge_device: Optional[str] = None,
+        dataloader: Optional[Any] = None,
+        reset_to_base: bool = True,
+    ) -> None:
+        super().__init__()
+        if experts is not None and len(experts) == 0:
+            raise ValueError("experts=[] given: pass at least one expert path, or None for sequential mode")
+        check_num_tasks(num_tasks)
+        self.method = method
+        self.parameters = dict(parameters or {})
+        self.experts = [str(p) for p in experts] if experts is not None else None
+        self.base = str(base) if isinstance(base, (str, os.PathLike)) else base
+        self.include = list(include) if include is not None else None
+        self.exclude = list(exclude or [])
+        self.output = str(output) if output is not None else None
+        self.load_merged = load_merged
+        self.num_tasks = num_tasks
+        self.progress = progress
+        self.shard = shard
+        self.merge_device = merge_device
+        self.dataloader = dataloader
+        self.reset_to_base = reset_to_base
+        # Checkpointable state: paths only (see state_dict).
+        self._run_id = uuid.uuid4().hex
+        self._output_dir: Optional[str] = None
+        self._base_path: Optional[str] = None
+        self._expert_paths: List[str] = []
+        self._head_paths: List[str] = []
+        self._merged_path: Optional[str] = None
+        self._task_heads: Optional[List[StateDict]] = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(method=self.method, output=self.output)
+
+    def build_strategy(self) -> MergeStrategy:
+        """The merge strategy for ``method``; override to merge another way."""
+        if self.method == MudscMerge.name:
+            return MudscMerge(parameters=self.parameters, dataloader=self.dataloader)
+        return RegistryMerge(
+            name=self.method, parameters=self.parameters, shard=self.shard,
+            merge_device=self.merge_device, progress=self.progress,
+        )
+
+    # ------------------------------------------------------------------ public, read-only state
+
+    @property
+    def sequential(self) -> bool:
+        return self.experts is None
+
+    @property
+    def output_dir(self) -> Optional[str]:
+        """The resolved output folder (absolute), once ``setup`` or :meth:`merge` has run."""
+        return self._output_dir
+
+    @property
+    def expert_paths(self) -> List[str]:
+        """Experts to merge: the saved snapshots (sequential) or the given paths (explicit)."""
+        return list(self._expert_paths) if self.sequential else list(self.experts)
+
+    @property
+    def merged_path(self) -> Optional[str]:
+        """``<output>/merged.safetensors`` once a merge has finished, else None."""
+        return self._merged_path
+
+    @property
+    def task_heads(self) -> List[StateDict]:
+        """Per-task tensors kept out of the merge (``include``/``exclude``), one dict per task
+        (read from ``<output>/heads`` at first use after a merge)."""
+        if self._task_heads is None or len(self._task_heads) != len(self._head_paths):
+            self._task_heads = [load_state_dict(p) for p in self._head_paths]
+        return self._task_heads
+
+    def load_task_head(self, pl_module: torch.nn.Module, task: int) -> None:
+        """Put task ``task``'s kept-out tensors (its head) into ``pl_module``."""
+        pl_module.load_state_dict(self.task_heads[task], strict=False)
+
+    # ------------------------------------------------------------------ hooks, in firing order
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Agree on the run across ranks, then check everything the user wrote, before training."""
+        if stage != "fit":
+            return
+        self._run_id, self._output_dir = broadcast(trainer, (self._run_id, self._resolve_output(trainer)))
+        self._recover()
+        strategy = self.build_strategy()
+        strategy.check()
+        if not is_overridden("configure_model", pl_module):  # else its layers exist only in on_fit_start
+            self._check_patterns(pl_module.state_dict(), "the module")
+        if not self.sequential:
+            for path in self.experts:
+                if not Path(path).exists():
+                    raise MergeInputError(f"expert file not found: {path}")
+            if self.base is None and strategy.needs_base:
+                raise MergeInputError(
+                    f"experts=... given without base=: method {self.method!r} needs the pretrained weights"
+                )
+        if isinstance(self.base, str) and not Path(self.base).exists():
+            raise MergeInputError(f"base file not found: {self.base}")
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Sequential mode, first fit: snapshot the pretrained weights as the base (all ranks call)."""
+        if not self.sequential:
+            return
+        if self._base_path is not None:
+            if self.reset_to_base and self._expert_paths and trainer.ckpt_path is None:
+                self._reset_to_base(trainer, pl_module)
+            return
+        if self.base is not None:
+            self._base_path = self.base if isinstance(self.base, str) else self._store().save(
+                trainer, self.base, self._store().base_path)
+            return
+        if trainer.ckpt_path is not None:
+            if trainer.strategy.restore_checkpoint_after_setup:
+                return  # FSDP & co. restore our state after this hook; on_train_end checks it arrived
+            # A checkpoint without our state holds trained, not pretrained, weights.
+            raise MergeInputError(
+                f"resuming from {trainer.ckpt_path} whose checkpoint has no {type(self).__name__} state: "
+                "the pretrained weights are unknown; pass base=<path of the pretrained weights>"
+            )
+        state = trainer.strategy.lightning_module_state_dict()  # a collective under FSDP
+        if is_overridden("configure_model", pl_module):
+            self._check_patterns(state, "the module")
+        self._base_path = self._store().save(trainer, state, self._store().base_path)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Sequential mode: save this task's expert (the last hook with the model still on device)."""
+        if not self.sequential:
+            return
+        if self._merged_path is not None or (self.num_tasks is not None and len(self._expert_paths) >= self.num_tasks):
+            rank_zero_warn(f"{type(self).__name__}: all experts are already collected; this fit's weights are not saved")
+            return
+        if self._base_path is None:
+            raise MergeInputError("no base snapshot: the callback did not see the start of this fit")
+        index = len(self._expert_paths)
+        state = trainer.strategy.lightning_module_state_dict()  # full on rank 0 only, under FSDP
+        problem = None
+        if trainer.is_global_zero:
+            base = load_state_dict(self._base_path)
+            try:
+                validate_merge_inputs(base, [(f"expert {expert_id(index)} (this fit)", state)], self._merge_names(base))
+            except MergeInputError as error:
+                problem = str(error)
+        problem = broadcast(trainer, problem)
+        if problem is not None:
+            raise MergeInputError(problem)
+        self._expert_paths.append(self._store().save(trainer, state, self._store().expert_path(index)))
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Merge when all experts are known (explicit mode, or ``num_tasks`` reached)."""
+        if self._merged_path is not None:
+            return
+        if not self.sequential or (self.num_tasks is not None and len(self._expert_paths) >= self.num_tasks):
+            self.merge(trainer, pl_module)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "run_id": self._run_id,
+            "output": self._output_dir,
+            "base": self._base_path,
+            "experts": list(self._expert_paths),
+            "heads": list(self._head_paths),
+            "merged": self._merged_path,
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._run_id = state_dict["run_id"]
+        self._output_dir = state_dict["output"]
+        self._base_path = state_dict["base"]
+        self._expert_paths = list(state_dict["experts"])
+        self._head_paths = list(state_dict["heads"])
+        self._merged_path = state_dict["merged"]
+        self._task_heads = None
+
+    # ------------------------------------------------------------------ the merge
+
+    def merge(self, trainer: Optional[Trainer] = None, pl_module: Optional[LightningModule] = None) -> StateDict:
+        """Merge the experts now; write ``merged.safetensors`` (+ heads); load into ``pl_module``.
+
+        Every rank must call it under DDP. Returns the merged tensors (identical on every rank).
+        Nothing is written if any input is invalid, the method fails or its result is not finite.
+        """
+        if trainer is not None:
+            self._output_dir = self._resolve_output(trainer)
+        strategy = self.build_strategy()
+        strategy.check()
+        self._recover()
+        expert_paths = self.expert_paths
+        if not expert_paths:
+            raise MergeInputError("no experts to merge: no fit has finished yet and experts= was not given")
+        experts = [(f"expert {expert_id(i)} ({p})", load_state_dict(p)) for i, p in enumerate(expert_paths)]
+        base = self._load_base(strategy)
+        reference = base if base is not None else experts[0][1]
+        self._check_patterns(reference, "the experts" if base is None else "the base")
+        names = self._merge_names(reference)
+        validate_merge_inputs(base, experts, names, require_change=strategy.requires_change)
+
+        merged, expert_states = strategy.merge(trainer, pl_module, base, experts, names)
+        check_finite_results(merged, strategy.describe())
+        self._write_results(trainer, merged, expert_states, expert_paths)
+        if self.load_merged and pl_module is not None:
+            if is_sharded_module(trainer):
+                rank_zero_warn(
+                    f"{type(self).__name__}: load_merged is not applied to an FSDP-sharded module; "
+                    f"load {self._merged_path} into an unsharded model"
+                )
+            else:
+                self._load_into(pl_module, merged)
+        world_size, _ = distributed_world(trainer)
+        where = f", sharded over {world_size} ranks" if world_size > 1 and getattr(strategy, "shard", False) else ""
+        rank_zero_info(
+            f"{type(self).__name__}: merged {len(experts)} experts with {self.method!r}{where} -> {self._merged_path}"
+        )
+        return merged
+
+    def _write_results(self, trainer, merged: StateDict, expert_states: List[StateDict], expert_paths) -> None:
+        """Heads first, ``merged.safetensors`` last: its presence means the whole merge is on disk."""
+        store = self._store()
+        heads = [{n: t for n, t in state.items() if n not in merged} for state in expert_states]
+        has_heads = any(heads)
+        if has_heads:
+            self._head_paths = [store.save(trainer, head, store.head_path(i)) for i, head in enumerate(heads)]
+        else:
+            self._head_paths = []
+        self._task_heads = heads if has_heads else []
+        metadata = {"method": self.method, "experts": json.dumps(expert_paths), "base": str(self._base_path)}
+        self._merged_path = store.save(trainer, merged, store.merged_path, metadata=metadata)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _merge_names(self, reference) -> List[str]:
+        return select_names(list(reference), self.include, self.exclude)
+
+    def _check_patterns(self, state, where: str) -> None:
+        check_patterns(list(state), self.include, self.exclude, where)
+
+    def _load_base(self, strategy: MergeStrategy) -> Optional[StateDict]:
+        if self._base_path is None and self.base is not None:
+            if isinstance(self.base, str):
+                self._base_path = self.base
+            else:
+                return {k: v.detach().cpu() for k, v in self.base.items()}
+        if self._base_path is None:
+            if strategy.needs_base:
+                raise MergeInputError(f"method {self.method!r} needs a base, and none was given or snapshotted")
+            return None
+        if not Path(self._base_path).exists():
+            raise MergeInputError(f"base file not found: {self._base_path}")
+        return load_state_dict(self._base_path)
+
+    def _reset_to_base(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if is_sharded_module(trainer):
+            rank_zero_warn(f"{type(self).__name__}: reset_to_base is not applied to an FSDP-sharded module")
+            return
+        base = load_state_dict(self._base_path)
+        names = self._merge_names(base)
+        current = pl_module.state_dict()
+        for name in names:
+            if name in current and current[name].shape != base[name].shape:
+                raise MergeInputError(
+                    f"cannot reset tensor {name!r} to the base: module shape {tuple(current[name].shape)}, "
+                    f"base shape {tuple(base[name].shape)}"
+                )
+        pl_module.load_state_dict({n: base[n] for n in names}, strict=False)
+
+    def _resolve_output(self, trainer: Optional[Trainer]) -> str:
+        if self._output_dir is None:
+            root = trainer.default_root_dir if trainer is not None else "."
+            self._output_dir = str(Path(self.output or os.path.join(root, "merge")).absolute())
+        return self._output_dir
+
+    def _store(self) -> SnapshotStore:
+        return SnapshotStore(self._resolve_output(None), self._run_id)
+
+    def _recover(self) -> None:
+        """Catch up with what a pickled copy of this callback saved (``ddp_spawn``), see
+        :meth:`SnapshotStore.recover`."""
+        if self._output_dir is None or not Path(self._output_dir).is_dir():
+            return
+        found = self._store().recover(self._expert_paths if self.sequential else [])
+        if self._base_path is None and "base" in found:
+            self._base_path = found["base"]
+        if self.sequential:
+            self._expert_paths = found["experts"]
+        if self._merged_path is None and "merged" in found:
+            self._merged_path, self._head_paths, self._task_heads = found["merged"], found["heads"], None
+
+    def _load_into(self, pl_module: torch.nn.Module, merged: StateDict) -> None:
+        result = pl_module.load_state_dict(merged, strict=False)
+        if result.unexpected_keys:
+            warnings.warn(f"merged tensors not in the module: {result.unexpected_keys[:5]}")
