@@ -156,7 +156,7 @@ def test_non_finite_solver_output_through_the_registry_stops_the_merge(tmp_path,
     from mergekit_wudi.solvers import wudi as wudi_solvers
 
     base, experts = write_inputs(tmp_path)
-    monkeypatch.setattr(wudi_solvers, "wudi", lambda base, *a, **k: torch.full_like(base, float("nan")))
+    monkeypatch.setattr(wudi_solvers, "merge_task_vectors", lambda base, *a, **k: torch.full_like(base, float("nan")))
     out = tmp_path / "out"
     model = TinyModel(seed=3)
     callback = WUDIMergeCallback(parameters={"solver": "closed_form"}, experts=experts, base=base, output=str(out))
