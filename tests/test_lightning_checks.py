@@ -160,7 +160,7 @@ def test_non_finite_solver_output_through_the_registry_stops_the_merge(tmp_path,
     out = tmp_path / "out"
     model = TinyModel(seed=3)
     callback = WUDIMergeCallback(parameters={"solver": "closed_form"}, experts=experts, base=base, output=str(out))
-    with pytest.raises((MergeResultError, ValueError), match=r"body.0.weight.*(non-finite|NaN)"):
+    with pytest.raises((MergeResultError, ValueError), match=r"non-finite.*body.0.weight|body.0.weight.*non-finite"):
         callback.merge(None, model)
     assert not out.exists()
     assert bool(torch.isfinite(model.body[0].weight).all())
