@@ -26,6 +26,9 @@ Solvers (``solver=`` in :func:`wudi`):
 - ``lowrank``: the authors' follow-up for LLMs (OptMerge, arXiv 2505.19892): per task keep rank
   ``k = floor(min(out, in) / T)``; target ``A_i = mean + rank-k SVD of (tau_i - mean)``,
   projector ``P_i = diag(s_k) V_k^T`` of ``tau_i``; the same Adam loop.
+
+``rank=`` (``closed_form`` and ``spectral`` only) solves Eq. 1 for rank-``k`` truncations of the
+task vectors in the span of their row spaces, at O(T out in k): see :mod:`.wudi_lowrank`.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ EPS = 1e-8
 RIDGE = 1e-2
 FLOW_TIME = 8.0
 KEEP_FRACTION = 1.0
+# rank="auto" keeps this share of each task vector's energy. Provisional: to be chosen on the
+# validation split of the quality benchmark.
+RANK_ENERGY = 0.9
 
 TensorsLike = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -312,7 +318,9 @@ def _chebyshev_gain(bound: float, time: float, tol: float, max_degree: int = 256
     maximum; the function is entire, so past its hump the coefficients decay faster than geometrically
     and the dropped tail is below ``tol * t``)."""
     n = 2 * max_degree
-    k = torch.arange(n, dtype=torch.float64)
+    # Host-side scalar work (the result is a list of floats): on the CPU explicitly, whatever the
+    # default device is.
+    k = torch.arange(n, dtype=torch.float64, device="cpu")
     nodes = torch.cos(math.pi * (k + 0.5) / n)
     values = _flow_gain((nodes + 1) * (bound / 2), time)
     coeffs = (2 / n) * (torch.cos(math.pi * k[: max_degree + 3, None] * (k[None, :] + 0.5) / n) @ values)
@@ -414,8 +422,27 @@ def wudi_merged_task_vector(
     ridge: float = RIDGE,
     time: float = FLOW_TIME,
     keep_fraction: float = KEEP_FRACTION,
+    rank: Optional[Union[int, str]] = None,
+    rank_energy: float = RANK_ENERGY,
 ) -> torch.Tensor:
-    """``tau_m`` of Eq. 1 for nonzero task vectors ``[T, out, in]``, by the named solver."""
+    """``tau_m`` of Eq. 1 for nonzero task vectors ``[T, out, in]``, by the named solver.
+
+    ``rank`` (``closed_form``/``spectral`` only; None: the exact solvers): an int ``k`` truncates
+    each task vector to rank ``k``, ``"auto"`` to the smallest rank keeping ``rank_energy`` of each
+    one's energy, then solves in the span of their row spaces (:mod:`.wudi_lowrank`). Where the
+    truncation would keep the full rank (``k >= min(out, in)``), the exact solver runs.
+    """
+    if rank is not None or not 0 < rank_energy <= 1:
+        from mergekit_wudi.solvers.wudi_lowrank import check_rank_options, low_rank_merged_task_vector
+
+        check_rank_options(rank, rank_energy, solver)
+        if rank is not None:
+            tau_m = low_rank_merged_task_vector(
+                task_vectors, solver, rank=rank, rank_energy=rank_energy, ridge=ridge, time=time,
+                keep_fraction=keep_fraction,
+            )
+            if tau_m is not None:
+                return tau_m
     if solver == "adam":
         return adam_solve(wudi_problem(task_vectors, residual=True), iterations=iterations, learning_rate=learning_rate)
     if solver == "lowrank":
@@ -443,7 +470,8 @@ def wudi(
     ``weights[i]`` multiplies expert ``i``'s task vector before solving. Experts whose (weighted)
     task vector is exactly zero are skipped: Eq. 1 divides by its norm. Computes in float32
     (float64 for float64 input) and returns the base's dtype. ``solver_options`` go to
-    :func:`wudi_merged_task_vector`.
+    :func:`wudi_merged_task_vector` (``iterations``, ``learning_rate``, ``ridge``, ``time``,
+    ``keep_fraction``, ``rank``, ``rank_energy``).
     """
     dtype = compute_dtype(base.dtype)
     weights = [1.0] * len(experts) if weights is None else list(weights)
