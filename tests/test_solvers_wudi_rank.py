@@ -89,6 +89,8 @@ def test_factored_input_equals_dense_solver_on_the_products(solver):
     assert fast.dtype == torch.float64 and rel(fast, exact) < 1e-10
     fast32 = L.wudi_factored([(a.float(), b.float()) for a, b in factors], solver, ridge=1e-3, time=4.0)
     assert fast32.dtype == torch.float32 and rel(fast32, exact) < 1e-5
+    half = L.wudi_factored([(a.to(torch.bfloat16), b.float()) for a, b in factors], solver, ridge=1e-3, time=4.0)
+    assert half.dtype == torch.float32  # bf16 factors are computed in float32
     # full-rank factors (sum of ranks > in: the basis is all of R^in) are still exact
     tvs = decaying(3, 30, 24, dtype=torch.float64)
     full = [(u * s, vh) for u, s, vh in (torch.linalg.svd(t, full_matrices=False) for t in tvs)]
@@ -202,6 +204,8 @@ def test_bad_rank_options_name_the_parameter():
         L.wudi_factored([(factors[0][0] * math.inf, factors[0][1])])
     with pytest.raises(ValueError, match="solver"):
         L.wudi_factored(factors, "adam")
+    with pytest.raises(ValueError, match="init"):
+        L.wudi_factored(factors, "spectral", init=torch.zeros(10, 12))
 
 
 class _Shapes(TorchFunctionMode):

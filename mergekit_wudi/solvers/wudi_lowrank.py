@@ -30,7 +30,9 @@ problem with the same code, starting the spectral flow from the sum of the UNtru
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -67,7 +69,7 @@ def check_rank_options(rank, rank_energy: float, solver: str) -> None:
         raise ValueError(f"parameter 'rank_energy' must be in (0, 1], got {rank_energy!r}")
     if rank is None:
         return
-    if rank != "auto" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+    if rank != "auto" and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
         raise ValueError(f"parameter 'rank' must be an integer >= 1, 'auto' or None, got {rank!r}")
     if solver not in FAST_SOLVERS:
         raise ValueError(
@@ -159,21 +161,22 @@ def low_rank_factors(task_vectors: TensorsLike, rank, rank_energy: float = RANK_
 
 
 def _checked_factors(factors: Factors) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The factors in the compute dtype (float64 if any is float64, else float32), or a clear error."""
     if len(factors) == 0:
         raise ValueError("wudi_factored: no factors given")
-    n_out, n_in = factors[0][0].shape[0], factors[0][1].shape[-1]
-    dtype = compute_dtype(torch.promote_types(factors[0][0].dtype, factors[0][1].dtype))
+    shape = None
     for i, (left, right) in enumerate(factors):
         if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[0]:
             raise ValueError(
-                f"factors[{i}]: expected left [out, r] and right [r, in], got {tuple(left.shape)} and {tuple(right.shape)}"
+                f"factors[{i}]: expected left [out, r] and right [r, in], "
+                f"got {tuple(left.shape)} and {tuple(right.shape)}"
             )
-        if (left.shape[0], right.shape[1]) != (n_out, n_in):
-            raise ValueError(f"factors[{i}]: product is {left.shape[0]}x{right.shape[1]}, factors[0]'s is {n_out}x{n_in}")
+        shape = shape or (left.shape[0], right.shape[1])
+        if (left.shape[0], right.shape[1]) != shape:
+            raise ValueError(f"factors[{i}]: product is {left.shape[0]}x{right.shape[1]}, factors[0]'s is {shape}")
         if not (bool(torch.isfinite(left).all()) and bool(torch.isfinite(right).all())):
             raise ValueError(f"factors[{i}]: non-finite values (NaN or Inf)")
-        if compute_dtype(torch.promote_types(left.dtype, right.dtype)) == torch.float64:
-            dtype = torch.float64
+    dtype = compute_dtype(functools.reduce(torch.promote_types, (t.dtype for pair in factors for t in pair)))
     return [(left.to(dtype), right.to(dtype)) for left, right in factors]
 
 
@@ -204,6 +207,8 @@ def wudi_factored(
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
     factors = _checked_factors(factors)
     n_out, n_in = factors[0][0].shape[0], factors[0][1].shape[1]
+    if init is not None and tuple(init.shape) != (n_out, n_in):
+        raise ValueError(f"wudi_factored: init is {tuple(init.shape)}, the products are {(n_out, n_in)}")
     dtype = factors[0][0].dtype
     # Orthonormal basis of the span of all rows of the right factors (Householder QR: orthonormal
     # even if the rows are dependent; the extra directions have zero eigenvalue and change nothing).
