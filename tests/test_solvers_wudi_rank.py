@@ -241,6 +241,7 @@ def test_fast_path_never_forms_a_big_gram(solver):
 
 def _every_solver_run(tvs, base):
     yield W.wudi(base, list(base + tvs), solver="adam", iterations=3)
+    yield W.wudi(base.to(torch.bfloat16), list((base + tvs).to(torch.bfloat16)), solver="spectral", rank=3)
     yield W.wudi_merged_task_vector(tvs, "lowrank", iterations=3)
     for solver in FAST:
         for keep_fraction in (1.0, 0.5):
