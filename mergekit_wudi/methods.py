@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import cached_property
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from mergekit.merge_methods.base import (
@@ -64,6 +64,17 @@ def _checked(name: str, *, minimum: Optional[float] = None, inclusive: bool = Tr
 
     return AfterValidator(check)
 
+
+def _rank_value(value):
+    """``rank``: None (exact solvers), ``"auto"``, or an integer >= 1."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"wudi parameter 'rank' must be an integer >= 1 or 'auto', got {value!r}")
+    return value
+
+
+RankArg = Annotated[Optional[Union[int, str]], AfterValidator(_rank_value)]
 
 # ---------------------------------------------------------------------------------------------
 # Task-vector pre-processing (AWD, LwPTV), shared by ``wudi`` and the ``preprocessed_*`` wrappers.
@@ -138,6 +149,10 @@ def wudi_kernel(
         wudi_solvers.KEEP_FRACTION
     ),
     linear: Optional[bool] = None,
+    rank: RankArg = None,
+    rank_energy: Annotated[float, _checked("rank_energy", minimum=0, inclusive=False, maximum=1)] = (
+        wudi_solvers.RANK_ENERGY
+    ),
     preprocess: PreprocessArg = "none",
     awd_alpha: AwdAlphaArg = awd_solvers.ALPHA,
     awd_steps: AwdStepsArg = awd_solvers.STEPS,
@@ -149,7 +164,8 @@ def wudi_kernel(
     """WUDI-Merging (arXiv 2503.08099, Eq. 1) for linear weights; ``non_linear`` for the rest.
 
     Which tensors are linear weights: :func:`mergekit_wudi.linear_weights.is_linear_weight`
-    (``linear`` overrides, per tensor). ``preprocess`` (``awd``, ``lwptv``, ``awd+lwptv``)
+    (``linear`` overrides, per tensor). ``rank`` (``closed_form``/``spectral``) solves for rank-k
+    truncated task vectors in the span of their row spaces (:mod:`mergekit_wudi.solvers.wudi_lowrank`). ``preprocess`` (``awd``, ``lwptv``, ``awd+lwptv``)
     refines the task vectors first (:func:`mergekit_wudi.solvers.task_vectors.preprocess_task_vectors`).
     """
     check_group_finite(group)
@@ -166,11 +182,12 @@ def wudi_kernel(
         merged = wudi_solvers.merge_task_vectors(
             base, tvs, solver=solver, scaling=scaling, weights=weights, iterations=iterations,
             learning_rate=learning_rate, ridge=ridge, time=flow_time, keep_fraction=keep_fraction,
+            rank=rank, rank_energy=rank_energy,
         )
     else:
         merged = combine_task_vectors(base, tvs, weights, rule=non_linear, scaling=scaling)
     parameters = dict(solver=solver, iterations=iterations, learning_rate=learning_rate, scaling=scaling,
-                      ridge=ridge, flow_time=flow_time, keep_fraction=keep_fraction, **options)
+                      ridge=ridge, flow_time=flow_time, keep_fraction=keep_fraction, rank=rank, **options)
     check_result_finite(merged, group, "wudi", parameters)
     return merged.to(base.dtype)
 

@@ -103,6 +103,8 @@ def check_parameters(
             _check_value(parameter, value, location)
     if cross_checks and "preprocess" in by_name:
         check_preprocess_settings([parameters], method)
+    if cross_checks and "rank" in by_name:
+        check_rank_settings([parameters], method)
 
 
 def _parameter_blocks(raw: Mapping[str, Any]) -> Iterator[Tuple[Optional[Mapping], str, bool]]:
@@ -139,8 +141,11 @@ def check_merge_config(raw: Mapping[str, Any]) -> None:
             raise MergeConfigError(f"{where}: 'parameters' must be a mapping of names to values, got {block!r}")
         check_parameters(method, block, where=where if where == "parameters" else f"{where}.parameters",
                          per_model=per_model, cross_checks=False)
-    if "preprocess" in {p.name for p in _spec(method).parameters}:
+    names = {p.name for p in _spec(method).parameters}
+    if "preprocess" in names:
         check_preprocess_settings([b for b, _, _ in blocks if b], method)
+    if "rank" in names:
+        check_rank_settings([b for b, _, _ in blocks if b], method)
 
 
 def _all_values(blocks, name: str) -> list:
@@ -168,3 +173,15 @@ def check_preprocess_settings(blocks, method: str) -> None:
         raise MergeConfigError(f"merge_method {method!r}: give 'lwptv_threshold' or 'lwptv_mask_file', not both")
     for path in mask_files:
         load_mask_file(path)
+
+
+def check_rank_settings(blocks, method: str) -> None:
+    """``rank`` is for the ``closed_form`` and ``spectral`` solvers: an error when it is set and no
+    setting of ``solver`` picks one of them (the default solver is ``adam``)."""
+    ranks = [v for v in _all_values(blocks, "rank") if v is not None]
+    solvers = _all_values(blocks, "solver") or ["adam"]
+    if ranks and not {"closed_form", "spectral"} & set(solvers):
+        raise MergeConfigError(
+            f"merge_method {method!r}: 'rank' is for solver closed_form or spectral; the solver here is "
+            f"{', '.join(map(repr, sorted(set(solvers))))}"
+        )

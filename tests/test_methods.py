@@ -195,3 +195,23 @@ def test_wudi_defaults_unchanged_by_preprocess_none():
 def test_bad_preprocessing_parameters_are_named(method, params, match):
     with pytest.raises(Exception, match=match):
         merge_tensors(_tensors(), method, base_index=0, parameters={"weight": 1.0, **params})
+
+
+def test_rank_fast_path_from_yaml(llama_family, tmp_path):
+    """`rank` reaches the solver: a rank at least the matrix size is the exact solver, bit for bit;
+    `auto` stays close to exact on these rank-2-plus-noise experts (spectral keeps the unseen init)."""
+    base, *experts = (load(p) for p in llama_family)
+    exact = {}
+    for solver in ("closed_form", "spectral"):
+        run_merge(MergeConfiguration.model_validate(yaml_config(llama_family, solver=solver)),
+                  str(tmp_path / solver), MergeOptions(copy_tokenizer=False, quiet=True))
+        exact[solver] = load(tmp_path / solver)
+    name = "model.layers.0.mlp.up_proj.weight"
+    for solver, rank, tol in (("closed_form", 10_000, 0.0), ("spectral", "auto", 0.05)):
+        out = tmp_path / f"{solver}-{rank}"
+        run_merge(MergeConfiguration.model_validate(yaml_config(llama_family, solver=solver, rank=rank)),
+                  str(out), MergeOptions(copy_tokenizer=False, quiet=True))
+        fast = load(out)
+        moved = exact[solver][name] - base[name]
+        assert float((fast[name] - exact[solver][name]).norm() / moved.norm()) <= tol
+        assert torch.equal(fast["model.embed_tokens.weight"], base["model.embed_tokens.weight"])

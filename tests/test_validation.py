@@ -96,6 +96,9 @@ YAML_CASES = {
     "keep_fraction out of range": (_global(keep_fraction=1.5), "'keep_fraction' must be > 0 and <= 1"),
     "bad value in filter entry": (_global(ridge=[{"filter": "mlp", "value": -1}]), "ridge.*filter 'mlp'.*must be >= 0"),
     "lwptv without threshold": (_global(preprocess="lwptv"), "needs 'lwptv_threshold'.*or 'lwptv_mask_file'"),
+    "rank with the adam solver": (_global(rank=8), "'rank' is for solver closed_form or spectral"),
+    "rank zero": (_global(solver="closed_form", rank=0), "'rank' must be an integer >= 1 or 'auto'"),
+    "rank_energy above 1": (_global(solver="spectral", rank="auto", rank_energy=1.5), "'rank_energy' must be > 0 and <= 1"),
     "bad preprocess": (_global(preprocess="awd+ties"), "'preprocess' must be one of"),
     "infinite awd_alpha": (_global(preprocess="awd", awd_alpha=math.inf), "'awd_alpha' must be a finite number"),
 }

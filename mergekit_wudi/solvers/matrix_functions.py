@@ -20,7 +20,9 @@ def _chebyshev_gain(bound: float, time: float, tol: float, max_degree: int = 256
     maximum; the function is entire, so past its hump the coefficients decay faster than geometrically
     and the dropped tail is below ``tol * t``)."""
     n = 2 * max_degree
-    k = torch.arange(n, dtype=torch.float64)
+    # Host-side scalar work (the result is a list of floats): on the CPU explicitly, whatever the
+    # default device is.
+    k = torch.arange(n, dtype=torch.float64, device="cpu")
     nodes = torch.cos(math.pi * (k + 0.5) / n)
     values = _flow_gain((nodes + 1) * (bound / 2), time)
     coeffs = (2 / n) * (torch.cos(math.pi * k[: max_degree + 3, None] * (k[None, :] + 0.5) / n) @ values)

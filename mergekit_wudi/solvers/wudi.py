@@ -27,12 +27,15 @@ Solvers (``solver=`` in :func:`wudi`):
   ``wudi_merging2``, not the Qwen2-VL one: see :mod:`.optmerge`): per task keep rank
   ``k = floor(min(out, in) / T)``; target ``A_i = mean + rank-k SVD of (tau_i - mean)``,
   projector ``P_i = diag(s_k) V_k^T`` of ``tau_i``; the same Adam loop.
+
+``rank=`` (``closed_form`` and ``spectral`` only) solves Eq. 1 for rank-``k`` truncations of the
+task vectors in the span of their row spaces, at O(T out in k): see :mod:`.wudi_lowrank`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 
@@ -60,6 +63,9 @@ EPS = 1e-8
 RIDGE = 1e-2
 FLOW_TIME = 8.0
 KEEP_FRACTION = 1.0
+# rank="auto" keeps this share of each task vector's energy. Provisional: to be chosen on the
+# validation split of the quality benchmark.
+RANK_ENERGY = 0.9
 
 def adam_solve(
     problem: InterferenceProblem,
@@ -190,8 +196,27 @@ def wudi_merged_task_vector(
     ridge: float = RIDGE,
     time: float = FLOW_TIME,
     keep_fraction: float = KEEP_FRACTION,
+    rank: Optional[Union[int, str]] = None,
+    rank_energy: float = RANK_ENERGY,
 ) -> torch.Tensor:
-    """``tau_m`` of Eq. 1 for nonzero task vectors ``[T, out, in]``, by the named solver."""
+    """``tau_m`` of Eq. 1 for nonzero task vectors ``[T, out, in]``, by the named solver.
+
+    ``rank`` (``closed_form``/``spectral`` only; None: the exact solvers): an int ``k`` truncates
+    each task vector to rank ``k``, ``"auto"`` to the smallest rank keeping ``rank_energy`` of each
+    one's energy, then solves in the span of their row spaces (:mod:`.wudi_lowrank`). Where the
+    truncation would keep the full rank (``k >= min(out, in)``), the exact solver runs.
+    """
+    if rank is not None or not 0 < rank_energy <= 1:
+        from mergekit_wudi.solvers.wudi_lowrank import check_rank_options, low_rank_merged_task_vector
+
+        check_rank_options(rank, rank_energy, solver)
+        if rank is not None:
+            tau_m = low_rank_merged_task_vector(
+                task_vectors, solver, rank=rank, rank_energy=rank_energy, ridge=ridge, time=time,
+                keep_fraction=keep_fraction,
+            )
+            if tau_m is not None:
+                return tau_m
     if solver == "adam":
         return adam_solve(wudi_problem(task_vectors, residual=True), iterations=iterations, learning_rate=learning_rate)
     if solver == "lowrank":
@@ -244,6 +269,7 @@ def wudi(
     **solver_options,
 ) -> torch.Tensor:
     """Merge one linear weight from the expert weights: :func:`merge_task_vectors` of
-    ``tau_i = W_i - W0``."""
+    ``tau_i = W_i - W0``. ``solver_options`` go to :func:`wudi_merged_task_vector` (``iterations``,
+    ``learning_rate``, ``ridge``, ``time``, ``keep_fraction``, ``rank``, ``rank_energy``)."""
     _, tvs = task_vectors_of(base, experts)
     return merge_task_vectors(base, tvs, solver=solver, scaling=scaling, weights=weights, **solver_options)

@@ -1,0 +1,259 @@
+"""A low-rank fast path for the ``closed_form`` and ``spectral`` WUDI solvers (issue #12).
+
+Eq. 1 sees the task vectors only through their row spaces. Write each one as a product
+``tau_i = L_i R_i`` (``L_i`` [out, r_i], ``R_i`` [r_i, in]: a LoRA adapter ``s_i B_i A_i``, or a
+truncated SVD) and let ``Q`` ([in, K], ``K <= sum_i r_i``) be an orthonormal basis of the span of
+the rows of all ``R_i``. With the projected task vectors ``p_i = tau_i Q`` ([out, K]):
+
+    C = Q M Q^T,   D = (D Q) Q^T,   M = sum_i w_i p_i^T p_i,   D Q = sum_i w_i p_i p_i^T p_i,
+    w_i = 1 / ||tau_i||_F^2 = 1 / ||p_i||_F^2,
+
+so Eq. 1 for the ``tau_i`` is Eq. 1 for the ``p_i``, mapped back by ``Q^T``. The existing solvers of
+:mod:`.wudi` run unchanged on that small problem; every product costs O(out in K) (never an
+[in, in] or [T out, T out] matrix unless ``K`` itself reaches ``in``):
+
+- ``closed_form``: ``(D Q)(M + rho I)^{-1} Q^T``, with ``rho`` the exact solver's (``ridge`` times
+  the mean eigenvalue of the full problem's smaller Gram).
+- ``spectral``: the exact flow (Eq. 2) from ``init`` is ``init - (init Q - t(time)) Q^T`` with
+  ``t`` the small flow from ``init Q``. The component of ``init`` outside ``span(Q)`` does not
+  move: those are zero-eigenvalue directions of ``C`` where the residual ``init C - D`` also
+  vanishes, so the exact flow leaves them where they are too. ``keep_fraction`` keeps the same
+  NUMBER of top eigen-directions as the exact solver (``ceil(keep_fraction n)``, ``n`` the full
+  problem's Gram size), so exactly-low-rank input gives the exact result.
+
+:func:`wudi_factored` solves already factored task vectors exactly (to rounding);
+:func:`low_rank_factors` truncates dense ones to rank ``k`` (or to an energy share, ``rank="auto"``)
+with a randomized range finder, and :func:`low_rank_merged_task_vector` solves the truncated
+problem with the same code, starting the spectral flow from the sum of the UNtruncated task vectors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+
+from mergekit_wudi.solvers.wudi import (
+    FLOW_TIME,
+    KEEP_FRACTION,
+    RANK_ENERGY,
+    RIDGE,
+    TensorsLike,
+    _stack,
+    _use_dual_direct,
+    closed_form_solve,
+    compute_dtype,
+    spectral_solve,
+    wudi_problem,
+)
+
+FAST_SOLVERS: tuple[str, ...] = ("closed_form", "spectral")
+# Randomized range finder (Halko, Martinsson & Tropp 2011): extra columns beyond the rank sought,
+# subspace iterations (torch.svd_lowrank's default), and the fixed seed of its test matrix.
+OVERSAMPLE = 10
+POWER_ITERATIONS = 2
+SEED = 0
+# rank="auto" tries k up to this many columns first, then doubles.
+AUTO_START = 32
+
+Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+def check_rank_options(rank, rank_energy: float, solver: str) -> None:
+    """A clear error for a bad ``rank`` / ``rank_energy`` or a solver without a fast path."""
+    if not 0 < rank_energy <= 1:
+        raise ValueError(f"parameter 'rank_energy' must be in (0, 1], got {rank_energy!r}")
+    if rank is None:
+        return
+    if rank != "auto" and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
+        raise ValueError(f"parameter 'rank' must be an integer >= 1, 'auto' or None, got {rank!r}")
+    if solver not in FAST_SOLVERS:
+        raise ValueError(
+            f"parameter 'rank' works with solver 'closed_form' or 'spectral' only, got solver {solver!r}"
+        )
+
+
+def randomized_svd(tau: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Approximate top-``q`` SVD ``U diag(s) Vh`` of ``tau`` [out, in], at O(out in q).
+
+    The algorithm of ``torch.svd_lowrank`` (Halko et al. 2011, Alg. 4.4 with ``POWER_ITERATIONS``
+    subspace iterations, then Alg. 5.1), written out so that its Gaussian test matrix comes from a
+    generator seeded with ``SEED`` on ``tau``'s device: ``torch.svd_lowrank`` draws from the global
+    RNG, which would make merges irreproducible and shift the caller's random stream.
+    ``U diag(s) Vh`` is the exact SVD of ``B B^T tau`` for the orthonormal range basis ``B``, so the
+    rank-k truncation returned keeps exactly ``sum_{j<k} s_j^2`` of the energy (<= the optimum).
+    """
+    generator = torch.Generator(device=tau.device).manual_seed(SEED)
+    omega = torch.randn(tau.shape[1], q, generator=generator, dtype=tau.dtype, device=tau.device)
+    basis = torch.linalg.qr(tau @ omega).Q
+    for _ in range(POWER_ITERATIONS):
+        basis = torch.linalg.qr(tau.T @ basis).Q
+        basis = torch.linalg.qr(tau @ basis).Q
+    u, s, vh = torch.linalg.svd(basis.T @ tau, full_matrices=False)
+    return basis @ u, s, vh
+
+
+def _energy_rank(s: torch.Tensor, sq_norm: torch.Tensor, share: float) -> Optional[int]:
+    """Smallest ``k`` with ``sum_{j<k} s_j^2 >= share * sq_norm``; None if no ``k <= len(s)`` does."""
+    hit = (torch.cumsum(s.square(), 0) >= share * sq_norm).nonzero()
+    return int(hit[0]) + 1 if len(hit) else None
+
+
+def _auto_rank(tau: torch.Tensor, share: float, limit: int):
+    """(k, svd) for the smallest ``k`` keeping ``share`` of ``tau``'s energy, or (None, None) when
+    ``k`` would exceed ``limit``. ``q`` doubles from ``AUTO_START + OVERSAMPLE`` until ``k`` fits
+    with ``OVERSAMPLE`` spare columns (the estimated top singular values are then accurate)."""
+    sq_norm = tau.square().sum()
+    q = min(limit + OVERSAMPLE, AUTO_START + OVERSAMPLE)
+    while True:
+        svd = randomized_svd(tau, q)
+        k = _energy_rank(svd[1], sq_norm, share)
+        if k is not None and k + OVERSAMPLE <= q:
+            return (k, svd) if k <= limit else (None, None)
+        if q >= limit + OVERSAMPLE:
+            return None, None
+        q = min(limit + OVERSAMPLE, 2 * q)
+
+
+def _truncate(svd, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors ``(U_k diag(s_k), Vh_k)``, without numerically-zero singular values."""
+    u, s, vh = svd
+    k = min(k, len(s))
+    floor = float(s[0]) * max(u.shape[0], vh.shape[1]) * torch.finfo(s.dtype).eps
+    k = max(1, min(k, int((s[:k] > floor).sum())))
+    return u[:, :k] * s[:k], vh[:k]
+
+
+def low_rank_factors(task_vectors: TensorsLike, rank, rank_energy: float = RANK_ENERGY) -> Optional[list]:
+    """Rank-``k`` factors ``(left [out, k], right [k, in])`` of nonzero task vectors ``[T, out, in]``.
+
+    ``rank=k`` (int): each task vector's randomized rank-``k`` SVD (``k + OVERSAMPLE`` columns).
+    ``rank="auto"``: one ``k`` per tensor, the smallest that keeps ``rank_energy`` of EACH task
+    vector's squared Frobenius norm, estimated from the same randomized SVD: the estimate is exact
+    for the truncation returned (it may pick a ``k`` slightly above the optimal SVD's, never one
+    that keeps less than the share). Numerically-zero singular values are dropped. Returns None when
+    no truncation is wanted: ``k >= min(out, in)``, ``rank_energy == 1``, or an auto ``k`` above
+    ``min(out, in) / 2`` (the fast path would cost about as much as the exact solve, which keeps
+    all of the energy).
+    """
+    tvs = _stack(task_vectors)
+    _, n_out, n_in = tvs.shape
+    full = min(n_out, n_in)
+    if rank == "auto":
+        if rank_energy >= 1:
+            return None
+        found = [_auto_rank(tau, rank_energy, full // 2) for tau in tvs]
+        if any(k is None for k, _ in found):
+            return None
+        k = max(k for k, _ in found)
+        q = min(full, k + OVERSAMPLE)  # tasks whose search stopped below q are redone at q
+        svds = [svd if len(svd[1]) >= q else randomized_svd(tau, q) for tau, (_, svd) in zip(tvs, found)]
+    else:
+        if rank >= full:
+            return None
+        k = rank
+        svds = [randomized_svd(tau, min(full, k + OVERSAMPLE)) for tau in tvs]
+    return [_truncate(svd, k) for svd in svds]
+
+
+def _checked_factors(factors: Factors) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The factors in the compute dtype (float64 if any is float64, else float32), or a clear error."""
+    if len(factors) == 0:
+        raise ValueError("wudi_factored: no factors given")
+    shape = None
+    for i, (left, right) in enumerate(factors):
+        if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[0]:
+            raise ValueError(
+                f"factors[{i}]: expected left [out, r] and right [r, in], "
+                f"got {tuple(left.shape)} and {tuple(right.shape)}"
+            )
+        shape = shape or (left.shape[0], right.shape[1])
+        if (left.shape[0], right.shape[1]) != shape:
+            raise ValueError(f"factors[{i}]: product is {left.shape[0]}x{right.shape[1]}, factors[0]'s is {shape}")
+        if not (bool(torch.isfinite(left).all()) and bool(torch.isfinite(right).all())):
+            raise ValueError(f"factors[{i}]: non-finite values (NaN or Inf)")
+    dtype = compute_dtype(functools.reduce(torch.promote_types, (t.dtype for pair in factors for t in pair)))
+    return [(left.to(dtype), right.to(dtype)) for left, right in factors]
+
+
+def wudi_factored(
+    factors: Factors,
+    solver: str = "closed_form",
+    *,
+    ridge: float = RIDGE,
+    time: float = FLOW_TIME,
+    keep_fraction: float = KEEP_FRACTION,
+    init: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``tau_m`` of Eq. 1 for task vectors given as products ``tau_i = left_i @ right_i``.
+
+    For a LoRA expert pass ``(scale_i * B_i, A_i)``. The result equals the dense solver's
+    (:func:`.wudi.wudi_merged_task_vector` on the products, same options) up to rounding, at
+    O(out in K + out K^2 + in K^2) with ``K = sum_i r_i`` (see the module docstring). Products that
+    are exactly zero are skipped, as :func:`.wudi.wudi` skips zero task vectors; with none left the
+    result is zero. ``init`` (default: the sum of the products) is the spectral flow's start
+    (``closed_form`` ignores it).
+    Computes in float32 (float64 if any factor is float64), returns that dtype.
+    """
+    if solver not in FAST_SOLVERS:
+        raise ValueError(f"wudi_factored: solver must be 'closed_form' or 'spectral', got {solver!r}")
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    if not 0 < keep_fraction <= 1:
+        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+    factors = _checked_factors(factors)
+    n_out, n_in = factors[0][0].shape[0], factors[0][1].shape[1]
+    if init is not None and tuple(init.shape) != (n_out, n_in):
+        raise ValueError(f"wudi_factored: init is {tuple(init.shape)}, the products are {(n_out, n_in)}")
+    dtype = factors[0][0].dtype
+    # Orthonormal basis of the span of all rows of the right factors (Householder QR: orthonormal
+    # even if the rows are dependent; the extra directions have zero eigenvalue and change nothing).
+    basis = torch.linalg.qr(torch.cat([right.T for _, right in factors], dim=1)).Q  # [in, K]
+    projected = [p for p in (left @ (right @ basis) for left, right in factors) if bool(p.any())]
+    if not projected:  # Eq. 1 has no terms: nothing moves
+        if init is None or solver == "closed_form":
+            return torch.zeros(n_out, n_in, dtype=dtype, device=basis.device)
+        return init.to(dtype).clone()
+    projected = torch.stack(projected)
+    n_tasks, _, n_small = projected.shape
+    problem = wudi_problem(projected, dual=_use_dual_direct(n_tasks, n_out, n_small))
+    full_gram_size = n_tasks * n_out if _use_dual_direct(n_tasks, n_out, n_in) else n_in
+    small_gram_size = problem.gram.shape[0]
+    if solver == "closed_form":
+        # closed_form_solve's rho = ridge * trace / (its Gram's size); both traces are T.
+        return closed_form_solve(problem, ridge=ridge * small_gram_size / full_gram_size) @ basis.T
+    keep = math.ceil(keep_fraction * full_gram_size)  # directions the exact solver would keep
+    small_keep_fraction = 1.0 if keep >= small_gram_size else (keep - 0.5) / small_gram_size
+    if init is None:  # the sum of the products lies in span(Q): nothing outside it to keep
+        return spectral_solve(problem, time=time, keep_fraction=small_keep_fraction) @ basis.T
+    init = init.to(dtype)
+    problem = dataclasses.replace(problem, init=init @ basis, R0=None)
+    moved = problem.init - spectral_solve(problem, time=time, keep_fraction=small_keep_fraction)
+    return torch.addmm(init, moved, basis.T, alpha=-1)
+
+
+def low_rank_merged_task_vector(
+    task_vectors: TensorsLike,
+    solver: str,
+    *,
+    rank: Union[int, str],
+    rank_energy: float = RANK_ENERGY,
+    ridge: float = RIDGE,
+    time: float = FLOW_TIME,
+    keep_fraction: float = KEEP_FRACTION,
+) -> Optional[torch.Tensor]:
+    """``tau_m`` of Eq. 1 for the rank-``k`` truncations of nonzero task vectors ``[T, out, in]``
+    (:func:`low_rank_factors`), solved by :func:`wudi_factored`; the spectral flow starts from the
+    sum of the untruncated task vectors, whose part outside the truncations' row span stays as it is.
+    Returns None when :func:`low_rank_factors` wants no truncation (use the exact solver)."""
+    check_rank_options(rank, rank_energy, solver)
+    tvs = _stack(task_vectors)
+    factors = low_rank_factors(tvs, rank, rank_energy)
+    if factors is None:
+        return None
+    init = tvs.sum(dim=0) if solver == "spectral" else None
+    return wudi_factored(factors, solver, ridge=ridge, time=time, keep_fraction=keep_fraction, init=init)
