@@ -1,23 +1,15 @@
 """PEFT LoRA experts: merge what the adapters mean (their updates), not their factors.
 
-A LoRA expert's task vector for a wrapped linear weight is its effective update
-``tau_i = scaling_i * B_i A_i`` (``B_i`` [out, r], ``A_i`` [r, in], PEFT's own ``scaling``: alpha / r, or
-alpha / sqrt(r) with rsLoRA). WUDI-Merging's premise (Eq. 1 of arXiv 2503.08099: a task vector's rows span
-its layer's inputs) holds for that update, not for ``A`` and ``B`` taken as weights. So the merge works on
-full weights in the BASE model's naming (``W0 + tau_i``, :func:`effective_state_dict`), through the
-existing solvers / mergekit's ``merge_state_dicts``; nothing here merges.
-
-Two output forms:
-
-- full weights: the merged state dict itself (base naming, loadable without PEFT); put it back into the
-  PEFT-wrapped module with :func:`load_merged_into`;
-- a merged LoRA adapter (rank <= sum of the experts' ranks): :func:`merged_adapter_factors` then
-  :func:`save_merged_adapter`. Exact only for solvers whose solution stays in the span of the experts'
-  ``A`` rows (``closed_form``, ``spectral``); ``adam``/``lowrank`` leave it and are refused there.
-
-Anything whose update is not ``scaling * B A`` on a weight (DoRA and the other LoRA variants, ``lora_bias``,
-adapters merged into the base weights, several active adapters, other PEFT methods) raises
-:class:`UnsupportedLoraError` naming the layer: never a silent wrong merge. ``peft`` is imported lazily.
+A LoRA expert's task vector for a wrapped weight is its update ``tau_i = s_i B_i A_i`` (``B_i`` [out, r],
+``A_i`` [r, in], PEFT's own ``scaling`` s: alpha / r, or alpha / sqrt(r) with rsLoRA). WUDI's premise (Eq. 1
+of arXiv 2503.08099: a task vector's rows span its layer's inputs) holds for that update, not for ``A`` and
+``B`` taken as weights. So experts are merged as full weights in the BASE model's naming
+(:func:`effective_state_dict`) by the existing solvers / mergekit's ``merge_state_dicts``; nothing here merges.
+Output forms: the merged full weights (loadable without PEFT; :func:`load_merged_into` puts them into the
+PEFT-wrapped module), or a merged LoRA adapter of rank <= sum of the ranks (:func:`merged_adapter_factors`,
+:func:`save_merged_adapter`), exact for ``closed_form`` / ``spectral`` only. Anything whose update is not
+``s B A`` on a weight (DoRA and the other LoRA variants, ``lora_bias``, merged-in adapters, several active
+adapters, other PEFT methods) raises :class:`UnsupportedLoraError` naming the layer. ``peft`` is imported lazily.
 """
 
 from __future__ import annotations
@@ -31,17 +23,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "EXACT_SOLVERS",
-    "UnsupportedLoraError",
-    "AdapterNotExactError",
-    "LoraFactors",
-    "is_peft_model",
-    "base_state_dict",
-    "effective_state_dict",
-    "lora_factors",
-    "merged_adapter_factors",
-    "save_merged_adapter",
-    "load_merged_into",
+    "EXACT_SOLVERS", "UnsupportedLoraError", "AdapterNotExactError", "LoraFactors", "is_peft_model", "base_state_dict",
+    "effective_state_dict", "lora_factors", "merged_adapter_factors", "save_merged_adapter", "load_merged_into",
 ]
 
 StateDict = Dict[str, torch.Tensor]
@@ -146,14 +129,14 @@ def _check_layer(name: str, layer: nn.Module, adapter: str) -> None:
             "supported are PEFT's lora Linear, Embedding and Conv layers on floating-point weights"
         )
     variant = layer.lora_variant.get(adapter)
-    if variant is not None or layer.use_dora.get(adapter, False):
+    if variant is not None or layer.use_dora.get(adapter, False) or layer.lora_bias.get(adapter, False):
         kind = "DoRA (use_dora=True)" if layer.use_dora.get(adapter, False) else type(variant).__name__
         raise UnsupportedLoraError(
-            f"LoRA layer {name!r} (adapter {adapter!r}) uses the variant {kind}: its update is not scaling * B A; "
-            "merging its factors would be wrong. Merge plain LoRA adapters, or merge_and_unload() each expert first."
+            f"LoRA layer {name!r} (adapter {adapter!r}) uses "
+            + (f"the variant {kind}" if variant is not None else "lora_bias=True (a trained bias)")
+            + ": its update is not scaling * B A on the weight. Merge plain LoRA adapters, or merge_and_unload() "
+            "each expert and merge the full models."
         )
-    if getattr(layer, "lora_bias", {}).get(adapter, False):
-        raise UnsupportedLoraError(f"LoRA layer {name!r} (adapter {adapter!r}) trains a bias (lora_bias=True): unsupported")
     if layer.merged:
         raise UnsupportedLoraError(
             f"LoRA layer {name!r} has adapters {layer.merged_adapters} merged into its base weight: "
@@ -203,8 +186,7 @@ def _layout(module: nn.Module, adapter_name: Optional[str]) -> _Layout:
     for key in module.state_dict(keep_vars=True):
         owner, _, leaf = key.rpartition(".")
         base, role, head = modules[owner]
-        if role == "drop":  # adapter parameters and other adapters' head copies
-            stack.extend((c, _join(key, n), "", "drop", "") for n, c in mod._modules.items() if c is not None)
+        if role == "drop":
             continue
         name = _join(base, leaf)
         if role in ("model", "head"):
@@ -218,14 +200,13 @@ def _layout(module: nn.Module, adapter_name: Optional[str]) -> _Layout:
     return layout
 
 
-def base_state_dict(module: nn.Module) -> StateDict:
+def base_state_dict(module: nn.Module, adapter_name: Optional[str] = None) -> StateDict:
     """The pretrained weights of a PEFT-wrapped ``module`` in base naming: LoRA ignored, heads from
     ``original_module``. Tensors share storage with the module (like ``state_dict()``)."""
-    layout = _layout(module, None) if is_peft_model(module) else None
     state = module.state_dict()
-    if layout is None:
+    if not is_peft_model(module):
         return {k: v.detach() for k, v in state.items()}
-    return {name: state[key].detach() for name, key in layout.base.items()}
+    return {name: state[key].detach() for name, key in _layout(module, adapter_name).base.items()}
 
 
 def effective_state_dict(module: nn.Module, adapter_name: Optional[str] = None) -> StateDict:
@@ -242,11 +223,11 @@ def effective_state_dict(module: nn.Module, adapter_name: Optional[str] = None) 
     with torch.no_grad():
         for name, (layer_name, layer) in layout.lora.items():
             weight = out[name]
+            dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
             if isinstance(layer, _peft()["Linear"]):  # the same products, in the same order, as PEFT's merge
                 delta = _factors(layer_name, layer, layout.adapter).delta()
             else:
-                delta = layer.get_delta_weight(layout.adapter).float()
-            dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+                delta = layer.get_delta_weight(layout.adapter)
             out[name] = (weight.to(dtype) + delta.to(dtype)).to(weight.dtype)
     return out
 
@@ -289,24 +270,20 @@ def merged_adapter_factors(
     solver: Optional[str] = None,
     rtol: float = 1e-2,
 ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """Exact LoRA factors ``{base weight name: (A_m [R, in], B_m [out, R])}`` (PEFT orientation,
-    scaling 1) of the merged task vectors ``tau_m = merged - base`` of the experts' LoRA-wrapped weights.
+    """Exact LoRA factors ``{base weight name: (A_m [R, in], B_m [out, R])}`` (PEFT orientation, scaling 1)
+    of ``tau_m = merged - base`` for the experts' LoRA-wrapped weights.
 
-    ``closed_form`` (``tau* = D (C + rho I)^{-1}``) and ``spectral`` (gradient flow from the sum init)
-    keep every row of ``tau_m`` in the span of the experts' ``A`` rows, so with ``Q`` an orthonormal
-    basis of the stacked ``A_i`` rows (``R <= sum r_i``): ``A_m = Q^T``, ``B_m = tau_m Q``, computed in
-    float64. Checked: ``||tau_m - B_m A_m||_F <= rtol ||tau_m||_F + eps ||merged||_F`` (the second term:
-    rounding of the stored merged weight), else :class:`AdapterNotExactError`. In float32 the closed
-    form's ridge solve leaves rounding noise outside the span (measured: 2e-4 relative at 256x256, 2e-3
-    at 2048x2048; the projection ``B_m A_m`` is then ~1000x closer to the float64 solution than the
-    full weights), hence the default ``rtol``; ``adam`` and ``lowrank`` (per-coordinate Adam steps)
-    leave the span (measured: 0.14-0.17 with small task vectors, but below 1e-2 when the task vectors
-    are large against Adam's step size), so the check is only a safety net: pass the ``solver`` that
-    produced ``merged`` and anything but ``closed_form``/``spectral`` is refused up front (the caller
-    then falls back to the full-weights output).
-
-    Every other tensor of ``merged`` must equal ``base`` (an adapter cannot carry it), except names in
-    ``skip`` (per-task heads, saved separately).
+    ``closed_form`` (``D (C + rho I)^{-1}``) and ``spectral`` (gradient flow from the sum init) keep the rows
+    of ``tau_m`` in the span of the experts' ``A`` rows; with ``Q`` an orthonormal basis of the stacked
+    ``A_i`` rows (``R <= sum r_i``): ``A_m = Q^T``, ``B_m = tau_m Q`` (in float64). Checked:
+    ``||tau_m - B_m A_m|| <= rtol ||tau_m|| + eps ||merged||`` (Frobenius; the last term is the rounding of
+    the stored merged weight), else :class:`AdapterNotExactError`. The float32 closed form leaves rounding
+    noise outside the span (measured 2e-4 relative at 256x256, 2e-3 at 2048x2048; ``B_m A_m`` is then
+    ~1000x closer to the float64 solution than ``merged``), hence the default ``rtol``. ``adam`` / ``lowrank``
+    (per-coordinate Adam steps) leave the span (measured 0.14-0.17 for small task vectors, under 1e-2 for
+    large ones), so the check is only a safety net: pass ``solver`` and anything but :data:`EXACT_SOLVERS`
+    is refused up front; the caller then falls back to the full-weights output. Every other tensor of
+    ``merged`` must equal ``base`` (an adapter cannot carry it), except names in ``skip`` (per-task heads).
     """
     if solver is not None and solver not in EXACT_SOLVERS:
         raise AdapterNotExactError(
@@ -351,12 +328,9 @@ def merged_adapter_factors(
 
 
 def _find_peft_model(module: nn.Module):
-    p = _peft() if "peft" in sys.modules else None
-    found = [(n, m) for n, m in module.named_modules() if p and isinstance(m, p["PeftModel"])]
+    found = [(n, m) for n, m in module.named_modules() if is_peft_model(m) and isinstance(m, _peft()["PeftModel"])]
     if len(found) != 1:
-        raise UnsupportedLoraError(
-            f"save_merged_adapter needs a module holding exactly one peft.PeftModel, found {len(found)}"
-        )
+        raise UnsupportedLoraError(f"save_merged_adapter needs a module holding one peft.PeftModel, found {len(found)}")
     return found[0]
 
 
@@ -423,12 +397,11 @@ def save_merged_adapter(
             peft_model.save_pretrained(staging, selected_adapters=[tmp])
             os.replace(os.path.join(staging, tmp), target)
             shutil.rmtree(staging)
-            umask = os.umask(0)  # some writers (safetensors) create 0600 files: give the user's usual modes
+            umask = os.umask(0)  # safetensors writes 0600 files: give the folder the user's usual modes
             os.umask(umask)
             for root, _, files in os.walk(target):
                 os.chmod(root, 0o777 & ~umask)
-                for name in files:
-                    os.chmod(os.path.join(root, name), 0o666 & ~umask)
+                [os.chmod(os.path.join(root, f), 0o666 & ~umask) for f in files]
     finally:
         peft_model.delete_adapter(tmp)
         for n, t in peft_model.named_parameters():
