@@ -340,12 +340,27 @@ def _inner_name(name: str, prefix: str) -> str:
     return name[len(prefix) + 1:] if prefix else name
 
 
+def _adapter_config(source, inner: Mapping[str, Tuple[torch.Tensor, torch.Tensor]], heads, fan_in_fan_out: bool):
+    """A LoraConfig targeting exactly the modules in ``inner``, each with its own rank and alpha = rank
+    (scaling 1), anchored patterns so no other module matches; task type and base path from ``source``."""
+    from peft import LoraConfig
+
+    ranks = {f"^{re.escape(m)}$": int(a.shape[0]) for m, (a, _) in inner.items()}
+    return LoraConfig(
+        r=max(ranks.values()), lora_alpha=max(ranks.values()), rank_pattern=ranks, alpha_pattern=dict(ranks),
+        target_modules="|".join(ranks), modules_to_save=heads or None, lora_dropout=0.0,
+        fan_in_fan_out=fan_in_fan_out, task_type=source.task_type, inference_mode=True,
+        base_model_name_or_path=source.base_model_name_or_path, revision=source.revision,
+    )
+
+
 def save_merged_adapter(
     path,
     model: nn.Module,
     factors: Mapping[str, Tuple[torch.Tensor, torch.Tensor]],
     *,
     heads: Optional[Mapping[str, torch.Tensor]] = None,
+    adapter_name: Optional[str] = None,
 ) -> None:
     """Write ``factors`` (from :func:`merged_adapter_factors`) as a PEFT LoRA adapter folder at ``path``,
     loadable with ``PeftModel.from_pretrained(base_model, path)`` onto the model the ``PeftModel`` inside
@@ -353,29 +368,25 @@ def save_merged_adapter(
     every scaling is 1) is added to that ``PeftModel``, filled, saved and deleted again (``model`` is left
     as it was). ``heads`` (base naming, e.g. one task's ``modules_to_save`` tensors) become the adapter's
     ``modules_to_save``. The folder appears atomically; files get the user's umask permissions.
+    ``adapter_name`` (default: the active one) is the expert adapter whose task type and base path are kept.
     """
     import os
     import shutil
 
-    from peft import LoraConfig
-
     from mergekit_wudi.io import atomic_directory
 
     prefix, peft_model = _find_peft_model(model)
-    layout = _layout(model, None)
+    layout = _layout(model, adapter_name)
+    heads = dict(heads or {})
+    if not factors or any(n not in layout.lora for n in factors) or any(n not in layout.heads for n in heads):
+        raise KeyError(
+            f"factors must name LoRA-wrapped weights (got {sorted(factors)[:5]}, the module has "
+            f"{sorted(layout.lora)[:5]}) and heads modules_to_save tensors (not: {[n for n in heads if n not in layout.heads]})"
+        )
     inner = {_inner_name(name, prefix)[: -len(".weight")]: ab for name, ab in factors.items()}
-    head_modules = sorted({_inner_name(layout.heads[n], prefix) for n in heads or ()} if heads else set())
-    if heads and not all(n in layout.heads for n in heads):
-        raise KeyError(f"heads {[n for n in heads if n not in layout.heads]} are not modules_to_save tensors")
-    source = peft_model.peft_config[layout.adapter]
-    ranks = {f"^{re.escape(m)}$": int(a.shape[0]) for m, (a, _) in inner.items()}
+    head_modules = sorted({_inner_name(layout.heads[n], prefix) for n in heads})
     fan_in_fan_out = any(bool(lay.fan_in_fan_out) for _, lay in layout.lora.values())
-    config = LoraConfig(
-        r=max(ranks.values()), lora_alpha=max(ranks.values()), rank_pattern=ranks, alpha_pattern=dict(ranks),
-        target_modules="|".join(ranks), modules_to_save=head_modules or None, lora_dropout=0.0,
-        fan_in_fan_out=fan_in_fan_out, task_type=source.task_type, inference_mode=True,
-        base_model_name_or_path=source.base_model_name_or_path, revision=source.revision,
-    )
+    config = _adapter_config(peft_model.peft_config[layout.adapter], inner, head_modules, fan_in_fan_out)
     tmp = "wudi_merged"
     requires_grad = {n: t.requires_grad for n, t in peft_model.named_parameters()}
     peft_model.add_adapter(tmp, config)
@@ -388,7 +399,7 @@ def save_merged_adapter(
                     raise RuntimeError(f"PEFT gave {module_name!r} scaling {layer.scaling[tmp]}, expected 1")
                 layer.lora_A[tmp].weight.copy_(a)
                 layer.lora_B[tmp].weight.copy_(b)
-            for name, tensor in (heads or {}).items():
+            for name, tensor in heads.items():
                 wrapper = _inner_name(layout.heads[name], prefix)
                 leaf = _inner_name(_inner_name(name, prefix), wrapper)
                 tuned.get_submodule(wrapper).modules_to_save[tmp].get_parameter(leaf).copy_(tensor)
@@ -401,7 +412,8 @@ def save_merged_adapter(
             os.umask(umask)
             for root, _, files in os.walk(target):
                 os.chmod(root, 0o777 & ~umask)
-                [os.chmod(os.path.join(root, f), 0o666 & ~umask) for f in files]
+                for file in files:
+                    os.chmod(os.path.join(root, file), 0o666 & ~umask)
     finally:
         peft_model.delete_adapter(tmp)
         for n, t in peft_model.named_parameters():
