@@ -228,6 +228,8 @@ def effective_state_dict(module: nn.Module, adapter_name: Optional[str] = None) 
                 delta = _factors(layer_name, layer, layout.adapter).delta()
             else:
                 delta = layer.get_delta_weight(layout.adapter)
+            if not bool(torch.isfinite(delta).all()):
+                raise ValueError(f"non-finite values (NaN or Inf) in the LoRA update of layer {layer_name!r}")
             out[name] = (weight.to(dtype) + delta.to(dtype)).to(weight.dtype)
     return out
 

@@ -357,6 +357,14 @@ def test_unsupported_variants_are_clear_errors(case, match):
         assert "fc1.weight" in lora_factors(expert, adapter_name="other")
 
 
+def test_non_finite_update_names_the_layer():
+    expert = get_peft_model(Net(), LoraConfig(r=2, target_modules=["fc1", "fc2"]))
+    with torch.no_grad():
+        expert.base_model.model.fc2.lora_B["default"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite.*'base_model.model.fc2'"):
+        effective_state_dict(expert)
+
+
 # ---------------------------------------------------------------------------------------------
 # mergekit YAML: `model: base+adapter` materialises W0 + s B A; wudi must merge those.
 
