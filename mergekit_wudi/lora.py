@@ -275,17 +275,15 @@ def merged_adapter_factors(
     """Exact LoRA factors ``{base weight name: (A_m [R, in], B_m [out, R])}`` (PEFT orientation, scaling 1)
     of ``tau_m = merged - base`` for the experts' LoRA-wrapped weights.
 
-    ``closed_form`` (``D (C + rho I)^{-1}``) and ``spectral`` (gradient flow from the sum init) keep the rows
-    of ``tau_m`` in the span of the experts' ``A`` rows; with ``Q`` an orthonormal basis of the stacked
-    ``A_i`` rows (``R <= sum r_i``): ``A_m = Q^T``, ``B_m = tau_m Q`` (in float64). Checked:
-    ``||tau_m - B_m A_m|| <= rtol ||tau_m|| + eps ||merged||`` (Frobenius; the last term is the rounding of
-    the stored merged weight), else :class:`AdapterNotExactError`. The float32 closed form leaves rounding
-    noise outside the span (measured 2e-4 relative at 256x256, 2e-3 at 2048x2048; ``B_m A_m`` is then
-    ~1000x closer to the float64 solution than ``merged``), hence the default ``rtol``. ``adam`` / ``lowrank``
-    (per-coordinate Adam steps) leave the span (measured 0.14-0.17 for small task vectors, under 1e-2 for
-    large ones), so the check is only a safety net: pass ``solver`` and anything but :data:`EXACT_SOLVERS`
-    is refused up front; the caller then falls back to the full-weights output. Every other tensor of
-    ``merged`` must equal ``base`` (an adapter cannot carry it), except names in ``skip`` (per-task heads).
+    ``closed_form`` (``D (C + rho I)^{-1}``) and ``spectral`` (flow from the sum init) keep the rows of
+    ``tau_m`` in the span of the experts' ``A`` rows: with ``Q`` an orthonormal basis of the stacked ``A_i``
+    rows (``R <= sum r_i``), ``A_m = Q^T``, ``B_m = tau_m Q`` (float64). Checked: ``||tau_m - B_m A_m||_F <=
+    rtol ||tau_m||_F + eps ||merged||_F`` (rounding of the stored weight), else :class:`AdapterNotExactError`.
+    The default ``rtol`` allows the float32 closed form's rounding noise outside the span (measured 2e-4
+    relative at 256x256, 2e-3 at 2048x2048; ``B_m A_m`` is then ~1000x closer to the float64 solution than
+    ``merged``). ``adam`` / ``lowrank`` leave the span (0.14-0.17 measured, but under 1e-2 for large task
+    vectors), so pass ``solver``: anything but :data:`EXACT_SOLVERS` is refused up front (the caller falls
+    back to full weights). Other tensors must equal ``base`` (an adapter cannot carry them) unless in ``skip``.
     """
     if solver is not None and solver not in EXACT_SOLVERS:
         raise AdapterNotExactError(
@@ -330,7 +328,8 @@ def merged_adapter_factors(
 
 
 def _find_peft_model(module: nn.Module):
-    found = [(n, m) for n, m in module.named_modules() if is_peft_model(m) and isinstance(m, _peft()["PeftModel"])]
+    peft_model = _peft()["PeftModel"] if "peft" in sys.modules else ()
+    found = [(n, m) for n, m in module.named_modules() if isinstance(m, peft_model)]
     if len(found) != 1:
         raise UnsupportedLoraError(f"save_merged_adapter needs a module holding one peft.PeftModel, found {len(found)}")
     return found[0]
