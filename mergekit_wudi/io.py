@@ -16,7 +16,8 @@ import torch
 PathLike = Union[str, os.PathLike]
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read without changing it for longer than an instant)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -29,7 +30,7 @@ def atomic_file(path: PathLike) -> Iterator[str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a user expects what open() would give
+    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; a user expects what open() would give
     try:
         yield tmp
         os.replace(tmp, path)

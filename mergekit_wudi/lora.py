@@ -374,7 +374,8 @@ def save_merged_adapter(
     import os
     import shutil
 
-    from mergekit_wudi.io import atomic_directory
+    from mergekit_wudi.io import umask
+    from mergekit_wudi.output import staged_output
 
     prefix, peft_model = _find_peft_model(model)
     layout = _layout(model, adapter_name)
@@ -404,17 +405,16 @@ def save_merged_adapter(
                 wrapper = _inner_name(layout.heads[name], prefix)
                 leaf = _inner_name(_inner_name(name, prefix), wrapper)
                 tuned.get_submodule(wrapper).modules_to_save[tmp].get_parameter(leaf).copy_(tensor)
-        with atomic_directory(path) as target:
+        with staged_output(path) as target:  # other files in `path` are kept, as for a mergekit-yaml OUT
             staging = target + ".peft"
             peft_model.save_pretrained(staging, selected_adapters=[tmp])
             os.replace(os.path.join(staging, tmp), target)
             shutil.rmtree(staging)
-            umask = os.umask(0)  # safetensors writes 0600 files: give the folder the user's usual modes
-            os.umask(umask)
+            mask = umask()  # safetensors writes 0600 files: give the folder the user's usual modes
             for root, _, files in os.walk(target):
-                os.chmod(root, 0o777 & ~umask)
+                os.chmod(root, 0o777 & ~mask)
                 for file in files:
-                    os.chmod(os.path.join(root, file), 0o666 & ~umask)
+                    os.chmod(os.path.join(root, file), 0o666 & ~mask)
     finally:
         peft_model.delete_adapter(tmp)
         for n, t in peft_model.named_parameters():
