@@ -53,14 +53,11 @@ class WUDIMergeCallback(Callback):
     - explicit (``experts=[paths]``): Lightning ``.ckpt`` files or safetensors, merged at the end of
       the fit; ``base`` is then required for methods that need one.
 
-    Weights of ``nn.Linear`` modules are passed to ``wudi`` as linear weights (``linear`` per
-    tensor, :func:`~mergekit_wudi.lightning.strategies.linear_flags`: not embeddings, not LM heads,
-    not a Linear tied to an embedding); other floating tensors follow its ``non_linear`` rule.
-    Tensors that do not match ``include`` or that match ``exclude`` (per-task heads) stay out of the
-    merge and are kept per task in ``<output>/heads/task_<i>.safetensors`` and :attr:`task_heads`.
-
-    The method, its parameters, ``num_tasks`` and the patterns are checked in ``setup``, before
-    the first training step. To merge another way, override :meth:`build_strategy`.
+    ``nn.Linear`` weights go to ``wudi`` as linear weights (not embeddings, LM heads, or a Linear
+    tied to an embedding: :func:`~mergekit_wudi.lightning.strategies.linear_flags`). Tensors outside
+    ``include`` or inside ``exclude`` (per-task heads) are kept per task in ``<output>/heads`` and
+    :attr:`task_heads`. Everything the user wrote is checked in ``setup``, before the first
+    training step. To merge another way, override :meth:`build_strategy`.
 
     Args:
         method: a registered mergekit merge method (``wudi``, ``task_arithmetic``, ``ties``, ...),
@@ -362,11 +359,9 @@ class WUDIMergeCallback(Callback):
         lora_adapters.check_lora_output(self.lora_output, pl_module, self.method, self.parameters)
 
     def _load_base(self, strategy: MergeStrategy) -> Optional[StateDict]:
-        if self._base_path is None and self.base is not None:
-            if isinstance(self.base, str):
-                self._base_path = self.base
-            else:
-                return {k: v.detach().cpu() for k, v in self.base.items()}
+        if self._base_path is None and isinstance(self.base, dict):
+            return {k: v.detach().cpu() for k, v in self.base.items()}
+        self._base_path = self._base_path or self.base
         if self._base_path is None:
             if strategy.needs_base:
                 raise MergeInputError(f"method {self.method!r} needs a base, and none was given or snapshotted")
