@@ -1,23 +1,15 @@
 """PEFT LoRA experts: merge what the adapters mean (their updates), not their factors.
 
-A LoRA expert's task vector for a wrapped linear weight is its effective update
-``tau_i = scaling_i * B_i A_i`` (``B_i`` [out, r], ``A_i`` [r, in], PEFT's own ``scaling``: alpha / r, or
-alpha / sqrt(r) with rsLoRA). WUDI-Merging's premise (Eq. 1 of arXiv 2503.08099: a task vector's rows span
-its layer's inputs) holds for that update, not for ``A`` and ``B`` taken as weights. So the merge works on
-full weights in the BASE model's naming (``W0 + tau_i``, :func:`effective_state_dict`), through the
-existing solvers / mergekit's ``merge_state_dicts``; nothing here merges.
-
-Two output forms:
-
-- full weights: the merged state dict itself (base naming, loadable without PEFT); put it back into the
-  PEFT-wrapped module with :func:`load_merged_into`;
-- a merged LoRA adapter (rank <= sum of the experts' ranks): :func:`merged_adapter_factors` then
-  :func:`save_merged_adapter`. Exact only for solvers whose solution stays in the span of the experts'
-  ``A`` rows (``closed_form``, ``spectral``); ``adam``/``lowrank`` leave it and are refused there.
-
-Anything whose update is not ``scaling * B A`` on a weight (DoRA and the other LoRA variants, ``lora_bias``,
-adapters merged into the base weights, several active adapters, other PEFT methods) raises
-:class:`UnsupportedLoraError` naming the layer: never a silent wrong merge. ``peft`` is imported lazily.
+A LoRA expert's task vector for a wrapped weight is its update ``tau_i = s_i B_i A_i`` (``B_i`` [out, r],
+``A_i`` [r, in], PEFT's own ``scaling`` s: alpha / r, or alpha / sqrt(r) with rsLoRA). WUDI's premise (Eq. 1
+of arXiv 2503.08099: a task vector's rows span its layer's inputs) holds for that update, not for ``A`` and
+``B`` taken as weights. So experts are merged as full weights in the BASE model's naming
+(:func:`effective_state_dict`) by the existing solvers / mergekit's ``merge_state_dicts``; nothing here merges.
+Output forms: the merged full weights (loadable without PEFT; :func:`load_merged_into` puts them into the
+PEFT-wrapped module), or a merged LoRA adapter of rank <= sum of the ranks (:func:`merged_adapter_factors`,
+:func:`save_merged_adapter`), exact for ``closed_form`` / ``spectral`` only. Anything whose update is not
+``s B A`` on a weight (DoRA and the other LoRA variants, ``lora_bias``, merged-in adapters, several active
+adapters, other PEFT methods) raises :class:`UnsupportedLoraError` naming the layer. ``peft`` is imported lazily.
 """
 
 from __future__ import annotations
@@ -31,17 +23,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "EXACT_SOLVERS",
-    "UnsupportedLoraError",
-    "AdapterNotExactError",
-    "LoraFactors",
-    "is_peft_model",
-    "base_state_dict",
-    "effective_state_dict",
-    "lora_factors",
-    "merged_adapter_factors",
-    "save_merged_adapter",
-    "load_merged_into",
+    "EXACT_SOLVERS", "UnsupportedLoraError", "AdapterNotExactError", "LoraFactors", "is_peft_model", "base_state_dict",
+    "effective_state_dict", "lora_factors", "merged_adapter_factors", "save_merged_adapter", "load_merged_into",
 ]
 
 StateDict = Dict[str, torch.Tensor]
@@ -146,14 +129,14 @@ def _check_layer(name: str, layer: nn.Module, adapter: str) -> None:
             "supported are PEFT's lora Linear, Embedding and Conv layers on floating-point weights"
         )
     variant = layer.lora_variant.get(adapter)
-    if variant is not None or layer.use_dora.get(adapter, False):
+    if variant is not None or layer.use_dora.get(adapter, False) or layer.lora_bias.get(adapter, False):
         kind = "DoRA (use_dora=True)" if layer.use_dora.get(adapter, False) else type(variant).__name__
         raise UnsupportedLoraError(
-            f"LoRA layer {name!r} (adapter {adapter!r}) uses the variant {kind}: its update is not scaling * B A; "
-            "merging its factors would be wrong. Merge plain LoRA adapters, or merge_and_unload() each expert first."
+            f"LoRA layer {name!r} (adapter {adapter!r}) uses "
+            + (f"the variant {kind}" if variant is not None else "lora_bias=True (a trained bias)")
+            + ": its update is not scaling * B A on the weight. Merge plain LoRA adapters, or merge_and_unload() "
+            "each expert and merge the full models."
         )
-    if getattr(layer, "lora_bias", {}).get(adapter, False):
-        raise UnsupportedLoraError(f"LoRA layer {name!r} (adapter {adapter!r}) trains a bias (lora_bias=True): unsupported")
     if layer.merged:
         raise UnsupportedLoraError(
             f"LoRA layer {name!r} has adapters {layer.merged_adapters} merged into its base weight: "
@@ -203,8 +186,7 @@ def _layout(module: nn.Module, adapter_name: Optional[str]) -> _Layout:
     for key in module.state_dict(keep_vars=True):
         owner, _, leaf = key.rpartition(".")
         base, role, head = modules[owner]
-        if role == "drop":  # adapter parameters and other adapters' head copies
-            stack.extend((c, _join(key, n), "", "drop", "") for n, c in mod._modules.items() if c is not None)
+        if role == "drop":
             continue
         name = _join(base, leaf)
         if role in ("model", "head"):
@@ -218,14 +200,13 @@ def _layout(module: nn.Module, adapter_name: Optional[str]) -> _Layout:
     return layout
 
 
-def base_state_dict(module: nn.Module) -> StateDict:
+def base_state_dict(module: nn.Module, adapter_name: Optional[str] = None) -> StateDict:
     """The pretrained weights of a PEFT-wrapped ``module`` in base naming: LoRA ignored, heads from
     ``original_module``. Tensors share storage with the module (like ``state_dict()``)."""
-    layout = _layout(module, None) if is_peft_model(module) else None
     state = module.state_dict()
-    if layout is None:
+    if not is_peft_model(module):
         return {k: v.detach() for k, v in state.items()}
-    return {name: state[key].detach() for name, key in layout.base.items()}
+    return {name: state[key].detach() for name, key in _layout(module, adapter_name).base.items()}
 
 
 def effective_state_dict(module: nn.Module, adapter_name: Optional[str] = None) -> StateDict:
@@ -242,11 +223,13 @@ def effective_state_dict(module: nn.Module, adapter_name: Optional[str] = None) 
     with torch.no_grad():
         for name, (layer_name, layer) in layout.lora.items():
             weight = out[name]
+            dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
             if isinstance(layer, _peft()["Linear"]):  # the same products, in the same order, as PEFT's merge
                 delta = _factors(layer_name, layer, layout.adapter).delta()
             else:
-                delta = layer.get_delta_weight(layout.adapter).float()
-            dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+                delta = layer.get_delta_weight(layout.adapter)
+            if not bool(torch.isfinite(delta).all()):
+                raise ValueError(f"non-finite values (NaN or Inf) in the LoRA update of layer {layer_name!r}")
             out[name] = (weight.to(dtype) + delta.to(dtype)).to(weight.dtype)
     return out
 
@@ -289,24 +272,18 @@ def merged_adapter_factors(
     solver: Optional[str] = None,
     rtol: float = 1e-2,
 ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """Exact LoRA factors ``{base weight name: (A_m [R, in], B_m [out, R])}`` (PEFT orientation,
-    scaling 1) of the merged task vectors ``tau_m = merged - base`` of the experts' LoRA-wrapped weights.
+    """Exact LoRA factors ``{base weight name: (A_m [R, in], B_m [out, R])}`` (PEFT orientation, scaling 1)
+    of ``tau_m = merged - base`` for the experts' LoRA-wrapped weights.
 
-    ``closed_form`` (``tau* = D (C + rho I)^{-1}``) and ``spectral`` (gradient flow from the sum init)
-    keep every row of ``tau_m`` in the span of the experts' ``A`` rows, so with ``Q`` an orthonormal
-    basis of the stacked ``A_i`` rows (``R <= sum r_i``): ``A_m = Q^T``, ``B_m = tau_m Q``, computed in
-    float64. Checked: ``||tau_m - B_m A_m||_F <= rtol ||tau_m||_F + eps ||merged||_F`` (the second term:
-    rounding of the stored merged weight), else :class:`AdapterNotExactError`. In float32 the closed
-    form's ridge solve leaves rounding noise outside the span (measured: 2e-4 relative at 256x256, 2e-3
-    at 2048x2048; the projection ``B_m A_m`` is then ~1000x closer to the float64 solution than the
-    full weights), hence the default ``rtol``; ``adam`` and ``lowrank`` (per-coordinate Adam steps)
-    leave the span (measured: 0.14-0.17 with small task vectors, but below 1e-2 when the task vectors
-    are large against Adam's step size), so the check is only a safety net: pass the ``solver`` that
-    produced ``merged`` and anything but ``closed_form``/``spectral`` is refused up front (the caller
-    then falls back to the full-weights output).
-
-    Every other tensor of ``merged`` must equal ``base`` (an adapter cannot carry it), except names in
-    ``skip`` (per-task heads, saved separately).
+    ``closed_form`` (``D (C + rho I)^{-1}``) and ``spectral`` (flow from the sum init) keep the rows of
+    ``tau_m`` in the span of the experts' ``A`` rows: with ``Q`` an orthonormal basis of the stacked ``A_i``
+    rows (``R <= sum r_i``), ``A_m = Q^T``, ``B_m = tau_m Q`` (float64). Checked: ``||tau_m - B_m A_m||_F <=
+    rtol ||tau_m||_F + eps ||merged||_F`` (rounding of the stored weight), else :class:`AdapterNotExactError`.
+    The default ``rtol`` allows the float32 closed form's rounding noise outside the span (measured 2e-4
+    relative at 256x256, 2e-3 at 2048x2048; ``B_m A_m`` is then ~1000x closer to the float64 solution than
+    ``merged``). ``adam`` / ``lowrank`` leave the span (0.14-0.17 measured, but under 1e-2 for large task
+    vectors), so pass ``solver``: anything but :data:`EXACT_SOLVERS` is refused up front (the caller falls
+    back to full weights). Other tensors must equal ``base`` (an adapter cannot carry them) unless in ``skip``.
     """
     if solver is not None and solver not in EXACT_SOLVERS:
         raise AdapterNotExactError(
@@ -351,12 +328,10 @@ def merged_adapter_factors(
 
 
 def _find_peft_model(module: nn.Module):
-    p = _peft() if "peft" in sys.modules else None
-    found = [(n, m) for n, m in module.named_modules() if p and isinstance(m, p["PeftModel"])]
+    peft_model = _peft()["PeftModel"] if "peft" in sys.modules else ()
+    found = [(n, m) for n, m in module.named_modules() if isinstance(m, peft_model)]
     if len(found) != 1:
-        raise UnsupportedLoraError(
-            f"save_merged_adapter needs a module holding exactly one peft.PeftModel, found {len(found)}"
-        )
+        raise UnsupportedLoraError(f"save_merged_adapter needs a module holding one peft.PeftModel, found {len(found)}")
     return found[0]
 
 
@@ -366,12 +341,27 @@ def _inner_name(name: str, prefix: str) -> str:
     return name[len(prefix) + 1:] if prefix else name
 
 
+def _adapter_config(source, inner: Mapping[str, Tuple[torch.Tensor, torch.Tensor]], heads, fan_in_fan_out: bool):
+    """A LoraConfig targeting exactly the modules in ``inner``, each with its own rank and alpha = rank
+    (scaling 1), anchored patterns so no other module matches; task type and base path from ``source``."""
+    from peft import LoraConfig
+
+    ranks = {f"^{re.escape(m)}$": int(a.shape[0]) for m, (a, _) in inner.items()}
+    return LoraConfig(
+        r=max(ranks.values()), lora_alpha=max(ranks.values()), rank_pattern=ranks, alpha_pattern=dict(ranks),
+        target_modules="|".join(ranks), modules_to_save=heads or None, lora_dropout=0.0,
+        fan_in_fan_out=fan_in_fan_out, task_type=source.task_type, inference_mode=True,
+        base_model_name_or_path=source.base_model_name_or_path, revision=source.revision,
+    )
+
+
 def save_merged_adapter(
     path,
     model: nn.Module,
     factors: Mapping[str, Tuple[torch.Tensor, torch.Tensor]],
     *,
     heads: Optional[Mapping[str, torch.Tensor]] = None,
+    adapter_name: Optional[str] = None,
 ) -> None:
     """Write ``factors`` (from :func:`merged_adapter_factors`) as a PEFT LoRA adapter folder at ``path``,
     loadable with ``PeftModel.from_pretrained(base_model, path)`` onto the model the ``PeftModel`` inside
@@ -379,29 +369,25 @@ def save_merged_adapter(
     every scaling is 1) is added to that ``PeftModel``, filled, saved and deleted again (``model`` is left
     as it was). ``heads`` (base naming, e.g. one task's ``modules_to_save`` tensors) become the adapter's
     ``modules_to_save``. The folder appears atomically; files get the user's umask permissions.
+    ``adapter_name`` (default: the active one) is the expert adapter whose task type and base path are kept.
     """
     import os
     import shutil
 
-    from peft import LoraConfig
-
     from mergekit_wudi.io import atomic_directory
 
     prefix, peft_model = _find_peft_model(model)
-    layout = _layout(model, None)
+    layout = _layout(model, adapter_name)
+    heads = dict(heads or {})
+    if not factors or any(n not in layout.lora for n in factors) or any(n not in layout.heads for n in heads):
+        raise KeyError(
+            f"factors must name LoRA-wrapped weights (got {sorted(factors)[:5]}, the module has "
+            f"{sorted(layout.lora)[:5]}) and heads modules_to_save tensors (not: {[n for n in heads if n not in layout.heads]})"
+        )
     inner = {_inner_name(name, prefix)[: -len(".weight")]: ab for name, ab in factors.items()}
-    head_modules = sorted({_inner_name(layout.heads[n], prefix) for n in heads or ()} if heads else set())
-    if heads and not all(n in layout.heads for n in heads):
-        raise KeyError(f"heads {[n for n in heads if n not in layout.heads]} are not modules_to_save tensors")
-    source = peft_model.peft_config[layout.adapter]
-    ranks = {f"^{re.escape(m)}$": int(a.shape[0]) for m, (a, _) in inner.items()}
+    head_modules = sorted({_inner_name(layout.heads[n], prefix) for n in heads})
     fan_in_fan_out = any(bool(lay.fan_in_fan_out) for _, lay in layout.lora.values())
-    config = LoraConfig(
-        r=max(ranks.values()), lora_alpha=max(ranks.values()), rank_pattern=ranks, alpha_pattern=dict(ranks),
-        target_modules="|".join(ranks), modules_to_save=head_modules or None, lora_dropout=0.0,
-        fan_in_fan_out=fan_in_fan_out, task_type=source.task_type, inference_mode=True,
-        base_model_name_or_path=source.base_model_name_or_path, revision=source.revision,
-    )
+    config = _adapter_config(peft_model.peft_config[layout.adapter], inner, head_modules, fan_in_fan_out)
     tmp = "wudi_merged"
     requires_grad = {n: t.requires_grad for n, t in peft_model.named_parameters()}
     peft_model.add_adapter(tmp, config)
@@ -414,7 +400,7 @@ def save_merged_adapter(
                     raise RuntimeError(f"PEFT gave {module_name!r} scaling {layer.scaling[tmp]}, expected 1")
                 layer.lora_A[tmp].weight.copy_(a)
                 layer.lora_B[tmp].weight.copy_(b)
-            for name, tensor in (heads or {}).items():
+            for name, tensor in heads.items():
                 wrapper = _inner_name(layout.heads[name], prefix)
                 leaf = _inner_name(_inner_name(name, prefix), wrapper)
                 tuned.get_submodule(wrapper).modules_to_save[tmp].get_parameter(leaf).copy_(tensor)
@@ -423,12 +409,12 @@ def save_merged_adapter(
             peft_model.save_pretrained(staging, selected_adapters=[tmp])
             os.replace(os.path.join(staging, tmp), target)
             shutil.rmtree(staging)
-            umask = os.umask(0)  # some writers (safetensors) create 0600 files: give the user's usual modes
+            umask = os.umask(0)  # safetensors writes 0600 files: give the folder the user's usual modes
             os.umask(umask)
             for root, _, files in os.walk(target):
                 os.chmod(root, 0o777 & ~umask)
-                for name in files:
-                    os.chmod(os.path.join(root, name), 0o666 & ~umask)
+                for file in files:
+                    os.chmod(os.path.join(root, file), 0o666 & ~umask)
     finally:
         peft_model.delete_adapter(tmp)
         for n, t in peft_model.named_parameters():

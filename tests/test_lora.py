@@ -4,7 +4,6 @@ import copy
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -283,6 +282,33 @@ def test_fan_in_fan_out_conv1d_round_trip(tmp_path):
         check_outputs(loaded(x), full(x), full64(x.double()))
 
 
+def test_injected_lora_and_several_adapters_in_one_model(scenario, tmp_path):
+    base_net, _, _ = scenario
+    injected = peft.inject_adapter_in_model(LoraConfig(r=2, target_modules=["fc1"]), copy.deepcopy(base_net))
+    randomize_adapter(injected, 7)
+    assert is_peft_model(injected)
+    effective = effective_state_dict(injected)
+    assert sorted(effective) == sorted(base_net.state_dict())
+    layer = injected.fc1
+    delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    torch.testing.assert_close(effective["fc1.weight"], (base_net.fc1.weight + delta).detach())
+    with pytest.raises(UnsupportedLoraError, match="needs a module holding one peft.PeftModel"):
+        save_merged_adapter(tmp_path / "x", injected, {})
+    # one PeftModel holding one adapter per task: adapter_name picks the expert
+    model = get_peft_model(copy.deepcopy(base_net), LoraConfig(r=2, target_modules=["fc1", "fc2"], modules_to_save=["head"]))
+    model.add_adapter("task_1", LoraConfig(r=3, lora_alpha=5, target_modules=["fc2"], modules_to_save=["head"]))
+    randomize_adapter(model, 8)
+    reference = copy.deepcopy(model)
+    reference.set_adapter("task_1")
+    expected = reference.merge_and_unload().state_dict()
+    effective = effective_state_dict(model, adapter_name="task_1")
+    assert sorted(effective) == sorted(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(effective[name], tensor, rtol=0, atol=1e-6)
+    assert torch.equal(effective["fc1.weight"], base_net.fc1.weight)  # task_1 has no LoRA on fc1
+    assert sorted(lora_factors(model, adapter_name="task_1")) == ["fc2.weight"]
+
+
 class Mixed(nn.Module):
     def __init__(self):
         super().__init__()
@@ -329,6 +355,14 @@ def test_unsupported_variants_are_clear_errors(case, match):
             function(expert)
     if case == "two_active":  # naming the adapter resolves it
         assert "fc1.weight" in lora_factors(expert, adapter_name="other")
+
+
+def test_non_finite_update_names_the_layer():
+    expert = get_peft_model(Net(), LoraConfig(r=2, target_modules=["fc1", "fc2"]))
+    with torch.no_grad():
+        expert.base_model.model.fc2.lora_B["default"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite.*'base_model.model.fc2'"):
+        effective_state_dict(expert)
 
 
 # ---------------------------------------------------------------------------------------------
