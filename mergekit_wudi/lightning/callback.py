@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -36,6 +35,7 @@ from mergekit_wudi.lightning.checks import (
     select_names,
     validate_merge_inputs,
 )
+from mergekit_wudi.lightning import lora_adapters, module_state
 from mergekit_wudi.lightning.distributed import broadcast, distributed_world, is_sharded_module
 from mergekit_wudi.lightning.storage import SnapshotStore, expert_id
 from mergekit_wudi.lightning.strategies import MergeStrategy, MudscMerge, RegistryMerge
@@ -53,14 +53,11 @@ class WUDIMergeCallback(Callback):
     - explicit (``experts=[paths]``): Lightning ``.ckpt`` files or safetensors, merged at the end of
       the fit; ``base`` is then required for methods that need one.
 
-    Weights of ``nn.Linear`` modules are passed to ``wudi`` as linear weights (``linear`` per
-    tensor, :func:`~mergekit_wudi.lightning.strategies.linear_flags`: not embeddings, not LM heads,
-    not a Linear tied to an embedding); other floating tensors follow its ``non_linear`` rule.
-    Tensors that do not match ``include`` or that match ``exclude`` (per-task heads) stay out of the
-    merge and are kept per task in ``<output>/heads/task_<i>.safetensors`` and :attr:`task_heads`.
-
-    The method, its parameters, ``num_tasks`` and the patterns are checked in ``setup``, before
-    the first training step. To merge another way, override :meth:`build_strategy`.
+    ``nn.Linear`` weights go to ``wudi`` as linear weights (not embeddings, LM heads, or a Linear
+    tied to an embedding: :func:`~mergekit_wudi.lightning.strategies.linear_flags`). Tensors outside
+    ``include`` or inside ``exclude`` (per-task heads) are kept per task in ``<output>/heads`` and
+    :attr:`task_heads`. Everything the user wrote is checked in ``setup``, before the first
+    training step. To merge another way, override :meth:`build_strategy`.
 
     Args:
         method: a registered mergekit merge method (``wudi``, ``task_arithmetic``, ``ties``, ...),
@@ -82,7 +79,13 @@ class WUDIMergeCallback(Callback):
             trainer's train dataloader).
         reset_to_base: sequential mode: at the start of every fit after the first, load the base
             into the merged tensors of the module, so each task is fine-tuned from the pretrained
-            weights even when the same module object is fitted again (not on resume).
+            weights even when the same module object is fitted again (not on resume; for a PEFT
+            module: its LoRA ``B`` factors are zeroed).
+        lora_output: for a module with PEFT LoRA layers, whose snapshots are the effective full
+            weights (WUDI merges the updates ``scaling * B_i A_i``): ``"full"`` writes the merged full
+            model (loadable without PEFT); ``"adapter"`` also writes one merged PEFT adapter per task
+            (:attr:`adapter_paths`; exact for ``closed_form`` / ``spectral``, refused for ``adam`` /
+            ``lowrank``).
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class WUDIMergeCallback(Callback):
         merge_device: Optional[str] = None,
         dataloader: Optional[Any] = None,
         reset_to_base: bool = True,
+        lora_output: str = "full",
     ) -> None:
         super().__init__()
         if experts is not None and len(experts) == 0:
@@ -120,6 +124,7 @@ class WUDIMergeCallback(Callback):
         self.merge_device = merge_device
         self.dataloader = dataloader
         self.reset_to_base = reset_to_base
+        self.lora_output = lora_output
         # Checkpointable state: paths only (see state_dict).
         self._run_id = uuid.uuid4().hex
         self._output_dir: Optional[str] = None
@@ -164,6 +169,13 @@ class WUDIMergeCallback(Callback):
         return self._merged_path
 
     @property
+    def adapter_paths(self) -> List[str]:
+        """``lora_output="adapter"``: the merged PEFT adapter folder of each task, once merged."""
+        if self.lora_output != "adapter" or self._merged_path is None:
+            return []
+        return [lora_adapters.adapter_path(self._store(), i) for i in range(len(self.expert_paths))]
+
+    @property
     def task_heads(self) -> List[StateDict]:
         """Per-task tensors kept out of the merge (``include``/``exclude``), one dict per task
         (read from ``<output>/heads`` at first use after a merge)."""
@@ -173,7 +185,7 @@ class WUDIMergeCallback(Callback):
 
     def load_task_head(self, pl_module: torch.nn.Module, task: int) -> None:
         """Put task ``task``'s kept-out tensors (its head) into ``pl_module``."""
-        pl_module.load_state_dict(self.task_heads[task], strict=False)
+        module_state.load_weights(pl_module, self.task_heads[task])
 
     # ------------------------------------------------------------------ hooks, in firing order
 
@@ -186,7 +198,7 @@ class WUDIMergeCallback(Callback):
         strategy = self.build_strategy()
         strategy.check()
         if not is_overridden("configure_model", pl_module):  # else its layers exist only in on_fit_start
-            self._check_patterns(pl_module.state_dict(), "the module")
+            self._check_module(trainer, pl_module)
         if not self.sequential:
             for path in self.experts:
                 if not Path(path).exists():
@@ -200,6 +212,8 @@ class WUDIMergeCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Sequential mode, first fit: snapshot the pretrained weights as the base (all ranks call)."""
+        if is_overridden("configure_model", pl_module):
+            self._check_module(trainer, pl_module)
         if not self.sequential:
             return
         if self._base_path is not None:
@@ -218,9 +232,7 @@ class WUDIMergeCallback(Callback):
                 f"resuming from {trainer.ckpt_path} whose checkpoint has no {type(self).__name__} state: "
                 "the pretrained weights are unknown; pass base=<path of the pretrained weights>"
             )
-        state = trainer.strategy.lightning_module_state_dict()  # a collective under FSDP
-        if is_overridden("configure_model", pl_module):
-            self._check_patterns(state, "the module")
+        state = module_state.pretrained_weights(trainer, pl_module)  # a collective under FSDP
         self._base_path = self._store().save(trainer, state, self._store().base_path)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -228,12 +240,12 @@ class WUDIMergeCallback(Callback):
         if not self.sequential:
             return
         if self._merged_path is not None or (self.num_tasks is not None and len(self._expert_paths) >= self.num_tasks):
-            rank_zero_warn(f"{type(self).__name__}: all experts are already collected; this fit's weights are not saved")
+            rank_zero_warn(f"{type(self).__name__}: all experts are collected; this fit's weights are not saved")
             return
         if self._base_path is None:
             raise MergeInputError("no base snapshot: the callback did not see the start of this fit")
         index = len(self._expert_paths)
-        state = trainer.strategy.lightning_module_state_dict()  # full on rank 0 only, under FSDP
+        state = module_state.trained_weights(trainer, pl_module)  # full on rank 0 only, under FSDP
         problem = None
         if trainer.is_global_zero:
             base = load_state_dict(self._base_path)
@@ -244,7 +256,10 @@ class WUDIMergeCallback(Callback):
         problem = broadcast(trainer, problem)
         if problem is not None:
             raise MergeInputError(problem)
-        self._expert_paths.append(self._store().save(trainer, state, self._store().expert_path(index)))
+        path = self._store().save(trainer, state, self._store().expert_path(index))
+        if self.lora_output == "adapter":
+            lora_adapters.save_factors(self._store(), trainer, pl_module, path)
+        self._expert_paths.append(path)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Merge when all experts are known (explicit mode, or ``num_tasks`` reached)."""
@@ -294,10 +309,11 @@ class WUDIMergeCallback(Callback):
         self._check_patterns(reference, "the experts" if base is None else "the base")
         names = self._merge_names(reference)
         validate_merge_inputs(base, experts, names, require_change=strategy.requires_change)
+        lora_adapters.refuse_factor_states(experts)
 
         merged, expert_states = strategy.merge(trainer, pl_module, base, experts, names)
         check_finite_results(merged, strategy.describe())
-        self._write_results(trainer, merged, expert_states, expert_paths)
+        self._write_results(trainer, pl_module, base, merged, expert_states, expert_paths)
         if self.load_merged and pl_module is not None:
             if is_sharded_module(trainer):
                 rank_zero_warn(
@@ -305,24 +321,26 @@ class WUDIMergeCallback(Callback):
                     f"load {self._merged_path} into an unsharded model"
                 )
             else:
-                self._load_into(pl_module, merged)
+                module_state.load_weights(pl_module, merged)
         world_size, _ = distributed_world(trainer)
         where = f", sharded over {world_size} ranks" if world_size > 1 and getattr(strategy, "shard", False) else ""
-        rank_zero_info(
-            f"{type(self).__name__}: merged {len(experts)} experts with {self.method!r}{where} -> {self._merged_path}"
-        )
+        rank_zero_info(f"{type(self).__name__}: merged {len(experts)} experts with {self.method!r}{where}"
+                       f" -> {self._merged_path}")
         return merged
 
-    def _write_results(self, trainer, merged: StateDict, expert_states: List[StateDict], expert_paths) -> None:
-        """Heads first, ``merged.safetensors`` last: its presence means the whole merge is on disk."""
+    def _write_results(self, trainer, pl_module, base, merged: StateDict, expert_states: List[StateDict],
+                       expert_paths) -> None:
+        """Heads and adapters first, ``merged.safetensors`` last: its presence means the whole merge is on disk."""
         store = self._store()
         heads = [{n: t for n, t in state.items() if n not in merged} for state in expert_states]
-        has_heads = any(heads)
-        if has_heads:
-            self._head_paths = [store.save(trainer, head, store.head_path(i)) for i, head in enumerate(heads)]
-        else:
-            self._head_paths = []
-        self._task_heads = heads if has_heads else []
+        if self.lora_output == "adapter":
+            head_names = sorted({n for head in heads for n in head})
+            factors = lora_adapters.adapter_factors(merged, base, expert_paths, head_names, self.method,
+                                                    self.parameters)
+            lora_adapters.save_adapters(store, trainer, pl_module, factors, heads)
+        kept = any(heads)
+        self._head_paths = [store.save(trainer, h, store.head_path(i)) for i, h in enumerate(heads)] if kept else []
+        self._task_heads = heads if kept else []
         metadata = {"method": self.method, "experts": json.dumps(expert_paths), "base": str(self._base_path)}
         self._merged_path = store.save(trainer, merged, store.merged_path, metadata=metadata)
 
@@ -334,12 +352,16 @@ class WUDIMergeCallback(Callback):
     def _check_patterns(self, state, where: str) -> None:
         check_patterns(list(state), self.include, self.exclude, where)
 
+    def _check_module(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The patterns and ``lora_output`` against the module (PEFT modules: in base naming)."""
+        module_state.check_module(pl_module, is_sharded_module(trainer))
+        self._check_patterns(module_state.merge_view(pl_module), "the module")
+        lora_adapters.check_lora_output(self.lora_output, pl_module, self.method, self.parameters)
+
     def _load_base(self, strategy: MergeStrategy) -> Optional[StateDict]:
-        if self._base_path is None and self.base is not None:
-            if isinstance(self.base, str):
-                self._base_path = self.base
-            else:
-                return {k: v.detach().cpu() for k, v in self.base.items()}
+        if self._base_path is None and isinstance(self.base, dict):
+            return {k: v.detach().cpu() for k, v in self.base.items()}
+        self._base_path = self._base_path or self.base
         if self._base_path is None:
             if strategy.needs_base:
                 raise MergeInputError(f"method {self.method!r} needs a base, and none was given or snapshotted")
@@ -353,15 +375,7 @@ class WUDIMergeCallback(Callback):
             rank_zero_warn(f"{type(self).__name__}: reset_to_base is not applied to an FSDP-sharded module")
             return
         base = load_state_dict(self._base_path)
-        names = self._merge_names(base)
-        current = pl_module.state_dict()
-        for name in names:
-            if name in current and current[name].shape != base[name].shape:
-                raise MergeInputError(
-                    f"cannot reset tensor {name!r} to the base: module shape {tuple(current[name].shape)}, "
-                    f"base shape {tuple(base[name].shape)}"
-                )
-        pl_module.load_state_dict({n: base[n] for n in names}, strict=False)
+        module_state.reset_weights(pl_module, base, self._merge_names(base))
 
     def _resolve_output(self, trainer: Optional[Trainer]) -> str:
         if self._output_dir is None:
@@ -384,8 +398,3 @@ class WUDIMergeCallback(Callback):
             self._expert_paths = found["experts"]
         if self._merged_path is None and "merged" in found:
             self._merged_path, self._head_paths, self._task_heads = found["merged"], found["heads"], None
-
-    def _load_into(self, pl_module: torch.nn.Module, merged: StateDict) -> None:
-        result = pl_module.load_state_dict(merged, strict=False)
-        if result.unexpected_keys:
-            warnings.warn(f"merged tensors not in the module: {result.unexpected_keys[:5]}")

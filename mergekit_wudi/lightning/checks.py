@@ -108,4 +108,6 @@ def check_finite_results(merged: Mapping[str, torch.Tensor], produced_by: str) -
     the method and its parameters); nothing is written or loaded before this check passes."""
     for name, tensor in merged.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise MergeResultError(f"merged tensor {name!r} has non-finite values (NaN or Inf); produced by {produced_by}")
+            raise MergeResultError(
+                f"merged tensor {name!r} has non-finite values (NaN or Inf); produced by {produced_by}"
+            )

@@ -20,7 +20,14 @@ from lightning.pytorch import Trainer
 from torch import nn
 
 from mergekit_wudi.lightning.checks import StateDict
-from mergekit_wudi.lightning.distributed import broadcast, distributed_world, gather_results, is_global_zero, shard_names
+from mergekit_wudi.lightning.distributed import (
+    broadcast,
+    distributed_world,
+    gather_results,
+    is_global_zero,
+    shard_names,
+)
+from mergekit_wudi.lightning.module_state import tensor_names
 from mergekit_wudi.lightning.storage import expert_id
 from mergekit_wudi.linear_weights import is_linear_weight
 
@@ -62,17 +69,22 @@ class MergeStrategy:
 def linear_flags(module: Optional[nn.Module], reference: StateDict, names: Sequence[str]) -> List[bool]:
     """Which of ``names`` WUDI solves for (:mod:`mergekit_wudi.linear_weights`), from the module types.
 
-    The weight of an ``nn.Linear`` is linear unless it is tied to an ``nn.Embedding`` (the same
-    Parameter) or its name is a vocabulary name (an LM head); ``nn.Embedding`` weights and all
-    other tensors are not. Without a module the name-and-shape rule decides.
+    The weight of an ``nn.Linear`` (in a PEFT LoRA module: the base layer a LoRA layer wraps) is
+    linear unless it is tied to an ``nn.Embedding`` (the same Parameter) or its name is a
+    vocabulary name (an LM head); ``nn.Embedding`` weights and all other tensors are not. Without
+    a module the name-and-shape rule decides.
     """
     if module is None:
         return [is_linear_weight(n, reference[n].shape) for n in names]
     embedding_weights = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    merge_name = tensor_names(module)  # a PEFT module's keys -> the base names the merge sees
     linear = {
-        f"{prefix}.weight" if prefix else "weight"
-        for prefix, m in module.named_modules()
-        if isinstance(m, nn.Linear) and id(m.weight) not in embedding_weights
+        merge_name.get(key, key)
+        for key in (
+            f"{prefix}.weight" if prefix else "weight"
+            for prefix, m in module.named_modules()
+            if isinstance(m, nn.Linear) and id(m.weight) not in embedding_weights
+        )
     }
     return [n in linear and is_linear_weight(n, reference[n].shape) for n in names]
 
@@ -191,7 +203,8 @@ class RegistryMerge(MergeStrategy):
             parameters.update({k: PerGroupValues([v[n] for n in chunk]) for k, v in per_tensor.items()})
             tensors = {i: {n: s[n].to(device) for n in chunk} for i, s in inputs.items()}
             with torch.no_grad():
-                out = merge_state_dicts(tensors, self.name, parameters=parameters, base=BASE_ID if BASE_ID in inputs else None)
+                base_id = BASE_ID if BASE_ID in inputs else None
+                out = merge_state_dicts(tensors, self.name, parameters=parameters, base=base_id)
             results.update({n: out[n].detach().cpu() for n in chunk})
             if bar is not None:
                 bar.update(len(chunk))

@@ -1,0 +1,179 @@
+"""WUDIMergeCallback with PEFT LoRA experts (issue #14): the merge sees each task's effective update
+``scaling * B_i A_i``, not the factors; the merged full model loads without PEFT; the merged adapter
+loads with PEFT and agrees with it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from mergekit_wudi.io import load_state_dict, save_safetensors_atomic
+from mergekit_wudi.lightning import MergeInputError, WUDIMergeCallback
+from test_lightning_callback import make_trainer
+from test_lightning_checks import CountSteps
+
+peft = pytest.importorskip("peft")
+from mergekit.merge_methods.api import merge_tensors  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+CLOSED_FORM = {"solver": "closed_form"}
+LORA_LAYERS = ("fc1", "fc2")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.head = nn.Linear(6, 12), nn.Linear(12, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class LoraTask(LightningModule):
+    """The issue's scenario: a LightningModule holding a PEFT LoRA model with a modules_to_save head."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.5)
+
+
+def lora_module(**config) -> LoraTask:
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=list(LORA_LAYERS), modules_to_save=["head"], **config)
+    return LoraTask(get_peft_model(Net(), lora))
+
+
+def task_loader(task: int):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(200 + task)
+    x = torch.randn(32, 6, generator=g)
+    y = torch.randn(32, 2, generator=g) + 2 * task
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+class CaptureUpdates(Callback):
+    """After each fit's training (before the merge): every LoRA layer's s*B@A and the trained head."""
+
+    def __init__(self):
+        self.updates, self.heads = [], []
+
+    def on_train_end(self, trainer, pl_module):
+        tuned = pl_module.net.base_model.model
+        updates = {}
+        for name in LORA_LAYERS:
+            layer = getattr(tuned, name)
+            B, A = layer.lora_B["default"].weight, layer.lora_A["default"].weight
+            updates[f"net.{name}.weight"] = (layer.scaling["default"] * B @ A).detach().clone()
+        self.updates.append(updates)
+        head = tuned.head.modules_to_save["default"]
+        self.heads.append({"net.head.weight": head.weight.detach().clone(), "net.head.bias": head.bias.detach().clone()})
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("lora")
+    model = lora_module()
+    pretrained = {k: v.detach().clone() for k, v in Net().state_dict().items()}
+    capture = CaptureUpdates()
+    callback = WUDIMergeCallback(method="wudi", parameters=CLOSED_FORM, exclude=["*head*"], num_tasks=2,
+                                 output=str(tmp_path / "merge"), lora_output="adapter")
+    for task in range(2):
+        make_trainer(tmp_path, [callback, capture], max_steps=4).fit(model, task_loader(task))
+    return model, pretrained, capture, callback
+
+
+def test_the_merge_sees_the_updates_not_the_factors(scenario):
+    model, pretrained, capture, callback = scenario
+    merged = load_state_dict(callback.merged_path)
+    assert set(merged) == {f"net.{n}" for n in pretrained if not n.startswith("head")}  # base naming, no factors
+    for name in ("fc1", "fc2"):
+        key, base = f"net.{name}.weight", pretrained[f"{name}.weight"]
+        updates = [u[key] for u in capture.updates]
+        assert all(float(u.norm()) > 1e-3 for u in updates)  # both tasks trained their adapters
+        expected = merge_tensors([base] + [base + u for u in updates], "wudi", base_index=0,
+                                 parameters={**CLOSED_FORM, "linear": True})
+        torch.testing.assert_close(merged[key], expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(merged[key], base + sum(updates), rtol=1e-3, atol=1e-4)  # not a plain sum
+        torch.testing.assert_close(merged[f"net.{name}.bias"], pretrained[f"{name}.bias"], rtol=0, atol=0)
+    for task in range(2):  # each task's modules_to_save head kept per task
+        for name, tensor in capture.heads[task].items():
+            assert torch.equal(callback.task_heads[task][name], tensor), name
+
+
+def test_full_output_loads_without_peft_and_agrees_with_the_module_and_the_adapters(scenario):
+    model, pretrained, capture, callback = scenario
+    merged = load_state_dict(callback.merged_path)
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(9))
+    assert len(callback.adapter_paths) == 2
+    for task in range(2):
+        plain = Net()
+        plain.load_state_dict({k[len("net."):]: v for k, v in {**merged, **callback.task_heads[task]}.items()})
+        callback.load_task_head(model, task)  # the PEFT module itself now computes the merged model
+        adapted = PeftModel.from_pretrained(Net(), callback.adapter_paths[task]).eval()
+        with torch.no_grad():
+            reference = plain(x)
+            torch.testing.assert_close(model(x), reference, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(adapted(x), reference, rtol=1e-4, atol=1e-5)
+        ranks = {adapted.base_model.model.fc1.lora_A["default"].weight.shape[0]}
+        assert ranks <= set(range(1, 9))  # rank <= the sum of the experts' ranks (4 + 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"lora_output": "adapter"}, r"lora_output='adapter' with solver 'adam'"),
+        ({"lora_output": "adapter", "parameters": {"solver": "lowrank"}}, r"solver 'lowrank'"),
+        ({"lora_output": "both"}, r"lora_output must be one of"),
+        ({"exclude": ["head.weight"]}, r"exclude pattern 'head.weight' matches no tensor of the module"),
+    ],
+)
+def test_lora_settings_fail_in_setup(tmp_path, kwargs, message):
+    counter = CountSteps()
+    callback = WUDIMergeCallback(num_tasks=2, output=str(tmp_path / "m"), **kwargs)
+    with pytest.raises(MergeInputError, match=message):
+        make_trainer(tmp_path, [callback, counter]).fit(lora_module(), task_loader(0))
+    assert counter.steps == 0
+
+
+def test_adapter_output_needs_a_peft_module_and_dora_is_refused(tmp_path):
+    from test_lightning_callback import TinyModel
+
+    plain = WUDIMergeCallback(parameters=CLOSED_FORM, lora_output="adapter", num_tasks=2, output=str(tmp_path / "a"))
+    with pytest.raises(MergeInputError, match="needs a module with PEFT LoRA layers"):
+        make_trainer(tmp_path, [plain]).fit(TinyModel(), task_loader(0))
+    dora = WUDIMergeCallback(parameters=CLOSED_FORM, num_tasks=2, output=str(tmp_path / "b"))
+    with pytest.raises(MergeInputError, match=r"'.*fc1'.*DoRA"):
+        make_trainer(tmp_path, [dora]).fit(lora_module(use_dora=True), task_loader(0))
+
+
+def test_explicit_experts_holding_lora_factors_are_refused(tmp_path):
+    module = lora_module()
+    base = {f"net.{k}": v for k, v in Net().state_dict().items()}
+    save_safetensors_atomic(base, tmp_path / "base.safetensors")
+    paths = []
+    for task in range(2):
+        state = {**copy.deepcopy(base), "net.fc1.lora_A.default.weight": torch.randn(4, 6)}
+        state["net.fc1.weight"] = state["net.fc1.weight"] + 0.1
+        paths.append(str(tmp_path / f"e{task}.safetensors"))
+        save_safetensors_atomic(state, paths[-1])
+    callback = WUDIMergeCallback(parameters=CLOSED_FORM, experts=paths, base=str(tmp_path / "base.safetensors"),
+                                 output=str(tmp_path / "out"))
+    with pytest.raises(MergeInputError, match=r"expert task_0 .*holds LoRA factors"):
+        callback.merge(None, module)
+    assert not (tmp_path / "out").exists()
