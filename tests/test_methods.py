@@ -2,18 +2,16 @@
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from mergekit import merge_methods
 from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
 from mergekit.merge_methods import PerGroupValues
 from mergekit.merge_methods.api import merge_state_dicts, merge_tensors
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mergekit_wudi.solvers import wudi as W
 from mergekit_wudi.toy import mergekit_yaml_executable

@@ -3,10 +3,8 @@
 Every case runs a real `mergekit-yaml` subprocess on the tiny Llama family of conftest.py.
 """
 
-import fcntl
 import hashlib
 import json
-import logging
 import os
 import shutil
 import signal

@@ -1,6 +1,5 @@
 """LwPTV (mergekit_wudi/solvers/lwptv.py): the framework-free math."""
 
-import math
 
 import pytest
 import torch

@@ -2,7 +2,7 @@
 
 The merge itself always works on full weights (:mod:`.module_state`); on request the callback also
 writes, per task, a PEFT adapter folder ``<output>/adapters/task_<i>`` holding the merged update as
-LoRA factors of rank <= the sum of the experts' ranks (:func:`mergekit_wudi.lora.merged_adapter_factors`)
+LoRA factors of rank <= the sum of the experts' ranks (:func:`mergekit_wudi.lora_adapter.merged_adapter_factors`)
 and that task's ``modules_to_save`` head, loadable with ``PeftModel.from_pretrained``. It is exact
 only when the merged update stays in the span of the experts' ``A`` rows: WUDI's ``closed_form`` /
 ``spectral`` solvers (``adam`` / ``lowrank`` are refused in ``setup``), task arithmetic; other
@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from mergekit_wudi import lora
+from mergekit_wudi import lora, lora_adapter
 from mergekit_wudi.lightning.checks import MergeInputError, StateDict
 from mergekit_wudi.lightning.distributed import barrier, is_global_zero
 from mergekit_wudi.lightning.storage import SnapshotStore, expert_id
@@ -104,7 +104,7 @@ def adapter_factors(merged: StateDict, base: StateDict, expert_paths: Sequence[s
                     method: str, parameters: Mapping[str, Any]) -> Factors:
     """The merged update as exact LoRA factors; raises (before anything is written) if none exist."""
     try:
-        return lora.merged_adapter_factors(
+        return lora_adapter.merged_adapter_factors(
             merged, base, [load_factors(p) for p in expert_paths], skip=head_names,
             solver=wudi_solver(method, parameters),
         )
@@ -118,6 +118,6 @@ def save_adapters(store: SnapshotStore, trainer, pl_module: nn.Module, factors: 
     paths = [adapter_path(store, i) for i in range(len(heads))]
     if is_global_zero(trainer):
         for path, head in zip(paths, heads):
-            lora.save_merged_adapter(path, pl_module, factors, heads=head or None)
+            lora_adapter.save_merged_adapter(path, pl_module, factors, heads=head or None)
     barrier(trainer)
     return paths

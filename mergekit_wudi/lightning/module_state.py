@@ -45,8 +45,7 @@ def tensor_names(pl_module: nn.Module) -> Dict[str, str]:
     each tensor forward uses (``...fc1.base_layer.weight``) maps to its base name (``...fc1.weight``)."""
     if not lora.is_peft_model(pl_module):
         return {key: key for key in pl_module.state_dict(keep_vars=True)}
-    # mergekit_wudi.lora keeps this map private (lora._layout); a public accessor is requested there.
-    return {key: name for name, key in lora._layout(pl_module, None).expert.items()}
+    return {key: name for name, key in lora.state_keys(pl_module).items()}
 
 
 def load_weights(pl_module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
