@@ -6,13 +6,14 @@ activations; MuDSC (arXiv 2403.01753), like REPAIR, recomputes them on data.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import update_bn
 
-__all__ = ["default_input_fn", "as_args", "take_batches", "reset_batchnorm"]
+__all__ = ["default_input_fn", "as_args", "take_batches", "modes_restored", "reset_batchnorm"]
 
 
 def default_input_fn(batch: Any) -> Any:
@@ -37,6 +38,17 @@ def take_batches(dataloader: Iterable, n: int) -> Iterator:
         if i >= n:
             break
         yield b
+
+
+@contextlib.contextmanager
+def modes_restored(*models: nn.Module) -> Iterator[None]:
+    """On exit, every module of ``models`` gets its own training flag back."""
+    was = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, training in was:
+            m.train(training)
 
 
 class _BatchNormOnlyTraining(nn.Module):
@@ -73,8 +85,7 @@ def reset_batchnorm(model: nn.Module, dataloader: Iterable, *, input_fn: Callabl
     """
     if not any(isinstance(m, _BatchNorm) for m in model.modules()):
         return model
-    was = {m: m.training for m in model.modules()}
-    momenta = {m: m.momentum for m in was if isinstance(m, _BatchNorm)}
+    momenta = {m: m.momentum for m in model.modules() if isinstance(m, _BatchNorm)}
     seen = 0
 
     def batches() -> Iterator[tuple]:
@@ -83,13 +94,12 @@ def reset_batchnorm(model: nn.Module, dataloader: Iterable, *, input_fn: Callabl
             seen += 1
             yield (batch,)  # update_bn calls the model on the first element of a tuple batch
 
-    try:
-        update_bn(batches(), _BatchNormOnlyTraining(model, input_fn))
-    finally:
-        for m, momentum in momenta.items():
-            m.momentum = momentum
-        for m, training in was.items():
-            m.train(training)
+    with modes_restored(model):
+        try:
+            update_bn(batches(), _BatchNormOnlyTraining(model, input_fn))
+        finally:  # update_bn restores the momenta only when it returns
+            for m, momentum in momenta.items():
+                m.momentum = momentum
     if seen == 0:
         raise ValueError("mudsc: the dataloader yielded no batch for the BatchNorm reset")
     return model

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .checks import (MODES, check_alpha, check_models, check_module_weights, check_options, check_result,
                      check_weights)
-from .data import as_args, default_input_fn, reset_batchnorm, take_batches
+from .data import as_args, default_input_fn, modes_restored, reset_batchnorm, take_batches
 from .graph import FeatureRecorder, Group, MergeSpec, build_spec
 from .matching import match_align, match_zip
 from .similarity import CrossCorrelation, dual_space_similarity, weight_correlation
@@ -37,23 +37,17 @@ def _collect(models: Sequence[nn.Module], names: Sequence[str], spec: MergeSpec,
     """Stream the activations of every group's units over at most ``max_batches`` batches (eval mode)."""
     recs = [FeatureRecorder(m, spec, name) for m, name in zip(models, names)]
     accs = {g.gid: CrossCorrelation([g.size] * len(models), pairs) for g in spec.groups}
-    modes = [{mm: mm.training for mm in m.modules()} for m in models]
-    for m in models:
-        m.eval()
     seen = 0
-    try:
-        with torch.no_grad():
-            for batch in take_batches(dataloader, max_batches):
-                args = as_args(input_fn(batch))
-                feats = [r.record(*args) for r in recs]
-                for g in spec.groups:
-                    keys = spec.feature_keys[g.gid]
-                    accs[g.gid].update([torch.cat([f[k].reshape(-1, g.size) for k in keys]) for f in feats])
-                seen += 1
-    finally:
-        for md in modes:
-            for mm, t in md.items():
-                mm.train(t)
+    with modes_restored(*models), torch.no_grad():
+        for m in models:
+            m.eval()
+        for batch in take_batches(dataloader, max_batches):
+            args = as_args(input_fn(batch))
+            feats = [r.record(*args) for r in recs]
+            for g in spec.groups:
+                keys = spec.feature_keys[g.gid]
+                accs[g.gid].update([torch.cat([f[k].reshape(-1, g.size) for k in keys]) for f in feats])
+            seen += 1
     if seen == 0:
         raise ValueError("mudsc: the dataloader yielded no batch")
     return accs
