@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from mergekit_wudi.mudsc import mudsc_merge, reset_batchnorm
+from mergekit_wudi.mudsc import check_parameters, mudsc_merge, reset_batchnorm
 from mergekit_wudi.mudsc import merge as merge_mod
 from mergekit_wudi.mudsc import states as states_mod
 from tests.test_mudsc import _one_thread, data, make  # noqa: F401  (_one_thread: autouse fixture)
@@ -179,3 +179,20 @@ def test_reset_batchnorm_uses_eval_mode_inputs_max_batches_and_restores_modes():
     with pytest.raises(ValueError, match="no batch for the BatchNorm reset"):
         reset_batchnorm(model, [], input_fn=input_fn)
     assert model.bn.momentum == momentum and model.drop.training
+
+
+# ---------------------------------------------------------------- the same checks without models (callback setup)
+@pytest.mark.parametrize("case", [c for c in BAD_ARGUMENTS if c != "module_weights unknown module"])
+def test_check_parameters_refuses_what_the_merge_refuses(case):
+    kwargs, error, pattern = BAD_ARGUMENTS[case]
+    with pytest.raises(error, match=pattern):
+        check_parameters(kwargs, n_models=2)
+
+
+def test_check_parameters_names_an_unknown_parameter_and_the_closest_one():
+    with pytest.raises(ValueError, match="unknown parameter 'sweps'; did you mean 'sweeps'"):
+        check_parameters({"sweps": 3})
+    with pytest.raises(ValueError, match=r"unknown parameter 'colour' \(parameters: mode, alpha"):
+        check_parameters({"colour": "red"})
+    check_parameters({"mode": "zip", "alpha": 0.3, "sweeps": 2, "weights": [1, 2, 3]}, n_models=3)
+    check_parameters({"weights": [1, 2, 3]})  # without n_models the length is left to the merge

@@ -7,7 +7,8 @@ alternating over layers; attention heads and GroupNorm groups move as blocks; Ba
 are reset afterwards. It needs a few batches of unlabeled inputs, so it lives here (Python API) and in
 the Lightning callback, not in per-tensor mergekit.
 
-Public entry point: :func:`mudsc_merge` (``alpha`` is the paper's ``a``; ``a=`` is accepted too).
+Public entry point: :func:`mudsc_merge` (``alpha`` is the paper's ``a``; ``a=`` is accepted too);
+:func:`check_parameters` checks its keyword parameters before any model or data exists.
 
 - :mod:`.similarity`: streamed Pearson correlation, weight-slice correlation, ``S`` (framework-free)
 - :mod:`.matching`: Hungarian / ZipIt greedy, unit- and block-wise (framework-free)
@@ -23,7 +24,7 @@ Public entry point: :func:`mudsc_merge` (``alpha`` is the paper's ``a``; ``a=`` 
 from .graph import SUPPORTED_MODULES, UnsupportedModuleError, build_spec
 from .checks import MODES
 from .data import default_input_fn, reset_batchnorm
-from .merge import mudsc_merge
+from .merge import check_parameters, mudsc_merge
 
-__all__ = ["mudsc_merge", "reset_batchnorm", "build_spec", "default_input_fn", "UnsupportedModuleError",
-           "SUPPORTED_MODULES", "MODES"]
+__all__ = ["mudsc_merge", "check_parameters", "reset_batchnorm", "build_spec", "default_input_fn",
+           "UnsupportedModuleError", "SUPPORTED_MODULES", "MODES"]

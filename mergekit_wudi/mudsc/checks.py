@@ -16,8 +16,8 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["MODES", "require_finite", "check_result", "check_models", "check_options", "check_weights",
-           "check_module_weights"]
+__all__ = ["MODES", "require_finite", "check_result", "check_models", "check_alpha", "check_options",
+           "check_dataloader", "check_weights", "check_module_weights"]
 
 MODES = ("align", "zip", "average")
 
@@ -86,8 +86,8 @@ def check_alpha(alpha: Optional[float], a: Optional[float]) -> float:
 
 
 def check_options(*, mode: Any, sweeps: Any, tol: Any, max_batches: Any, bn_batches: Any, input_fn: Any,
-                  dataloader: Any, flags: Mapping[str, Any]) -> None:
-    """Everything but the models and their weights (see :func:`mudsc_merge` for the meanings)."""
+                  reset_bn: Any, allow_same_model: Any, return_info: Any) -> None:
+    """Every option but ``alpha`` and the weights (see :func:`~.merge.mudsc_merge` for the meanings)."""
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mudsc: mode must be one of {MODES}, got {mode!r}")
     _positive_int("sweeps", sweeps)
@@ -98,11 +98,14 @@ def check_options(*, mode: Any, sweeps: Any, tol: Any, max_batches: Any, bn_batc
         _positive_int("bn_batches", bn_batches)
     if input_fn is not None and not callable(input_fn):
         raise TypeError(f"mudsc: input_fn must be callable (batch -> model inputs), got {input_fn!r}")
-    if not isinstance(dataloader, IterableABC):
-        raise TypeError(f"mudsc: dataloader must be an iterable of batches, got {type(dataloader).__name__}")
-    for name, value in flags.items():
+    for name, value in (("reset_bn", reset_bn), ("allow_same_model", allow_same_model), ("return_info", return_info)):
         if not isinstance(value, bool):
             raise TypeError(f"mudsc: {name} must be True or False, got {value!r}")
+
+
+def check_dataloader(dataloader: Any) -> None:
+    if not isinstance(dataloader, IterableABC):
+        raise TypeError(f"mudsc: dataloader must be an iterable of batches, got {type(dataloader).__name__}")
 
 
 def _model_weights(what: str, values: Any, n: int) -> list[float]:
@@ -123,8 +126,9 @@ def check_weights(weights: Optional[Sequence[float]], n: int) -> list[float]:
 
 
 def check_module_weights(module_weights: Optional[Mapping[str, Sequence[float]]], n: int,
-                         tensor_names: Sequence[str]) -> Optional[dict[str, list[float]]]:
-    """``{module prefix: per-model weights}``; every prefix must name a module that holds tensors.
+                         tensor_names: Optional[Sequence[str]] = None) -> Optional[dict[str, list[float]]]:
+    """``{module prefix: per-model weights}``; every prefix must name a module that holds tensors
+    (checked when ``tensor_names`` is given).
 
     The weights are returned as given (as floats): the merge normalises them per tensor."""
     if not module_weights:
@@ -136,7 +140,7 @@ def check_module_weights(module_weights: Optional[Mapping[str, Sequence[float]]]
         if not isinstance(prefix, str):
             raise TypeError(f"mudsc: module_weights keys must be module names, got {prefix!r}")
         _model_weights(f"module_weights[{prefix!r}]", values, n)
-        if not any(name == prefix or name.startswith(prefix + ".") for name in tensor_names):
+        if tensor_names is not None and not any(name == prefix or name.startswith(prefix + ".") for name in tensor_names):
             raise ValueError(f"mudsc: module_weights[{prefix!r}] names no tensor of the model")
         checked[prefix] = [float(v) for v in values]
     return checked

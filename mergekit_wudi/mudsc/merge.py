@@ -16,20 +16,22 @@ architecture but no shared base:
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+import difflib
+import inspect
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from .checks import (MODES, check_alpha, check_models, check_module_weights, check_options, check_result,
-                     check_weights)
+from .checks import (MODES, check_alpha, check_dataloader, check_models, check_module_weights, check_options,
+                     check_result, check_weights)
 from .data import as_args, default_input_fn, modes_restored, reset_batchnorm, take_batches
 from .graph import FeatureRecorder, Group, MergeSpec, build_spec
 from .matching import match_align, match_zip
 from .similarity import CrossCorrelation, dual_space_similarity, weight_correlation
 from .states import merge_states, new_module, permute_state, weight_features
 
-__all__ = ["mudsc_merge", "reset_batchnorm", "default_input_fn", "MODES"]
+__all__ = ["mudsc_merge", "check_parameters", "reset_batchnorm", "default_input_fn", "MODES"]
 
 
 def _collect(models: Sequence[nn.Module], names: Sequence[str], spec: MergeSpec, dataloader: Iterable,
@@ -232,8 +234,8 @@ def mudsc_merge(models: Sequence[nn.Module], dataloader: Iterable, *, mode: str 
     """
     alpha = check_alpha(alpha, a)
     check_options(mode=mode, sweeps=sweeps, tol=tol, max_batches=max_batches, bn_batches=bn_batches,
-                  input_fn=input_fn, dataloader=dataloader,
-                  flags={"reset_bn": reset_bn, "allow_same_model": allow_same_model, "return_info": return_info})
+                  input_fn=input_fn, reset_bn=reset_bn, allow_same_model=allow_same_model, return_info=return_info)
+    check_dataloader(dataloader)
     models = list(models)
     states = check_models(models)
     n = len(models)
@@ -261,3 +263,28 @@ def mudsc_merge(models: Sequence[nn.Module], dataloader: Iterable, *, mode: str 
                                        weights=weights, module_weights=module_weights, **kw)
         merged = finish(state)
     return (merged, info) if return_info else merged
+
+
+_OPTIONS = ("mode", "sweeps", "tol", "max_batches", "bn_batches", "input_fn", "reset_bn", "allow_same_model",
+            "return_info")
+
+
+def check_parameters(parameters: Mapping[str, Any], n_models: Optional[int] = None) -> None:
+    """Check keyword parameters of :func:`mudsc_merge` before any model or data exists (e.g. in a
+    Lightning callback's ``setup``): an unknown name is an error suggesting the closest valid one, and
+    every value is checked as :func:`mudsc_merge` would; with ``n_models``, ``weights`` and
+    ``module_weights`` too (which modules ``module_weights`` names is checked by the merge)."""
+    signature = inspect.signature(mudsc_merge)
+    accepted = list(signature.parameters)[2:]  # after models, dataloader
+    for name in parameters:
+        if name not in accepted:
+            close = difflib.get_close_matches(name, accepted, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"mudsc: unknown parameter {name!r}{hint} (parameters: {', '.join(accepted)})")
+    values = {name: signature.parameters[name].default for name in accepted}
+    values.update(parameters)
+    check_alpha(values["alpha"], values["a"])
+    check_options(**{name: values[name] for name in _OPTIONS})
+    if n_models is not None:
+        check_weights(values["weights"], n_models)
+        check_module_weights(values["module_weights"], n_models)
