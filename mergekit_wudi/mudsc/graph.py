@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from .features import FeatureRecorder
 from .ops import FUNCTION_OPS, METHOD_OPS, MODULE_OPS, SHAPE_QUERIES, SUPPORTED_MODULES, OpCall
-from .spec import FIXED, FeaturePoint, Group, Member, MergeSpec, NodeUnits, ParamAxis, UnsupportedModuleError
+from .spec import FIXED, OUT, FeaturePoint, Group, Member, MergeSpec, NodeUnits, ParamAxis, UnsupportedModuleError
 
 __all__ = ["UnsupportedModuleError", "Member", "Group", "MergeSpec", "build_spec", "FeatureRecorder",
            "SUPPORTED_MODULES", "GraphBuilder"]
@@ -166,7 +166,7 @@ class GraphBuilder:
             self.set_units(node, None)
             return
         gid = self.new_group(t.shape[-1], node.target)
-        self.add_member(gid, node.target, t.dim() - 1, "out")
+        self.add_member(gid, node.target, t.dim() - 1, OUT)
         self.set_units(node, NodeUnits(gid))
 
     def call_module(self, node: fx.Node) -> None:
@@ -241,7 +241,7 @@ def _param_axes(groups: list[Group]) -> dict[str, list[ParamAxis]]:
     for p, axes in param_axes.items():
         if len({a.axis for a in axes}) != len(axes):
             raise UnsupportedModuleError(f"tensor {p} has one axis in two different unit groups")
-        if sum(a.role == "out" for a in axes) > 1:
+        if sum(a.role == OUT for a in axes) > 1:
             raise UnsupportedModuleError(f"tensor {p} produces units on two axes")
     return param_axes
 
