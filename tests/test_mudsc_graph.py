@@ -65,3 +65,29 @@ class AddsFlattened(nn.Module):
 def test_adding_a_flattened_map_is_refused_by_name():
     with pytest.raises(UnsupportedModuleError, match=r"call_function add \(node add\): adds a flattened feature map"):
         build_spec(AddsFlattened(), (torch.randn(2, 1, 6, 6),))
+
+
+class EncoderPlainFinalNorm(nn.Module):
+    """A TransformerEncoder whose final LayerNorm has no affine tensors (was a KeyError on 'enc.norm.weight')."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(5, 16)
+        layer = nn.TransformerEncoderLayer(16, 4, 24, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, norm=nn.LayerNorm(16, elementwise_affine=False),
+                                         enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
+def test_encoder_final_norm_without_affine_tensors():
+    torch.manual_seed(0)
+    model = EncoderPlainFinalNorm().eval()
+    x = torch.randn(4, 6, 5)
+    spec = build_spec(model, (x,))
+    assert "enc.norm.weight" not in spec.param_axes and "enc.layers.0.norm2.weight" in spec.param_axes
+    twin = permuted_copy(model, (x,))
+    merged = mudsc_merge([model, twin], [(x,)], reset_bn=False).eval()
+    torch.testing.assert_close(merged(x), model(x), atol=1e-4, rtol=1e-4)
