@@ -12,7 +12,7 @@ from torch import nn
 from mergekit_wudi.mudsc import UnsupportedModuleError, build_spec, mudsc_merge, reset_batchnorm
 from mergekit_wudi.mudsc import merge as merge_mod
 from mergekit_wudi.mudsc.matching import match_align, match_zip
-from mergekit_wudi.mudsc.merge import _apply_along
+from mergekit_wudi.mudsc.states import apply_along as _apply_along
 from mergekit_wudi.mudsc.similarity import CrossCorrelation
 
 
