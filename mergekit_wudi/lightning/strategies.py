@@ -10,9 +10,10 @@ from :meth:`WUDIMergeCallback.build_strategy <mergekit_wudi.lightning.WUDIMergeC
 
 from __future__ import annotations
 
+import importlib
+
 import copy
 import dataclasses
-import inspect
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -238,19 +239,20 @@ class MudscMerge(MergeStrategy):
 
     @staticmethod
     def _mudsc_merge():
+        return MudscMerge._mudsc().mudsc_merge
+
+    @staticmethod
+    def _mudsc():
         try:
-            from mergekit_wudi.mudsc import mudsc_merge
+            mudsc = importlib.import_module("mergekit_wudi.mudsc")
         except ImportError as error:
             raise ImportError(
                 f"method='mudsc' needs mergekit_wudi.mudsc.mudsc_merge, which could not be imported: {error}"
             ) from error
-        return mudsc_merge
+        return mudsc
 
     def check(self) -> None:
-        accepted = set(list(inspect.signature(self._mudsc_merge()).parameters)[2:])  # after models, dataloader
-        unknown = sorted(set(self.parameters) - accepted)
-        if unknown:
-            raise ValueError(f"{WHERE}: unknown parameter(s) {unknown} for method 'mudsc'; it takes {sorted(accepted)}")
+        self._mudsc().check_parameters(self.parameters)
 
     def describe(self) -> str:
         return f"method 'mudsc' with parameters {self.parameters}"

@@ -14,6 +14,8 @@ from numbers import Integral
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
+
+from mergekit_wudi.solvers.numerics import check_finite
 import torch.nn as nn
 
 __all__ = ["MODES", "require_finite", "check_result", "check_models", "check_alpha", "check_options",
@@ -23,9 +25,8 @@ MODES = ("align", "zip", "average")
 
 
 def require_finite(tensor: torch.Tensor, what: str, hint: Optional[str] = None) -> None:
-    """Raise ``ValueError`` naming ``what`` if ``tensor`` holds NaN or Inf."""
-    if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"mudsc: non-finite values (NaN or Inf) in {what}" + (f"; {hint}" if hint else ""))
+    """:func:`mergekit_wudi.solvers.numerics.check_finite` with the ``mudsc:`` prefix on ``what``."""
+    check_finite(tensor, f"{what} (mudsc)", hint)
 
 
 def check_result(state: Mapping[str, torch.Tensor], produced_by: str) -> None:

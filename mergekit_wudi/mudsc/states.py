@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from mergekit_wudi.solvers.wudi import compute_dtype
+from mergekit_wudi.solvers.numerics import compute_dtype
 
 from .spec import OUT, MergeSpec
 
