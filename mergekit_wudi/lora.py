@@ -21,6 +21,8 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from mergekit_wudi.solvers.numerics import check_finite
+
 __all__ = [
     "EXACT_SOLVERS", "UnsupportedLoraError", "AdapterNotExactError", "LoraFactors", "is_peft_model", "base_state_dict",
     "effective_state_dict", "lora_factors", "state_keys", "load_merged_into",
@@ -233,8 +235,7 @@ def effective_state_dict(module: nn.Module, adapter_name: Optional[str] = None) 
                 delta = _factors(layer_name, layer, layout.adapter).delta()
             else:
                 delta = layer.get_delta_weight(layout.adapter)
-            if not bool(torch.isfinite(delta).all()):
-                raise ValueError(f"non-finite values (NaN or Inf) in the LoRA update of layer {layer_name!r}")
+            check_finite(delta, f"the LoRA update of layer {layer_name!r}")
             out[name] = (weight.to(dtype) + delta.to(dtype)).to(weight.dtype)
     return out
 

@@ -16,6 +16,7 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from mergekit_wudi.solvers.numerics import check_finite
 from mergekit_wudi.lora import (
     EXACT_SOLVERS,
     AdapterNotExactError,
@@ -80,8 +81,7 @@ def merged_adapter_factors(
         if len(transposed) != 1:
             raise UnsupportedLoraError(f"experts disagree on fan_in_fan_out for {name!r}")
         tau = merged[name].double() - base[name].double()
-        if not bool(torch.isfinite(tau).all()):
-            raise ValueError(f"non-finite values in the merged weight {name!r}")
+        check_finite(tau, f"the merged weight {name!r}")
         q = _row_basis(torch.cat([f.row_factor.double() for f in factors]))
         dtype = torch.float64 if merged[name].dtype == torch.float64 else torch.float32
         left, right = (tau @ q).to(dtype), q.T.contiguous().to(dtype)  # stored weight = W0 + left @ right

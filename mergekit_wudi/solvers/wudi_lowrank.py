@@ -37,6 +37,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from mergekit_wudi.solvers.numerics import check_finite
 from mergekit_wudi.solvers.wudi import (
     FLOW_TIME,
     KEEP_FRACTION,
@@ -174,8 +175,8 @@ def _checked_factors(factors: Factors) -> list[tuple[torch.Tensor, torch.Tensor]
         shape = shape or (left.shape[0], right.shape[1])
         if (left.shape[0], right.shape[1]) != shape:
             raise ValueError(f"factors[{i}]: product is {left.shape[0]}x{right.shape[1]}, factors[0]'s is {shape}")
-        if not (bool(torch.isfinite(left).all()) and bool(torch.isfinite(right).all())):
-            raise ValueError(f"factors[{i}]: non-finite values (NaN or Inf)")
+        check_finite(left, f"factors[{i}] (left)")
+        check_finite(right, f"factors[{i}] (right)")
     dtype = compute_dtype(functools.reduce(torch.promote_types, (t.dtype for pair in factors for t in pair)))
     return [(left.to(dtype), right.to(dtype)) for left, right in factors]
 
