@@ -41,38 +41,9 @@ def render_md(r: dict) -> str:
         lines += [f"Floor ({f['layers']} layers' linear weights, float32, cheaper space): Gram products alone "
                   f"{f['gram_total_s']:.1f} s; Gram + Cholesky {f['gram_plus_cholesky_total_s']:.1f} s.", ""]
     if r.get("subset"):
-        s = r["subset"]
-        lines += [f"`adam` / `lowrank` ({s['iterations']} iterations) on a {s['layers']}-layer model "
-                  f"(same construction). {s['note']}", "",
-                  "| method | wall s | x task_arithmetic | per layer s | full model s (EXTRAPOLATED) | x TA (extrap.) | peak RSS MiB |",
-                  "|---|---|---|---|---|---|---|"]
-        for k, v in s["rows"].items():
-            name = k if k == "task_arithmetic" else f"wudi `{k}`"
-            lines.append(f"| {name} | {_f(v['wall_s'])} | {_f(v.get('wall_ratio_vs_task_arithmetic'), '{:.2f}')} | "
-                         f"{_f(v.get('per_layer_s')) if k != 'task_arithmetic' else '-'} | "
-                         f"{_f(v.get('extrapolated_full_model_s'), '{:.0f}')} | "
-                         f"{_f(v.get('extrapolated_ratio_vs_task_arithmetic'), '{:.1f}')} | {_f(v['peak_rss_mib'], '{:.0f}')} |")
-        lines.append("")
+        lines += _subset_table(r["subset"])
     if r.get("micro"):
-        mi = r["micro"]
-        lines += ["Per-weight microbenchmark (float32; naive = the authors' autograd loop, tests/reference_wudi.py; "
-                  "adam/naive timed over the same number of iterations; rel diff = max|adam - naive| / max|naive|, "
-                  "and relative to the largest update max|naive - init|):", "",
-                  "| weight [out, in] | experts | iterations | naive s | adam s | adam speed-up | adam space | max rel diff | rel diff of update | closed_form s | spectral s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for row in mi["rows"]:
-            lines.append(f"| {row['shape'][0]}x{row['shape'][1]} | {row['experts']} | {row['iterations']} | "
-                         f"{row['naive_s']:.2f} | {row['adam_s']:.2f} | {row['adam_speedup_vs_naive']:.1f}x | "
-                         f"{row['adam_space']} | {row['adam_max_rel_diff']:.1e} | {row['adam_max_rel_diff_of_update']:.1e} | "
-                         f"{row['closed_form_s']:.3f} | {row['spectral_s']:.3f} |")
-        lm = mi["layer_macs_per_iteration"]
-        lines += ["", f"Per Adam iteration, one whole Qwen2.5-0.5B-shaped layer (q,k,v,o,gate,up,down; 3 experts) "
-                      f"costs {lm['naive_macs'] / 1e9:.0f} G multiply-adds in the naive loop vs {lm['adam_macs'] / 1e9:.0f} G "
-                      f"in the C/D (or dual) form: {lm['ratio']:.1f}x fewer.", ""]
-        if mi.get("layer_composite"):
-            lc = mi["layer_composite"]
-            lines += [f"Measured per-layer composite ({lc['how']}): naive {lc['naive_per_iter_s']:.2f} s vs adam "
-                      f"{lc['adam_per_iter_s']:.2f} s per iteration: {lc['speedup']:.1f}x.", ""]
+        lines += _micro_table(r["micro"])
     if r.get("micro_note"):
         lines += [r["micro_note"], ""]
     if r.get("targets"):
@@ -82,3 +53,42 @@ def render_md(r: dict) -> str:
     lines.append(f"\nBenchmark total: {r.get('total_benchmark_s', 0) / 60:.1f} min.")
     return "\n".join(lines) + "\n"
 
+
+
+def _subset_table(s: dict) -> list:
+    """adam / lowrank on the small model, with the EXTRAPOLATED full-model time."""
+    lines = [f"`adam` / `lowrank` ({s['iterations']} iterations) on a {s['layers']}-layer model "
+              f"(same construction). {s['note']}", "",
+              "| method | wall s | x task_arithmetic | per layer s | full model s (EXTRAPOLATED) | x TA (extrap.) | peak RSS MiB |",
+              "|---|---|---|---|---|---|---|"]
+    for k, v in s["rows"].items():
+        name = k if k == "task_arithmetic" else f"wudi `{k}`"
+        lines.append(f"| {name} | {_f(v['wall_s'])} | {_f(v.get('wall_ratio_vs_task_arithmetic'), '{:.2f}')} | "
+                     f"{_f(v.get('per_layer_s')) if k != 'task_arithmetic' else '-'} | "
+                     f"{_f(v.get('extrapolated_full_model_s'), '{:.0f}')} | "
+                     f"{_f(v.get('extrapolated_ratio_vs_task_arithmetic'), '{:.1f}')} | {_f(v['peak_rss_mib'], '{:.0f}')} |")
+    lines.append("")
+    return lines
+
+
+def _micro_table(mi: dict) -> list:
+    """Per-weight microbenchmark rows and the per-layer multiply-add count."""
+    lines = ["Per-weight microbenchmark (float32; naive = the authors' autograd loop, tests/reference_wudi.py; "
+              "adam/naive timed over the same number of iterations; rel diff = max|adam - naive| / max|naive|, "
+              "and relative to the largest update max|naive - init|):", "",
+              "| weight [out, in] | experts | iterations | naive s | adam s | adam speed-up | adam space | max rel diff | rel diff of update | closed_form s | spectral s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in mi["rows"]:
+        lines.append(f"| {row['shape'][0]}x{row['shape'][1]} | {row['experts']} | {row['iterations']} | "
+                     f"{row['naive_s']:.2f} | {row['adam_s']:.2f} | {row['adam_speedup_vs_naive']:.1f}x | "
+                     f"{row['adam_space']} | {row['adam_max_rel_diff']:.1e} | {row['adam_max_rel_diff_of_update']:.1e} | "
+                     f"{row['closed_form_s']:.3f} | {row['spectral_s']:.3f} |")
+    lm = mi["layer_macs_per_iteration"]
+    lines += ["", f"Per Adam iteration, one whole Qwen2.5-0.5B-shaped layer (q,k,v,o,gate,up,down; 3 experts) "
+                  f"costs {lm['naive_macs'] / 1e9:.0f} G multiply-adds in the naive loop vs {lm['adam_macs'] / 1e9:.0f} G "
+                  f"in the C/D (or dual) form: {lm['ratio']:.1f}x fewer.", ""]
+    if mi.get("layer_composite"):
+        lc = mi["layer_composite"]
+        lines += [f"Measured per-layer composite ({lc['how']}): naive {lc['naive_per_iter_s']:.2f} s vs adam "
+                  f"{lc['adam_per_iter_s']:.2f} s per iteration: {lc['speedup']:.1f}x.", ""]
+    return lines
