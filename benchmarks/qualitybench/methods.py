@@ -16,12 +16,15 @@ from __future__ import annotations
 import importlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from mergekit_wudi.solvers import lwptv
 from mergekit_wudi.solvers.wudi import FLOW_TIME, RIDGE
 
 from ..common import mean
+
+if TYPE_CHECKING:  # the context a spec runs in (subset.py imports this module)
+    from .subset import SubsetContext
 
 EXTRA_SPEC_MODULES = ("benchmarks.baselines", "benchmarks.reference_methods")
 
@@ -130,23 +133,27 @@ def _wudi_adam(ctx):
                                              "val_grid": grid}
 
 
+def _wudi_knob(ctx, solver, knob, values_key, default, val_key, best_row=None):
+    """A fast WUDI solver at its default ``knob``, the ``knob`` grid scored on validation (kept under
+    ``val_key``), and, with ``best_row``, a row for the value validation chose."""
+    best, sd_best, secs_best, grid = ctx.grid_search(f"wudi {solver} {knob}", lambda v: ctx.merge(
+        "wudi", {"solver": solver, knob: v, "linear": ctx.lin}), ctx.cfg[values_key])
+    ctx.res[val_key] = grid
+    sd, secs = ctx.merge("wudi", {"solver": solver, "linear": ctx.lin})
+    ctx.record(f"wudi {solver} ({knob} {default:g})", sd, secs, {knob: default})
+    if best_row:
+        ctx.record(best_row, sd_best, secs_best, {knob: best}, grid)
+
+
 def _wudi_closed_form(ctx):
     """The exact minimiser at the solver's default ridge; the ridge grid on validation is reported."""
-    _, _, _, grid = ctx.grid_search("wudi closed_form ridge", lambda v: ctx.merge(
-        "wudi", {"solver": "closed_form", "ridge": v, "linear": ctx.lin}), ctx.cfg["ridges"])
-    ctx.res["_closed_form_ridge_val"] = grid
-    sd, secs = ctx.merge("wudi", {"solver": "closed_form", "linear": ctx.lin})
-    ctx.record(f"wudi closed_form (ridge {RIDGE:g})", sd, secs, {"ridge": RIDGE})
+    _wudi_knob(ctx, "closed_form", "ridge", "ridges", RIDGE, "_closed_form_ridge_val")
 
 
 def _wudi_spectral(ctx):
     """The default flow_time and the flow_time chosen on validation."""
-    ft, sd_best, secs_best, grid = ctx.grid_search("wudi spectral flow_time", lambda v: ctx.merge(
-        "wudi", {"solver": "spectral", "flow_time": v, "linear": ctx.lin}), ctx.cfg["flow_times"])
-    ctx.res["_spectral_flow_time_val"] = grid
-    sd, secs = ctx.merge("wudi", {"solver": "spectral", "linear": ctx.lin})
-    ctx.record(f"wudi spectral (flow_time {FLOW_TIME:g})", sd, secs, {"flow_time": FLOW_TIME})
-    ctx.record("wudi spectral (val flow_time)", sd_best, secs_best, {"flow_time": ft}, grid)
+    _wudi_knob(ctx, "spectral", "flow_time", "flow_times", FLOW_TIME, "_spectral_flow_time_val",
+               best_row="wudi spectral (val flow_time)")
 
 
 def _wudi_lowrank(ctx):

@@ -7,7 +7,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 from ..common import DEFAULT_CACHE, RESULTS, MissingDependency, make_logger, output_stem, require
