@@ -92,11 +92,21 @@ def test_validate_tasks_names_the_fault(bad, message):
         validate_tasks(bad, source="src")
 
 
-def test_builtin_source_keeps_names_order_and_quick_tasks():
+def test_builtin_source_order_is_the_former_task_order(monkeypatch):
+    """The default source through the same loader; its dict order (= each task's training-seed position)
+    is the former TASK_ORDER, so the built-in experts are trained exactly as before."""
     from benchmarks import text_tasks
 
-    assert text_tasks.build_tasks.quick_tasks == ("language", "entity")
-    assert text_tasks.TASK_ORDER[-2:] == ("language", "entity")  # positions = the former TASK_ORDER seeds
+    def examples(n_labels):
+        return [(f"text {i}", i % n_labels) for i in range(40)]
+
+    monkeypatch.setattr(text_tasks, "_fortune_task", lambda cats, seed: (list(cats), examples(len(cats))))
+    monkeypatch.setattr(text_tasks, "_gender_task", lambda seed: (["male", "female"], examples(2)))
+    monkeypatch.setattr(text_tasks, "_language_task", lambda seed, n: (["de", "fr"], examples(2)))
+    monkeypatch.setattr(text_tasks, "_entity_task", lambda seed, n: (["job", "company"], examples(2)))
+    tasks, quick = load_tasks("benchmarks.text_tasks:build_tasks", 1234)
+    assert tuple(tasks) == text_tasks.TASK_ORDER
+    assert quick == ["language", "entity"]
 
 
 def test_fortune_dir_names_missing_categories(monkeypatch, tmp_path):
@@ -119,8 +129,8 @@ def test_expert_cache_key_follows_content_not_name(tmp_path):
     assert bench_experts.expert_key(cfg, _task(labels=["a", "c"]), 0, 0) != key
     assert bench_experts.expert_key({**cfg, "steps": 6}, task, 0, 0) != key
     assert bench_experts.expert_key(cfg, task, 1, 0) != key and bench_experts.expert_key(cfg, task, 0, 1) != key
-    path = bench_experts.expert_path(cfg, tmp_path, "a/b c", task, 0, 0)
-    assert path.parent == tmp_path / "experts" and "/" not in path.name
+    path = bench_experts.expert_path(cfg, tmp_path, task, 0, 0)
+    assert path.parent == tmp_path / "experts" and key in path.name
     assert task_fingerprint(task) != task_fingerprint(_task(test=[("w", 0)]))
 
 

@@ -4,7 +4,6 @@ cached on disk under ``<cache>/experts`` keyed by the task's content and the tra
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from pathlib import Path
@@ -32,9 +31,9 @@ def expert_key(cfg: dict, task: dict, seed: int, position: int) -> str:
     return stable_hash(d)
 
 
-def expert_path(cfg: dict, cache: Path, name: str, task: dict, seed: int, position: int) -> Path:
-    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40]
-    return cache / "experts" / f"{readable}-s{seed}-{expert_key(cfg, task, seed, position)}.safetensors"
+def expert_path(cfg: dict, cache: Path, task: dict, seed: int, position: int) -> Path:
+    """``<cache>/experts/s<seed>-<key>.safetensors``; the task's name is only in the ``.json`` beside it."""
+    return cache / "experts" / f"s{seed}-{expert_key(cfg, task, seed, position)}.safetensors"
 
 
 def load_expert(path: Path):
@@ -78,7 +77,7 @@ def train_missing(cfg, cache: Path, data, tasks, positions, seed, log) -> None:
     from mergekit_wudi.io import load_state_dict
     from mergekit_wudi.lightning import WUDIMergeCallback
 
-    paths = {t: expert_path(cfg, cache, t, tasks[t], seed, positions[t]) for t in tasks}
+    paths = {t: expert_path(cfg, cache, tasks[t], seed, positions[t]) for t in tasks}
     missing = [t for t in tasks if not paths[t].exists()]
     if not missing:
         return
@@ -107,8 +106,7 @@ def seed_experts(cfg, cache: Path, data, tasks, positions, seed, log):
     train_missing(cfg, cache, data, tasks, positions, seed, log)
     experts, heads, secs, via, merged = {}, {}, {}, {}, set()
     for task in tasks:
-        experts[task], heads[task], meta = load_expert(expert_path(cfg, cache, task, tasks[task], seed,
-                                                                   positions[task]))
+        experts[task], heads[task], meta = load_expert(expert_path(cfg, cache, tasks[task], seed, positions[task]))
         secs[task], via[task] = meta["train_seconds"], meta.get("via", "own loop")
         if not heads[task]:
             raise RuntimeError(f"no head saved for task {task!r} (seed {seed})")

@@ -90,7 +90,8 @@ def _per_task_table(results: dict, summary: dict) -> list:
                 for t, a in r["test"].items():
                     per.setdefault(m, {}).setdefault(t, []).append(a)
     known = list(results.get("tasks", {}))
-    tasks = sorted({t for d in per.values() for t in d}, key=lambda t: (known.index(t) if t in known else len(known), t))
+    tasks = sorted({t for d in per.values() for t in d},
+                   key=lambda t: (known.index(t) if t in known else len(known), t))
     lines += ["| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for m, d in per.items():
         lines.append(f"| {m} | " + " | ".join(f"{100*mean(d[t]):.1f}" if t in d else "" for t in tasks) + " |")
