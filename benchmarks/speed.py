@@ -4,8 +4,8 @@
 What it does, offline, in ONE invocation (so that ratios compare like with like on a shared machine):
 
 1. Builds (and caches under ``--cache-dir``, default ``benchmarks/cache/``) an LLM-shaped model: Qwen2.5-0.5B's
-   config (hidden 896, intermediate 4864, GQA 14/2 heads, vocab 151936, tied embeddings) with random bf16 base weights and 3 experts
-   = base + rank-8 delta + small dense noise per 2-D weight (small noise on 1-D weights), as safetensors.
+   config (hidden 896, intermediate 4864, GQA 14/2 heads, vocab 151936, tied embeddings) with random bf16 base
+   weights and 3 experts = base + rank-8 delta + small dense noise per 2-D weight (small noise on 1-D weights), as safetensors.
 2. Runs the real ``mergekit-yaml`` for task_arithmetic, ties and wudi with each solver, each merge in its own
    wrapper process so that its peak RSS (getrusage of the child) is that merge's own. ``adam`` and ``lowrank``
    would take hours on CPU for the whole model: they run on a 1-layer model built the same way, next to
