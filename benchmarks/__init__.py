@@ -1,0 +1,1 @@
+"""Benchmarks of mergekit-wudi (not a unit test suite): speed, quality, MuDSC."""

@@ -1,0 +1,243 @@
+"""The methods of the quality table, as ONE list of :class:`MethodSpec` (name, how to merge, validation grid).
+
+Every merge goes through mergekit's registry (``merge_state_dicts``). A spec's ``run(ctx)`` merges the
+subset's experts, tunes its knob on the validation split with ``ctx.grid_search`` / ``ctx.lambda_search``
+and records one or more rows with ``ctx.record``. Adding a method row is one entry::
+
+    MethodSpec("dare_ties", lambda_tuned("dare_ties (d=0.2, val lambda)", "dare_ties",
+                                         {"weight": 1.0, "density": 0.2}, grid=[0.5, 1.0, 1.5]))
+
+Modules ``benchmarks/baselines.py`` and ``benchmarks/reference_methods.py``, when present, are asked for a
+module-level ``METHOD_SPECS`` list, appended after the built-in rows (see :func:`method_specs`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from mergekit_wudi.solvers import lwptv
+from mergekit_wudi.solvers.wudi import FLOW_TIME, RIDGE
+
+from ..common import mean
+
+if TYPE_CHECKING:  # the context a spec runs in (subset.py imports this module)
+    from .subset import SubsetContext
+
+EXTRA_SPEC_MODULES = ("benchmarks.baselines", "benchmarks.reference_methods")
+
+
+def merge(models: dict, method: str, params: dict):
+    """(merged state dict, seconds) of a registered mergekit method; ``models["base"]`` is the base."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    t0 = time.perf_counter()
+    out = merge_state_dicts(models, method, base="base", parameters=params)
+    return out, time.perf_counter() - t0
+
+
+def linear_flags(sd0: dict):
+    """Exactly the nn.Linear weights of the encoder (embeddings, e.g. 30522x384, are NOT linear)."""
+    from mergekit.merge_methods import PerGroupValues
+
+    flags = [v.ndim == 2 and not k.startswith("embeddings.") for k, v in sd0.items()]
+    return PerGroupValues(flags), sum(flags)
+
+
+def scaled(sd0, merged, s):
+    """W0 + s * (merged - W0). For wudi with non_linear=base this equals the merge at scaling=s
+    (the kernel applies ``scaling`` to the solved task vector and keeps every other tensor at base)."""
+    return {k: (sd0[k] + s * (merged[k] - sd0[k])) if merged[k].is_floating_point() else merged[k] for k in sd0}
+
+
+def lwptv_threshold(sd0, experts, fraction):
+    """The LwPTV saliency threshold (``mergekit_wudi.solvers.lwptv.saliency``) that drops the ``fraction``
+    least salient (task, tensor) pairs of the nn.Linear weights. Fixed fraction, data-free."""
+    import torch
+
+    lin, _ = linear_flags(sd0)
+    scores = []
+    for (k, w0), is_lin in zip(sd0.items(), lin.values):
+        if is_lin:  # only the tensors LwPTV is applied to (the nn.Linear weights)
+            scores += lwptv.saliency(w0, torch.stack([e[k] - w0 for e in experts])).tolist()
+    scores.sort()
+    return scores[min(len(scores) - 1, int(fraction * len(scores)))]
+
+
+def registered() -> set:
+    from mergekit import merge_methods
+
+    return {m.spec.name for m in merge_methods.registered_methods()}
+
+
+def always(_ctx) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One entry of the method table.
+
+    ``run(ctx)`` records the entry's row(s); ``group`` is what ``--refresh`` names (``closed_form``,
+    ``spectral``; everything else is ``others``, AWD / LwPTV are ``preprocess``); ``when(ctx)`` says
+    whether the entry runs on this subset / seed."""
+
+    name: str
+    run: Callable[["SubsetContext"], None]
+    group: str = "others"
+    when: Callable[["SubsetContext"], bool] = always
+
+
+def lambda_tuned(row: str, method: str, params: dict, grid: Sequence[float] | str, with_ood: bool = False,
+                 shown: dict | None = None) -> Callable:
+    """A mergekit method whose output is ``base + lambda * mixed_delta``: lambda chosen on validation from
+    ``grid`` (a list, or the name of a config key holding one), then merged for real at that lambda."""
+
+    def run(ctx):
+        values = ctx.cfg[grid] if isinstance(grid, str) else list(grid)
+        lam, sd, secs, val_grid = ctx.lambda_search(row, method, params, values)
+        ctx.record(row, sd, secs, {"lambda": lam, **(shown or {})}, val_grid, with_ood=with_ood)
+
+    return run
+
+
+def grid_tuned(row: str, build: Callable, grid: Sequence | str, knob: str, with_ood: bool = False) -> Callable:
+    """Any merge ``build(ctx, value) -> (state dict, seconds)``: ``value`` chosen on validation from ``grid``."""
+
+    def run(ctx):
+        values = ctx.cfg[grid] if isinstance(grid, str) else list(grid)
+        v, sd, secs, val_grid = ctx.grid_search(row, lambda x: build(ctx, x), values)
+        ctx.record(row, sd, secs, {knob: v}, val_grid, with_ood=with_ood)
+
+    return run
+
+
+def _ties(ctx):
+    d = ctx.cfg["ties_density"]
+    lambda_tuned(f"ties (d={d:g}, val lambda)", "ties", {"weight": 1.0, "density": d}, "ties_grid",
+                 shown={"density": d})(ctx)
+
+
+def _wudi_adam(ctx):
+    """The authors' solver at scaling 1.0 (the headline), then the scaling chosen on validation."""
+    sd1, secs = ctx.merge("wudi", {"solver": "adam", "scaling": 1.0, "linear": ctx.lin})
+    ctx.record("wudi adam (scaling 1.0)", sd1, secs, {"scaling": 1.0}, with_ood=True)
+    s, sd, _, grid = ctx.grid_search("wudi adam scaling", lambda v: (scaled(ctx.sd0, sd1, v), 0.0),
+                                     ctx.cfg["wudi_scale_grid"])
+    if s != 1.0:
+        ctx.record("wudi adam (val scaling)", sd, secs, {"scaling": s}, grid)
+    else:
+        ctx.res["wudi adam (val scaling)"] = {**ctx.res["wudi adam (scaling 1.0)"], "chosen": {"scaling": 1.0},
+                                             "val_grid": grid}
+
+
+def _wudi_knob(ctx, solver, knob, values_key, default, val_key, best_row=None):
+    """A fast WUDI solver at its default ``knob``, the ``knob`` grid scored on validation (kept under
+    ``val_key``), and, with ``best_row``, a row for the value validation chose."""
+    best, sd_best, secs_best, grid = ctx.grid_search(f"wudi {solver} {knob}", lambda v: ctx.merge(
+        "wudi", {"solver": solver, knob: v, "linear": ctx.lin}), ctx.cfg[values_key])
+    ctx.res[val_key] = grid
+    sd, secs = ctx.merge("wudi", {"solver": solver, "linear": ctx.lin})
+    ctx.record(f"wudi {solver} ({knob} {default:g})", sd, secs, {knob: default})
+    if best_row:
+        ctx.record(best_row, sd_best, secs_best, {knob: best}, grid)
+
+
+def _wudi_closed_form(ctx):
+    """The exact minimiser at the solver's default ridge; the ridge grid on validation is reported."""
+    _wudi_knob(ctx, "closed_form", "ridge", "ridges", RIDGE, "_closed_form_ridge_val")
+
+
+def _wudi_spectral(ctx):
+    """The default flow_time and the flow_time chosen on validation."""
+    _wudi_knob(ctx, "spectral", "flow_time", "flow_times", FLOW_TIME, "_spectral_flow_time_val",
+               best_row="wudi spectral (val flow_time)")
+
+
+def _wudi_lowrank(ctx):
+    sd, secs = ctx.merge("wudi", {"solver": "lowrank", "linear": ctx.lin})
+    ctx.record("wudi lowrank", sd, secs)
+
+
+def _lowrank_wanted(ctx) -> bool:
+    c = ctx.cfg
+    return c["lowrank"] and len(ctx.subset) in c["lowrank_subsets"] and c["_seed"] in c["lowrank_seeds"]
+
+
+def _preprocess_variant(ctx, method, pre) -> None:
+    """One AWD / LwPTV variant of ``method``, pre-processing only the nn.Linear weights (as WUDI);
+    embeddings / norms / biases stay plain task vectors. Lambda on validation, OOD on held-out tasks."""
+    from mergekit.merge_methods import PerGroupValues
+
+    params = dict(pre["params"])
+    if params.get("preprocess") == "lwptv":
+        params["lwptv_threshold"] = lwptv_threshold(ctx.sd0, [ctx.models[t] for t in ctx.subset],
+                                                    ctx.cfg["lwptv_drop_fraction"])
+    params["preprocess"] = PerGroupValues([params["preprocess"] if f else "none" for f in ctx.lin.values])
+    base_params = {"weight": 1.0, **params}
+    if method.endswith("ties"):
+        base_params["density"] = ctx.cfg["ties_density"]
+    values = ctx.cfg["ta_grid"] if method.endswith("arithmetic") else ctx.cfg["ties_grid"]
+    try:
+        lam, sd, secs, grid = ctx.lambda_search(f"{method} {pre['name']}", method, base_params, values, remerge=False)
+    except Exception as exc:  # noqa: BLE001 - report, keep the rest of the benchmark
+        ctx.res[f"_{method} {pre['name']}"] = f"failed: {type(exc).__name__}: {exc}"
+        ctx.log(f"    {method} {pre['name']} failed: {exc}")
+        return
+    shown = {**params, "preprocess": pre["name"] + " (nn.Linear weights only)"}
+    ctx.record(f"{method} {pre['name']} (val lambda)", sd, secs, {"lambda": lam, **shown}, grid, with_ood=True)
+
+
+def _preprocessed(ctx):
+    """AWD / LwPTV pre-processing (present once mergekit_wudi registers them)."""
+    names = registered()
+    for method in ctx.cfg["preprocess_methods"]:
+        if method not in names:
+            ctx.res[f"_{method}"] = "not registered in this mergekit_wudi version"
+            continue
+        for pre in ctx.cfg["preprocess_variants"]:
+            _preprocess_variant(ctx, method, pre)
+
+
+BUILTIN_SPECS = [
+    MethodSpec("task_arithmetic", lambda_tuned("task_arithmetic (val lambda)", "task_arithmetic", {"weight": 1.0},
+                                               "ta_grid", with_ood=True)),
+    MethodSpec("ties", _ties),
+    MethodSpec("wudi adam", _wudi_adam),
+    MethodSpec("wudi closed_form", _wudi_closed_form, group="closed_form"),
+    MethodSpec("wudi spectral", _wudi_spectral, group="spectral"),
+    MethodSpec("wudi lowrank", _wudi_lowrank, when=_lowrank_wanted),
+    MethodSpec("awd / lwptv", _preprocessed, group="preprocess",
+               when=lambda ctx: len(ctx.subset) in ctx.cfg["preprocess_subsets"]),
+]
+
+
+def method_specs() -> list[MethodSpec]:
+    """The built-in rows, then ``METHOD_SPECS`` of each module in ``EXTRA_SPEC_MODULES`` that exists."""
+    specs = list(BUILTIN_SPECS)
+    for name in EXTRA_SPEC_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # the module exists but one of ITS imports is missing: say so
+                raise
+            continue
+        specs += list(getattr(module, "METHOD_SPECS", []))
+    return specs
+
+
+def selected(spec: MethodSpec, ctx) -> bool:
+    """``--preprocess-only``: only the pre-processing rows; ``--refresh``: only the named groups."""
+    cfg = ctx.cfg
+    if cfg["preprocess_only"]:
+        return spec.group == "preprocess"
+    group = "others" if spec.group == "preprocess" else spec.group
+    if cfg["refresh"] and group not in cfg["refresh"]:
+        return False
+    return spec.when(ctx)
+
+
+__all__ = ["MethodSpec", "lambda_tuned", "grid_tuned", "method_specs", "merge", "linear_flags", "scaled",
+           "lwptv_threshold", "mean"]

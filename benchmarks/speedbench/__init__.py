@@ -1,0 +1,1 @@
+"""The speed / scale benchmark (``python benchmarks/speed.py``), split by concern."""

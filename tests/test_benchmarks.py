@@ -1,0 +1,246 @@
+"""The benchmarks' plumbing (issues 10, 11, 13), without the packaged MiniLM or the long runs: the task
+source contract with a tiny custom task module, content-keyed caches, --resume keeping other seeds, quick
+output paths, LwPTV's threshold from the solver, and one end-to-end quality run on a tiny random BERT."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+from benchmarks.common import output_stem, report_cache
+from benchmarks.qualitybench import experts as bench_experts
+from benchmarks.qualitybench import methods as bench_methods
+from benchmarks.qualitybench import run as bench_run
+from benchmarks.qualitybench.tasks import (TaskFormatError, load_task_source, load_tasks, select_tasks,
+                                           task_fingerprint, validate_tasks)
+
+WORDS = {0: ["red", "blue", "green", "yellow"], 1: ["cat", "dog", "bird", "fish"]}
+
+TINY_TASKS = textwrap.dedent('''
+    import random
+
+    WORDS = {words!r}
+
+    def _split(rng, label_words, n):
+        out = []
+        for _ in range(n):
+            y = rng.randrange(len(label_words))
+            out.append((" ".join(rng.choice(label_words[y]) for _ in range(3)), y))
+        return out
+
+    def build(seed):
+        rng = random.Random(seed)
+        colour_or_animal = {{0: WORDS[0], 1: WORDS[1]}}
+        size = {{0: ["small", "tiny"], 1: ["huge", "big"]}}
+        return {{
+            "my colours vs animals": {{"labels": ["colour", "animal"],
+                                       **{{s: _split(rng, colour_or_animal, n) for s, n in
+                                           (("train", 32), ("validation", 8), ("test", 8))}}}},
+            "size/2": {{"labels": ["small", "big"],
+                        **{{s: _split(rng, size, n) for s, n in (("train", 32), ("validation", 8), ("test", 8))}}}},
+        }}
+
+    build.quick_tasks = ["size/2"]
+''').format(words=WORDS)
+
+
+@pytest.fixture()
+def tiny_source(tmp_path):
+    path = tmp_path / "tiny_tasks.py"
+    path.write_text(TINY_TASKS)
+    return f"{path}:build"
+
+
+def test_custom_task_source_loads_by_path_with_any_names(tiny_source):
+    tasks, quick = load_tasks(tiny_source, 1234)
+    assert list(tasks) == ["my colours vs animals", "size/2"]
+    assert quick == ["size/2"]
+    assert select_tasks(tasks, ["size/2"]).keys() == {"size/2"}
+    with pytest.raises(ValueError, match="unknown task"):
+        select_tasks(tasks, ["fortune_tech"])
+
+
+def test_task_source_spec_errors(tmp_path):
+    with pytest.raises(ValueError, match="module:function"):
+        load_task_source("no_colon_here")
+    with pytest.raises(ValueError, match="no such file"):
+        load_task_source(f"{tmp_path}/missing.py:build")
+    (tmp_path / "m.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="no function 'build'"):
+        load_task_source(f"{tmp_path}/m.py:build")
+
+
+def _task(**overrides):
+    task = {"labels": ["a", "b"], "train": [("x", 0), ("y", 1)], "validation": [("z", 0)], "test": [("w", 1)]}
+    task.update(overrides)
+    return task
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({}, "non-empty dict"),
+    ({"t": _task(labels=["only"])}, "at least 2"),
+    ({"t": _task(test=[])}, "split 'test'"),
+    ({"t": _task(train=[("x", 2)])}, r"task 't', train\[0\]"),
+    ({"t": _task(validation=[("x", True)])}, r"validation\[0\]"),
+    ({"t": _task(train=[(3, 0)])}, r"train\[0\]"),
+])
+def test_validate_tasks_names_the_fault(bad, message):
+    with pytest.raises(TaskFormatError, match=message):
+        validate_tasks(bad, source="src")
+
+
+def test_builtin_source_order_is_the_former_task_order(monkeypatch):
+    """The default source through the same loader; its dict order (= each task's training-seed position)
+    is the former TASK_ORDER, so the built-in experts are trained exactly as before."""
+    from benchmarks import text_tasks
+
+    def examples(n_labels):
+        return [(f"text {i}", i % n_labels) for i in range(40)]
+
+    monkeypatch.setattr(text_tasks, "_fortune_task", lambda cats, seed: (list(cats), examples(len(cats))))
+    monkeypatch.setattr(text_tasks, "_gender_task", lambda seed: (["male", "female"], examples(2)))
+    monkeypatch.setattr(text_tasks, "_language_task", lambda seed, n: (["de", "fr"], examples(2)))
+    monkeypatch.setattr(text_tasks, "_entity_task", lambda seed, n: (["job", "company"], examples(2)))
+    tasks, quick = load_tasks("benchmarks.text_tasks:build_tasks", 1234)
+    assert tuple(tasks) == text_tasks.TASK_ORDER
+    assert quick == ["language", "entity"]
+
+
+def test_fortune_dir_names_missing_categories(monkeypatch, tmp_path):
+    from benchmarks import text_tasks
+    from benchmarks.common import MissingDependency
+
+    (tmp_path / "love").write_text("a\n%\n")
+    monkeypatch.setattr(text_tasks, "FORTUNE_DIRS", (str(tmp_path),))
+    assert text_tasks.fortune_dir(["love"]) == tmp_path  # no fixed 'computers' file needed
+    with pytest.raises(MissingDependency, match="zippy"):
+        text_tasks.fortune_dir(["love", "zippy"])
+
+
+def test_expert_cache_key_follows_content_not_name(tmp_path):
+    cfg = {"steps": 5, "batch_size": 4, "lr_encoder": 1e-4, "lr_head": 1e-3, "max_length": 16, "model": "m"}
+    task = _task()
+    key = bench_experts.expert_key(cfg, task, seed=0, position=0)
+    assert bench_experts.expert_key(cfg, dict(task), 0, 0) == key
+    assert bench_experts.expert_key(cfg, _task(train=[("x", 0), ("y", 0)]), 0, 0) != key  # a label changed
+    assert bench_experts.expert_key(cfg, _task(labels=["a", "c"]), 0, 0) != key
+    assert bench_experts.expert_key({**cfg, "steps": 6}, task, 0, 0) != key
+    assert bench_experts.expert_key(cfg, task, 1, 0) != key and bench_experts.expert_key(cfg, task, 0, 1) != key
+    path = bench_experts.expert_path(cfg, tmp_path, task, 0, 0)
+    assert path.parent == tmp_path / "experts" and key in path.name
+    assert task_fingerprint(task) != task_fingerprint(_task(test=[("w", 0)]))
+
+
+def test_quick_outputs_never_use_the_full_names():
+    assert output_stem("speed", quick=True) == "speed_quick"
+    assert output_stem("speed", quick=False) == "speed"
+    assert output_stem("quality", quick=True) == "quality_quick"
+    assert output_stem("quality", quick=True, name="mine") == "mine"
+
+
+def test_speed_quick_writes_its_own_files_and_reports_the_cache(tmp_path, capsys):
+    from benchmarks.speedbench.run import main
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert main(["--quick", "--layers", "1", "--skip-merges", "--skip-micro", "--out", str(out),
+                 "--cache-dir", str(cache)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["speed_quick.json", "speed_quick.md"]
+    assert json.loads((out / "speed_quick.json").read_text())["mode"] == "quick"
+    assert f"the cache {cache} holds" in capsys.readouterr().out
+    (cache / "blob").write_bytes(b"x" * 1000)
+    assert "removed" in report_cache(cache, clean=True, what="test") and not cache.exists()
+
+
+def _seed_record(tag):
+    return {"subsets": {"2": {"tasks": ["a", "b"], "held_out": [], "methods": {"m": {"tag": tag}}}}}
+
+
+def test_resume_keeps_the_other_seeds():
+    cfg = {"seeds": [1], "threads": 1}
+    previous = {"seeds": {"0": _seed_record("old0"), "1": _seed_record("old1"), "2": _seed_record("old2")}}
+    results = bench_run.start_results(cfg, {"t": _task()}, [], previous)
+    assert set(results["seeds"]) == {"0", "2"}  # seed 1 is re-run (its old subsets are merged back in the loop)
+    assert results["config"]["seeds"] == [0, 1, 2] and cfg["seeds"] == [1]
+
+
+def test_combine_unites_seeds_and_rows(tmp_path):
+    a = {"command": "a", "config": {"seeds": [0]}, "seeds": {"0": _seed_record("a")}}
+    b = {"command": "b", "config": {"seeds": [1]}, "seeds": {"1": _seed_record("b"), "0": _seed_record("b0")}}
+    b["seeds"]["0"]["subsets"]["2"]["methods"]["extra"] = {"tag": "x"}
+    for name, part in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(part))
+    out = bench_run.combine([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert out["config"]["seeds"] == [0, 1]
+    assert out["seeds"]["0"]["subsets"]["2"]["methods"] == {"m": {"tag": "a"}, "extra": {"tag": "x"}}
+
+
+def test_lwptv_threshold_uses_the_solver_saliency():
+    g = torch.Generator().manual_seed(0)
+    sd0 = {"embeddings.word": torch.randn(10, 4, generator=g), "layer.0.w": torch.randn(4, 4, generator=g),
+           "layer.1.w": torch.randn(4, 4, generator=g), "layer.0.b": torch.randn(4, generator=g)}
+    experts = [{k: v + s * torch.randn(v.shape, generator=g) for k, v in sd0.items()} for s in (0.01, 0.1)]
+    scores = sorted(float((e[k] - sd0[k]).norm() / sd0[k].norm()) for e in experts for k in ("layer.0.w", "layer.1.w"))
+    assert bench_methods.lwptv_threshold(sd0, experts, 0.0) == pytest.approx(scores[0], rel=1e-5)
+    assert bench_methods.lwptv_threshold(sd0, experts, 0.5) == pytest.approx(scores[2], rel=1e-5)
+
+
+def test_method_table_is_one_list_and_accepts_an_entry():
+    names = [s.name for s in bench_methods.method_specs()]
+    assert names[:3] == ["task_arithmetic", "ties", "wudi adam"]
+
+    class Ctx:
+        cfg = {"preprocess_only": False, "refresh": ["spectral"]}
+
+    spec = bench_methods.MethodSpec("x", run=lambda ctx: None)
+    assert not bench_methods.selected(spec, Ctx)  # --refresh spectral skips the "others" group
+    assert bench_methods.selected(bench_methods.MethodSpec("s", run=lambda c: None, group="spectral"), Ctx)
+
+
+def _tiny_bert(folder):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(
+        {w for ws in WORDS.values() for w in ws} | {"small", "tiny", "huge", "big"})
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=32)).save_pretrained(folder)
+    return folder
+
+
+def test_quality_end_to_end_on_a_tiny_bert_with_custom_tasks(tmp_path, tiny_source, monkeypatch):
+    """Two custom tasks, two seeds, a tiny random BERT: experts through WUDIMergeCallback, every built-in
+    row, the report; then --resume with one seed keeps the other."""
+    from benchmarks.qualitybench import report
+
+    monkeypatch.setattr(bench_run, "REQUIRED", [("lightning", "lightning")])
+    monkeypatch.setattr(report, "plot", lambda *a, **k: None)  # matplotlib is a benchmark extra
+    model = _tiny_bert(tmp_path / "bert")
+    common = ["--tasks-from", tiny_source, "--model", str(model), "--steps", "2", "--no-lowrank",
+              "--preprocess-subsets", "--results-dir", str(tmp_path / "res"), "--cache-dir", str(tmp_path / "c"),
+              "--name", "tiny", "--subsets", "2"]
+    assert bench_run.main(common + ["--seeds", "0", "1"]) == 0
+    results = json.loads((tmp_path / "res" / "tiny.json").read_text())
+    assert set(results["seeds"]) == {"0", "1"}
+    rows = results["seeds"]["0"]["subsets"]["2"]["methods"]
+    from mergekit_wudi.solvers.wudi import RIDGE
+
+    assert {"expert (own task, upper bound)", "pretrained encoder", "task_arithmetic (val lambda)",
+            "ties (d=0.2, val lambda)", "wudi adam (scaling 1.0)", "wudi adam (val scaling)",
+            f"wudi closed_form (ridge {RIDGE:g})", "wudi spectral (val flow_time)"} <= set(rows)
+    assert "wudi lowrank" not in rows  # --no-lowrank
+    assert "callback_merge_max_abs_diff_vs_api" in results["seeds"]["0"]
+    assert results["seeds"]["0"]["callback_merge_max_abs_diff_vs_api"] < 1e-4
+    assert "my colours vs animals" in (tmp_path / "res" / "tiny.md").read_text()
+    n_experts = len(list((tmp_path / "c" / "experts").glob("*.safetensors")))
+    assert n_experts == 4
+    assert bench_run.main(common + ["--seeds", "1", "--resume"]) == 0  # experts cached, rows kept
+    again = json.loads((tmp_path / "res" / "tiny.json").read_text())
+    assert set(again["seeds"]) == {"0", "1"} and again["config"]["seeds"] == [0, 1]
+    assert again["seeds"]["0"] == results["seeds"]["0"]
+    assert len(list((tmp_path / "c" / "experts").glob("*.safetensors"))) == n_experts
