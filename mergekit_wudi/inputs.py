@@ -94,6 +94,9 @@ def _check_mask_files(merge_config, base_shapes: Optional[Dict[str, Tuple[int, .
                 f"lwptv_mask_file {path!r} has no entry for model(s) {missing} (it names {sorted(content['drop'])}); "
                 "build it from this config with python -m mergekit_wudi.lwptv_masks"
             )
+        strangers = sorted(set(content["drop"]) - experts)
+        if strangers:
+            raise ModelFileError(f"lwptv_mask_file {path!r} names model(s) {strangers} that this config does not merge")
         if base_shapes is not None:
             unknown = sorted(content["tensors"] - set(base_shapes))
             if unknown:

@@ -80,6 +80,15 @@ def _mask_without_models(family):
     return {"format": "mergekit-wudi/lwptv-mask", "version": 1, "tensors": names, "drop": {"/elsewhere": []}}
 
 
+def _mask_with_a_stranger(config, tensor=None):
+    """A valid mask for the config's experts, plus a model it does not merge (or a tensor the base lacks)."""
+    names = ["model.layers.0.mlp.up_proj.weight"] + ([tensor] if tensor else [])
+    drop = {m["model"]: [] for m in config["models"]}
+    if tensor is None:
+        drop["/elsewhere"] = []
+    return {"format": "mergekit-wudi/lwptv-mask", "version": 1, "tensors": names, "drop": drop}
+
+
 YAML_CASES = {
     "unknown global key": (_global(iteratons=20), "unknown parameter 'iteratons' for merge_method 'wudi'; did you mean 'iterations'"),
     "unknown global key 2": (_global(learning_rat=1e-2), "did you mean 'learning_rate'"),
@@ -112,6 +121,10 @@ MASK_CASES = {
     "mask file bad entry type": (_mask_file({"format": "mergekit-wudi/lwptv-mask", "version": 1, "tensors": ["a"],
                                              "drop": {"m": "a"}}), "'drop' of model 'm' must be a list"),
     "mask file without the config's models": (_mask_file(_mask_without_models(None)), "has no entry for model"),
+    "mask file naming a model the config lacks": (lambda c, t: _mask_file(_mask_with_a_stranger(c))(c, t),
+                                                  "names model\\(s\\) \\['/elsewhere'\\] that this config does not merge"),
+    "mask file naming a tensor the base lacks": (lambda c, t: _mask_file(_mask_with_a_stranger(c, tensor="nope.weight"))(c, t),
+                                                 "names tensors the base model lacks: \\['nope.weight'\\]"),
 }
 
 
