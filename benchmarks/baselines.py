@@ -1,0 +1,195 @@
+"""The baseline table of the quality benchmark (issue #13): every mergekit 0.1.5 method that merges
+several fine-tunes of one base, plus the TSV-M / Iso-C / Iso-CTS reference rows, each with the small
+validation grid it is tuned over.
+
+Every row is a :class:`MethodSpec`; ``spec.merge(base_sd, expert_sds, params, seed)`` returns the
+merged state dict for one grid point ``params``. ``expert_sds`` maps expert ids (e.g. task names) to
+state dicts. mergekit rows go through ``mergekit.merge_methods.api.merge_state_dicts`` (the registry),
+with the base under the id ``"base"``; per-model parameters in a grid point are scalars here and are
+expanded to ``{expert_id: value}`` mappings. Stochastic rows (DARE and DELLA: Bernoulli masks) seed
+torch's global generator with ``seed`` right before the merge, so a (grid point, seed) pair is
+reproducible; average them over the benchmark's expert seeds.
+
+``spec.scale_param`` names the knob that only scales the merged task vector (``lambda`` in mergekit's
+generalized task arithmetic: ``W0 + lambda * mixed_delta``; ``alpha`` in the reference rows:
+``W0 + alpha * tau_m``), so a runner may merge once at 1.0 and score ``W0 + v * (merged - W0)`` for
+every value ``v``. This is exact for the deterministic rows; for stochastic rows it is exact only if
+the same seed is used (the masks do not depend on lambda).
+
+Grids (per-model knobs get the same value for every expert; weight = 1 for every expert):
+
+====================  ==========================================================================
+task_arithmetic       lambda in {0.1, 0.2, 0.3, 0.5, 0.7, 1.0}
+ties                  density in {0.2, 0.5} x lambda in {0.5, 1.0, 1.5, 2.0} (normalize=True default)
+dare_ties             density in {0.3, 0.5} x lambda in {0.3, 0.5, 0.7, 1.0} (rescale=True, normalize=False)
+dare_linear           density in {0.3, 0.5} x lambda in {0.3, 0.5, 0.7, 1.0}
+breadcrumbs           density in {0.8, 0.9}, gamma 0.01 x lambda in {0.3, 0.5, 0.7, 1.0}
+breadcrumbs_ties      density in {0.8, 0.9}, gamma 0.01 x lambda in {0.3, 0.5, 0.7, 1.0}
+della                 density in {0.3, 0.5}, epsilon 0.1 x lambda in {0.5, 1.0, 1.5} (normalize=True)
+della_linear          density in {0.3, 0.5}, epsilon 0.1 x lambda in {0.3, 0.5, 0.7, 1.0}
+model_stock           filter_wise in {False, True} (needs >= 2 experts)
+sce                   select_topk in {0.1, 0.3, 1.0}
+karcher               defaults (max_iter 10, tol 1e-5), experts only: no knob changes what it targets
+linear                plain average of the experts (weight 1, normalize True), no knob
+multislerp            with_base in {True, False} (task vectors on the sphere around the base, or the
+                      raw expert weights), weight 1
+tsv_merge             alpha in {0.5, 1.0, 1.5, 2.0}, sv_reduction 1/T
+iso_c                 alpha in {0.5, 1.0, 1.5, 2.0}
+iso_cts               alpha in {0.5, 1.0, 1.5, 2.0}, common_space_fraction 0.8
+====================  ==========================================================================
+
+The lambda grids for the sum-based rows (normalize=False) centre on ~1/T..1 as task arithmetic's
+does; the normalized rows (ties, della: mean of the kept deltas) on 1..2 as TIES's paper. The alpha
+grids of the reference rows cover the part of the authors' ``linspace(0, 3, 31)[1:]`` search where
+their chosen values lie for 8 tasks (about 1); widen them if the chosen value sits at an edge.
+WUDI, AWD, LwPTV and lowrank are not here: the quality code already runs them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+try:  # imported as ``benchmarks.baselines`` (tests) or as ``baselines`` (benchmarks/ on sys.path)
+    from benchmarks import reference_methods
+except ImportError:  # pragma: no cover
+    import reference_methods
+
+StateDict = Mapping[str, torch.Tensor]
+MergeFn = Callable[[StateDict, Mapping[str, StateDict], Mapping[str, Any], int], dict]
+BASE_ID = "base"
+
+LAMBDAS_SUM = (0.3, 0.5, 0.7, 1.0)
+ALPHAS_REFERENCE = (0.5, 1.0, 1.5, 2.0)
+PER_MODEL = {  # mergekit parameters with ParameterScope.NON_BASE / INPUT (a value per model)
+    "task_arithmetic": ("weight",),
+    "ties": ("weight", "density"),
+    "dare_ties": ("weight", "density"),
+    "dare_linear": ("weight", "density"),
+    "breadcrumbs": ("weight", "density", "gamma"),
+    "breadcrumbs_ties": ("weight", "density", "gamma"),
+    "della": ("weight", "density", "epsilon"),
+    "della_linear": ("weight", "density", "epsilon"),
+    "linear": ("weight",),
+    "multislerp": ("weight",),
+}
+
+
+def product_grid(**axes) -> list[dict]:
+    """Every combination of the given axes, e.g. ``product_grid(density=(0.2, 0.5), lambda_=(1.0,))``
+    (a trailing underscore is dropped so ``lambda`` can be named)."""
+    keys = [k.rstrip("_") for k in axes]
+    return [dict(zip(keys, values)) for values in itertools.product(*axes.values())]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of the table: how to merge at one grid point, and the grid to tune on validation."""
+
+    name: str
+    family: str
+    grid: list[dict]
+    stochastic: bool
+    merge: MergeFn = field(repr=False)
+    scale_param: Optional[str] = None
+    min_experts: int = 1
+
+
+def mergekit_merge(method: str, *, stochastic: bool, with_base: bool = True) -> MergeFn:
+    """A ``merge`` for a registered mergekit method through ``merge_state_dicts``.
+
+    Grid keys listed in ``PER_MODEL[method]`` become ``{expert_id: value}`` mappings; every other key
+    is a global parameter, except ``with_base`` (multislerp only here), which decides whether the
+    base model is an input (the default is this function's ``with_base``)."""
+    from mergekit.merge_methods.api import merge_state_dicts
+
+    per_model = PER_MODEL.get(method, ())
+
+    def merge(base_sd: StateDict, expert_sds: Mapping[str, StateDict], params: Mapping[str, Any], seed: int):
+        if BASE_ID in expert_sds:
+            raise ValueError(f"expert id {BASE_ID!r} is reserved for the base model")
+        params = dict(params)
+        use_base = params.pop("with_base", with_base)
+        models = {BASE_ID: base_sd, **expert_sds} if use_base else dict(expert_sds)
+        parameters = {
+            key: ({expert_id: value for expert_id in expert_sds} if key in per_model else value)
+            for key, value in params.items()
+        }
+        if stochastic:
+            torch.manual_seed(seed)
+        with torch.no_grad():
+            return merge_state_dicts(models, method, base=BASE_ID if use_base else None, parameters=parameters)
+
+    return merge
+
+
+def reference_merge(method: str, *, is_matrix: Optional[reference_methods.IsMatrix] = None) -> MergeFn:
+    """A ``merge`` for a reference row (:mod:`reference_methods`); non-matrix tensors are averaged as
+    in the authors' code (``W0 + alpha * mean tau``). ``seed`` is unused (deterministic)."""
+
+    def merge(base_sd: StateDict, expert_sds: Mapping[str, StateDict], params: Mapping[str, Any], seed: int):
+        with torch.no_grad():
+            return reference_methods.merge_state_dict(
+                method, base_sd, list(expert_sds.values()), is_matrix=is_matrix, **params
+            )
+
+    return merge
+
+
+def method_table(is_matrix: Optional[reference_methods.IsMatrix] = None) -> list[MethodSpec]:
+    """All rows. ``is_matrix(name, base_tensor)`` picks the tensors the reference rows decompose
+    (default: every 2-D floating tensor); mergekit rows merge every tensor as mergekit does."""
+    w = {"weight": 1.0}
+
+    def gta(name, family, densities, lambdas, stochastic, **fixed):
+        grid = [{**w, **fixed, **point} for point in product_grid(density=densities, lambda_=lambdas)]
+        return MethodSpec(name, family, grid, stochastic, mergekit_merge(name, stochastic=stochastic),
+                          scale_param="lambda")
+
+    def ref(name, **fixed):
+        grid = [{**fixed, "alpha": a} for a in ALPHAS_REFERENCE]
+        return MethodSpec(name, "subspace", grid, False, reference_merge(name, is_matrix=is_matrix),
+                          scale_param="alpha")
+
+    return [
+        MethodSpec("task_arithmetic", "task arithmetic",
+                   [{**w, "lambda": v} for v in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)], False,
+                   mergekit_merge("task_arithmetic", stochastic=False), scale_param="lambda"),
+        gta("ties", "sign consensus", (0.2, 0.5), (0.5, 1.0, 1.5, 2.0), False),
+        gta("dare_ties", "random drop (DARE)", (0.3, 0.5), LAMBDAS_SUM, True),
+        gta("dare_linear", "random drop (DARE)", (0.3, 0.5), LAMBDAS_SUM, True),
+        gta("breadcrumbs", "magnitude drop", (0.8, 0.9), LAMBDAS_SUM, False, gamma=0.01),
+        gta("breadcrumbs_ties", "magnitude drop", (0.8, 0.9), LAMBDAS_SUM, False, gamma=0.01),
+        gta("della", "random drop (DARE)", (0.3, 0.5), (0.5, 1.0, 1.5), True, epsilon=0.1),
+        gta("della_linear", "random drop (DARE)", (0.3, 0.5), LAMBDAS_SUM, True, epsilon=0.1),
+        MethodSpec("model_stock", "averaging", [{"filter_wise": False}, {"filter_wise": True}], False,
+                   mergekit_merge("model_stock", stochastic=False), min_experts=2),
+        MethodSpec("sce", "sign consensus", [{"select_topk": v} for v in (0.1, 0.3, 1.0)], False,
+                   mergekit_merge("sce", stochastic=False)),
+        MethodSpec("karcher", "averaging", [{"max_iter": 10, "tol": 1e-5}], False,
+                   mergekit_merge("karcher", stochastic=False, with_base=False)),
+        MethodSpec("linear", "averaging", [{**w, "normalize": True}], False,
+                   mergekit_merge("linear", stochastic=False, with_base=False)),
+        MethodSpec("multislerp", "averaging", [{**w, "with_base": True}, {**w, "with_base": False}], False,
+                   mergekit_merge("multislerp", stochastic=False)),
+        ref("tsv_merge"),
+        ref("iso_c"),
+        ref("iso_cts", common_space_fraction=reference_methods.ISO_CTS_COMMON_SPACE_FRACTION),
+    ]
+
+
+def scaled_state_dict(base_sd: StateDict, merged: StateDict, value: float) -> dict:
+    """``W0 + value * (merged - W0)`` for floating tensors (others as merged): the merge at
+    ``spec.scale_param = value`` when ``merged`` was made at 1.0 (see the module docstring)."""
+    out = {}
+    for k, v in merged.items():
+        if not v.is_floating_point():
+            out[k] = v
+            continue
+        dtype = reference_methods.compute_dtype(v.dtype)
+        w0 = base_sd[k].to(dtype)
+        out[k] = (w0 + value * (v.to(dtype) - w0)).to(v.dtype)
+    return out
