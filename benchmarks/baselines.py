@@ -48,6 +48,7 @@ WUDI, AWD, LwPTV and lowrank are not here: the quality code already runs them.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
@@ -193,3 +194,26 @@ def scaled_state_dict(base_sd: StateDict, merged: StateDict, value: float) -> di
         w0 = base_sd[k].to(dtype)
         out[k] = (w0 + value * (v.to(dtype) - w0)).to(v.dtype)
     return out
+
+
+def quality_rows(table: Optional[list[MethodSpec]] = None, skip=("task_arithmetic", "ties")) -> list:
+    """This table as rows of the quality benchmark (:mod:`benchmarks.qualitybench.methods`): every grid
+    point is merged and scored on the validation split, the best one is tested. Stochastic rows draw
+    their masks from the benchmark's expert seed, so they are averaged over the same seeds. ``skip``:
+    rows the quality benchmark already has (its own task arithmetic and TIES rows)."""
+    from benchmarks.qualitybench.methods import MethodSpec as QualityRow
+    from benchmarks.qualitybench.methods import grid_tuned
+
+    def row(spec: MethodSpec):
+        def build(ctx, point):
+            start = time.perf_counter()
+            merged = spec.merge(ctx.sd0, {task: ctx.experts[task] for task in ctx.subset}, point, ctx.cfg["_seed"])
+            return merged, time.perf_counter() - start
+
+        return QualityRow(spec.name, grid_tuned(f"{spec.name} (val grid)", build, spec.grid, "parameters"),
+                          group="baselines", when=lambda ctx: len(ctx.subset) >= spec.min_experts)
+
+    return [row(spec) for spec in (table if table is not None else method_table()) if spec.name not in skip]
+
+
+METHOD_SPECS = quality_rows()

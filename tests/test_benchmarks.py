@@ -244,3 +244,13 @@ def test_quality_end_to_end_on_a_tiny_bert_with_custom_tasks(tmp_path, tiny_sour
     assert set(again["seeds"]) == {"0", "1"} and again["config"]["seeds"] == [0, 1]
     assert again["seeds"]["0"] == results["seeds"]["0"]
     assert len(list((tmp_path / "c" / "experts").glob("*.safetensors"))) == n_experts
+
+
+def test_baseline_table_plugs_into_the_quality_rows():
+    from benchmarks import baselines
+    from benchmarks.qualitybench.methods import method_specs
+
+    names = [spec.name for spec in method_specs()]
+    assert len(names) == len(set(names))
+    expected = {spec.name for spec in baselines.method_table()} - {"task_arithmetic", "ties"}
+    assert expected <= set(names) and {"dare_ties", "della", "model_stock", "tsv_merge", "iso_cts"} <= expected
