@@ -53,13 +53,18 @@ def _leaves(setting: Any, where: str) -> Iterator[Tuple[Any, str]]:
 
 
 def _check_value(parameter, value: Any, where: str) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise MergeConfigError(f"{where}: parameter {parameter.name!r} must be a finite number, got {value!r}")
+    """One scalar through the parameter's own type and bounds, plus what pydantic lets through: a
+    boolean where a number goes (``true`` -> 1) and a number that only becomes non-finite on parsing
+    (``"1e999"`` -> inf)."""
     try:
-        parameter.validate(value)
+        result = parameter.validate(value)
     except (ValidationError, ValueError, TypeError) as error:
         detail = error.errors()[0]["msg"] if isinstance(error, ValidationError) else str(error)
         raise MergeConfigError(f"{where}: bad value {value!r} for parameter {parameter.name!r}: {detail}") from None
+    if isinstance(value, bool) and not isinstance(result, bool):
+        raise MergeConfigError(f"{where}: parameter {parameter.name!r} takes a number, got the boolean {value!r}")
+    if isinstance(result, float) and not math.isfinite(result):
+        raise MergeConfigError(f"{where}: parameter {parameter.name!r} must be a finite number, got {value!r}")
 
 
 def check_parameters(

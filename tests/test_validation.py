@@ -98,6 +98,8 @@ YAML_CASES = {
     "infinite learning rate": (_global(learning_rate=math.inf), "'learning_rate' must be a finite number"),
     "NaN scaling": (_global(scaling=math.nan), "'scaling' must be a finite number"),
     "NaN per-model weight": (_per_model(weight=math.nan), "'weight' must be a finite number"),
+    "boolean where a number goes": (_global(iterations=True), "'iterations' takes a number, got the boolean True"),
+    "number that parses to inf": (_global(learning_rate="1e999"), "'learning_rate' must be a finite number"),
     "negative iterations": (_global(iterations=-1), "'iterations' must be >= 0"),
     "unknown solver": (_global(solver="sgd"), "'solver' must be one of adam, closed_form, spectral, lowrank"),
     "zero learning rate": (_global(learning_rate=0), "'learning_rate' must be > 0"),
