@@ -128,34 +128,7 @@ def wudi_problem(
     if dual is None:
         dual = _use_dual(n_in, T * n_out)
     if dual:
-        scale = sq_norms.rsqrt()
-        # X^T = [sqrt(w_i) tau_i] stacked by rows: [T*out, in], contiguous; X is its transpose view.
-        Xt = (tvs * scale[:, None, None]).reshape(T * n_out, n_in)
-        # G = X^T X is symmetric: compute its T(T+1)/2 distinct blocks only.
-        G = torch.empty(T * n_out, T * n_out, dtype=tvs.dtype, device=tvs.device)
-        blocks = [Xt[i * n_out:(i + 1) * n_out] for i in range(T)]
-        for i in range(T):
-            for j in range(i, T):
-                blk = _gram(blocks[i].T) if i == j else blocks[i] @ blocks[j].T
-                G[i * n_out:(i + 1) * n_out, j * n_out:(j + 1) * n_out] = blk
-                if j != i:
-                    G[j * n_out:(j + 1) * n_out, i * n_out:(i + 1) * n_out] = blk.T
-        # Y_i = tau_i X_i = sqrt(w_i) tau_i tau_i^T = G_ii / sqrt(w_i): free from the Gram.
-        Y = torch.cat(
-            [G[i * n_out:(i + 1) * n_out, i * n_out:(i + 1) * n_out] / scale[i] for i in range(T)], dim=1
-        )
-        # R0_i = (init - tau_i) X_i = sum_{j != i} tau_j X_i = sum_{j != i} G_ji / sqrt(w_j): also free.
-        R0 = torch.cat(
-            [
-                sum(
-                    (G[j * n_out:(j + 1) * n_out, i * n_out:(i + 1) * n_out] / scale[j] for j in range(T) if j != i),
-                    torch.zeros(n_out, n_out, dtype=tvs.dtype, device=tvs.device),
-                )
-                for i in range(T)
-            ],
-            dim=1,
-        )
-        return InterferenceProblem(init=init, X=Xt.T, Y=Y, G=G, R0=R0)
+        return _dual_problem(tvs, sq_norms, init)
     C = torch.zeros(n_in, n_in, dtype=tvs.dtype, device=tvs.device)
     D = torch.zeros(n_out, n_in, dtype=tvs.dtype, device=tvs.device)
     R0 = torch.zeros(n_out, n_in, dtype=tvs.dtype, device=tvs.device) if residual else None
@@ -171,3 +144,36 @@ def wudi_problem(
             if R0 is not None:
                 R0.addmm_((init - tau) @ tau.T, tau, alpha=1 / float(sq))
     return InterferenceProblem(init=init, C=C, D=D, R0=R0)
+
+
+def _dual_problem(tvs: torch.Tensor, sq_norms: torch.Tensor, init: torch.Tensor) -> InterferenceProblem:
+    """The dual form of :func:`wudi_problem`: ``X``, ``Y``, ``G = X^T X`` and the free residual ``R0``."""
+    T, n_out, n_in = tvs.shape
+    scale = sq_norms.rsqrt()
+    # X^T = [sqrt(w_i) tau_i] stacked by rows: [T*out, in], contiguous; X is its transpose view.
+    Xt = (tvs * scale[:, None, None]).reshape(T * n_out, n_in)
+    # G = X^T X is symmetric: compute its T(T+1)/2 distinct blocks only.
+    G = torch.empty(T * n_out, T * n_out, dtype=tvs.dtype, device=tvs.device)
+    blocks = [Xt[i * n_out:(i + 1) * n_out] for i in range(T)]
+    for i in range(T):
+        for j in range(i, T):
+            blk = _gram(blocks[i].T) if i == j else blocks[i] @ blocks[j].T
+            G[i * n_out:(i + 1) * n_out, j * n_out:(j + 1) * n_out] = blk
+            if j != i:
+                G[j * n_out:(j + 1) * n_out, i * n_out:(i + 1) * n_out] = blk.T
+    # Y_i = tau_i X_i = sqrt(w_i) tau_i tau_i^T = G_ii / sqrt(w_i): free from the Gram.
+    Y = torch.cat(
+        [G[i * n_out:(i + 1) * n_out, i * n_out:(i + 1) * n_out] / scale[i] for i in range(T)], dim=1
+    )
+    # R0_i = (init - tau_i) X_i = sum_{j != i} tau_j X_i = sum_{j != i} G_ji / sqrt(w_j): also free.
+    R0 = torch.cat(
+        [
+            sum(
+                (G[j * n_out:(j + 1) * n_out, i * n_out:(i + 1) * n_out] / scale[j] for j in range(T) if j != i),
+                torch.zeros(n_out, n_out, dtype=tvs.dtype, device=tvs.device),
+            )
+            for i in range(T)
+        ],
+        dim=1,
+    )
+    return InterferenceProblem(init=init, X=Xt.T, Y=Y, G=G, R0=R0)
