@@ -39,10 +39,13 @@ def merge(models: dict, method: str, params: dict):
 
 
 def linear_flags(sd0: dict):
-    """Exactly the nn.Linear weights of the encoder (embeddings, e.g. 30522x384, are NOT linear)."""
+    """The encoder's linear weights by the package's one rule (:mod:`mergekit_wudi.linear_weights`): on a BERT
+    encoder exactly the nn.Linear weights (the embeddings, e.g. 30522x384, are NOT linear)."""
     from mergekit.merge_methods import PerGroupValues
 
-    flags = [v.ndim == 2 and not k.startswith("embeddings.") for k, v in sd0.items()]
+    from mergekit_wudi.linear_weights import is_linear_weight
+
+    flags = [is_linear_weight(k, v.shape) for k, v in sd0.items()]
     return PerGroupValues(flags), sum(flags)
 
 
