@@ -196,22 +196,64 @@ def scaled_state_dict(base_sd: StateDict, merged: StateDict, value: float) -> di
     return out
 
 
+def scale_groups(spec: MethodSpec) -> list[tuple[dict, list[float]]]:
+    """The grid as (point at scale 1.0, [scale values]) pairs: one merge per pair when ``spec.scale_param``
+    only scales the merged task vector; otherwise every point is its own pair with scale ``None``."""
+    if spec.scale_param is None:
+        return [(dict(point), [None]) for point in spec.grid]
+    groups: dict = {}
+    for point in spec.grid:
+        rest = {k: v for k, v in point.items() if k != spec.scale_param}
+        key = repr(sorted(rest.items()))
+        groups.setdefault(key, ({**rest, spec.scale_param: 1.0}, []))[1].append(point[spec.scale_param])
+    return list(groups.values())
+
+
+def tune_on_validation(spec: MethodSpec, base_sd: StateDict, merge_point, score) -> tuple[dict, dict]:
+    """(best grid point, {repr(point): validation score}). ``merge_point(point) -> state dict``; ``score(sd)``
+    is the validation score. Points that differ only in ``spec.scale_param`` share one merge at 1.0, scored as
+    ``W0 + v * (merged - W0)`` (:func:`scaled_state_dict`), which is the merge at ``v`` (module docstring)."""
+    scores, best = {}, None
+    for point, scales in scale_groups(spec):
+        merged = merge_point(point)
+        for v in scales:
+            p = point if v is None else {**point, spec.scale_param: v}
+            sd = merged if v is None else scaled_state_dict(base_sd, merged, v)
+            scores[repr(p)] = score(sd)
+            if best is None or scores[repr(p)] > best[0]:
+                best = (scores[repr(p)], p)
+    return best[1], scores
+
+
 def quality_rows(table: Optional[list[MethodSpec]] = None, skip=("task_arithmetic", "ties")) -> list:
-    """This table as rows of the quality benchmark (:mod:`benchmarks.qualitybench.methods`): every grid
-    point is merged and scored on the validation split, the best one is tested. Stochastic rows draw
-    their masks from the benchmark's expert seed, so they are averaged over the same seeds. ``skip``:
-    rows the quality benchmark already has (its own task arithmetic and TIES rows)."""
+    """This table as rows of the quality benchmark (:mod:`benchmarks.qualitybench.methods`): the grid is scored
+    on the validation split (:func:`tune_on_validation`), the best point is merged again for real (that merge is
+    tested and timed). Stochastic rows draw their masks from the benchmark's expert seed, so they are averaged
+    over the same seeds. A row runs at the largest subset of tasks, and at every subset when its name is in the
+    config's ``baselines_every_subset``. ``skip``: rows the quality benchmark already has (its own task
+    arithmetic and TIES rows)."""
+    from benchmarks.common import mean
     from benchmarks.qualitybench.methods import MethodSpec as QualityRow
-    from benchmarks.qualitybench.methods import grid_tuned
 
     def row(spec: MethodSpec):
-        def build(ctx, point):
-            start = time.perf_counter()
-            merged = spec.merge(ctx.sd0, {task: ctx.experts[task] for task in ctx.subset}, point, ctx.cfg["_seed"])
-            return merged, time.perf_counter() - start
+        def run(ctx):
+            experts = {task: ctx.experts[task] for task in ctx.subset}
 
-        return QualityRow(spec.name, grid_tuned(f"{spec.name} (val grid)", build, spec.grid, "parameters"),
-                          group="baselines", when=lambda ctx: len(ctx.subset) >= spec.min_experts)
+            def merge_point(point):
+                return spec.merge(ctx.sd0, experts, point, ctx.cfg["_seed"])
+
+            best, scores = tune_on_validation(spec, ctx.sd0, merge_point, lambda sd: mean(ctx.val(sd).values()))
+            ctx.log(f"    [{spec.name} val] best {best}")
+            start = time.perf_counter()
+            merged = merge_point(best)
+            ctx.record(f"{spec.name} (val grid)", merged, time.perf_counter() - start, {"parameters": best}, scores)
+
+        def wanted(ctx):
+            every = ctx.cfg.get("baselines_every_subset")
+            largest = len(ctx.subset) == max(ctx.cfg["subsets"])
+            return len(ctx.subset) >= spec.min_experts and (every is None or largest or spec.name in every)
+
+        return QualityRow(spec.name, run, group="baselines", when=wanted)
 
     return [row(spec) for spec in (table if table is not None else method_table()) if spec.name not in skip]
 

@@ -254,3 +254,33 @@ def test_baseline_table_plugs_into_the_quality_rows():
     assert len(names) == len(set(names))
     expected = {spec.name for spec in baselines.method_table()} - {"task_arithmetic", "ties"}
     assert expected <= set(names) and {"dare_ties", "della", "model_stock", "tsv_merge", "iso_cts"} <= expected
+
+
+def test_scale_shortcut_scores_the_same_models_as_merging_every_grid_point():
+    """Validation scores each lambda / alpha as ``W0 + v * (merge at 1 - W0)``: that must BE the merge at ``v``,
+    for deterministic, stochastic (same seed, same masks) and reference rows; one merge per non-scale point."""
+    import torch
+
+    from benchmarks import baselines
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(12, 10, generator=g), "b": torch.randn(12, generator=g)}
+    experts = {t: {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for t in ("x", "y", "z")}
+    table = {spec.name: spec for spec in baselines.method_table()}
+    for name in ("dare_ties", "breadcrumbs_ties", "della", "tsv_merge"):
+        spec = table[name]
+        groups = baselines.scale_groups(spec)
+        assert sum(len(values) for _, values in groups) == len(spec.grid)
+        assert len(groups) == len({repr({k: v for k, v in p.items() if k != spec.scale_param}) for p in spec.grid})
+        point, values = groups[0]
+        one = spec.merge(base, experts, point, 3)
+        real = spec.merge(base, experts, {**point, spec.scale_param: values[0]}, 3)
+        shortcut = baselines.scaled_state_dict(base, one, values[0])
+        for k in base:
+            assert torch.allclose(shortcut[k], real[k], atol=1e-5), (name, k)
+        merges = []
+        best, scores = baselines.tune_on_validation(
+            spec, base, lambda p: merges.append(p) or spec.merge(base, experts, p, 3),
+            lambda sd: -float((sd["w"] - experts["x"]["w"]).norm()))
+        assert len(merges) == len(groups) and len(scores) == len(spec.grid)
+        assert scores[repr(best)] == max(scores.values())

@@ -26,11 +26,19 @@ def check_callback_merge(rec, merged_path, sd0, experts, log) -> None:
         f"{rec['callback_merge_max_abs_diff_vs_api']:.2e}")
 
 
+def row_group(row: str) -> str:
+    """The ``--refresh`` group a recorded row (or ``_``-prefixed grid) belongs to."""
+    if "(rank " in row or row.endswith("_rank_energy_val"):
+        return "rank"
+    for g in ("closed_form", "spectral"):
+        if row.startswith(f"wudi {g}") or row.startswith(f"_{g}_"):
+            return g
+    return "others"
+
+
 def refresh_rows(sub: dict, groups: list) -> dict:
     """The rows of ``sub`` that ``--refresh groups`` does NOT recompute."""
-    return {m: r for m, r in sub["methods"].items()
-            if not any(m.startswith(f"wudi {g}") or m == f"_{g}_ridge_val" for g in groups)
-            and not (m == "_spectral_flow_time_val" and "spectral" in groups)}
+    return {m: r for m, r in sub["methods"].items() if row_group(m) not in groups}
 
 
 def run_seed_subsets(cfg, ev, sd0, experts, heads, rec, save, log) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from mergekit_wudi.solvers import lwptv
-from mergekit_wudi.solvers.wudi import FLOW_TIME, RIDGE
+from mergekit_wudi.solvers.wudi import FLOW_TIME, RANK_ENERGY, RIDGE
 
 from ..common import mean
 
@@ -166,7 +166,25 @@ def _wudi_lowrank(ctx):
 
 def _lowrank_wanted(ctx) -> bool:
     c = ctx.cfg
-    return c["lowrank"] and len(ctx.subset) in c["lowrank_subsets"] and c["_seed"] in c["lowrank_seeds"]
+    return c["lowrank"] and len(ctx.subset) in c["lowrank_subsets"] and (
+        c["lowrank_seeds"] is None or c["_seed"] in c["lowrank_seeds"])
+
+
+def _wudi_rank_fast_path(ctx):
+    """The low-rank fast path (issue #12) of ``closed_form`` and ``spectral``: fixed ranks, then ``rank: auto``
+    at the package's default ``rank_energy``; the ``rank_energy`` grid is scored on validation (kept under
+    ``_<solver>_rank_energy_val``) to choose that default."""
+    for solver in ("closed_form", "spectral"):
+        for k in ctx.cfg["ranks"]:
+            sd, secs = ctx.merge("wudi", {"solver": solver, "rank": k, "linear": ctx.lin})
+            ctx.record(f"wudi {solver} (rank {k})", sd, secs, {"rank": k})
+        _, _, _, grid = ctx.grid_search(f"wudi {solver} rank_energy", lambda e: ctx.merge(
+            "wudi", {"solver": solver, "rank": "auto", "rank_energy": e, "linear": ctx.lin}),
+            ctx.cfg["rank_energies"])
+        ctx.res[f"_{solver}_rank_energy_val"] = grid
+        sd, secs = ctx.merge("wudi", {"solver": solver, "rank": "auto", "linear": ctx.lin})
+        ctx.record(f"wudi {solver} (rank auto, energy {RANK_ENERGY:g})", sd, secs,
+                   {"rank": "auto", "rank_energy": RANK_ENERGY})
 
 
 def _preprocess_variant(ctx, method, pre) -> None:
@@ -212,6 +230,8 @@ BUILTIN_SPECS = [
     MethodSpec("wudi closed_form", _wudi_closed_form, group="closed_form"),
     MethodSpec("wudi spectral", _wudi_spectral, group="spectral"),
     MethodSpec("wudi lowrank", _wudi_lowrank, when=_lowrank_wanted),
+    MethodSpec("wudi rank fast path", _wudi_rank_fast_path, group="rank",
+               when=lambda ctx: len(ctx.subset) in ctx.cfg["rank_subsets"]),
     MethodSpec("awd / lwptv", _preprocessed, group="preprocess",
                when=lambda ctx: len(ctx.subset) in ctx.cfg["preprocess_subsets"]),
 ]

@@ -45,10 +45,11 @@ def parse_args(argv, doc=None):
     p.add_argument("--preprocess-only", action="store_true",
                    help="only the AWD / LwPTV rows (to run beside the main runs; --combine merges them in)")
     p.add_argument("--preprocess-variants", nargs="+", default=["awd", "lwptv"], choices=["awd", "lwptv"])
-    p.add_argument("--refresh", nargs="+", choices=["closed_form", "spectral"], default=None,
+    p.add_argument("--refresh", nargs="+", choices=["closed_form", "spectral", "rank"], default=None,
                    help="with --resume: recompute only these rows of the subsets already in <name>.json "
                         "(e.g. after a solver default changed), keeping the experts and every other row")
-    p.add_argument("--test-limit", type=int, default=400, help="test texts per task (evenly spaced subsample)")
+    p.add_argument("--test-limit", type=int, default=None,
+                   help="test texts per task (evenly spaced subsample; default: the whole test split)")
     p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                    help="merge per-seed result files (from parallel --seeds N runs) into --name")
     return p.parse_args(argv)
@@ -67,7 +68,11 @@ def build_config(args, task_names: list[str], quick_tasks: list[str]) -> dict:
         "ridges": [1e-6, 1e-4, 1e-2], "refresh": args.refresh or [], "lowrank": not args.no_lowrank,
         # eval caps per task (evenly spaced over each length-sorted split), set by the shared 2-core CPU budget
         "val_limit": 100, "test_limit": args.test_limit, "ood_limit": 150,
-        "lowrank_seeds": [0], "preprocess_subsets": [4],
+        "lowrank_seeds": None, "preprocess_subsets": [4],  # None: every seed
+        # the rank fast path (issue #12): fixed ranks, and the rank_energy grid of rank "auto" on validation
+        "ranks": [8, 32], "rank_energies": [0.5, 0.8, 0.9, 0.95],
+        # mergekit / reference baselines run at the largest subset; these family representatives at every subset
+        "baselines_every_subset": ["dare_ties", "breadcrumbs_ties", "model_stock", "tsv_merge", "iso_cts"],
         "preprocess_methods": ["preprocessed_task_arithmetic"],  # + "preprocessed_ties" if time allows
         "preprocess_variants": [{"name": v, "params": {"preprocess": v}} for v in ("awd", "lwptv")
                                 if v in args.preprocess_variants],
@@ -76,6 +81,7 @@ def build_config(args, task_names: list[str], quick_tasks: list[str]) -> dict:
     n = len(cfg["tasks"])
     cfg["subsets"] = sorted(set(args.subsets or ([n] if quick else [2, 4, n])))
     cfg["lowrank_subsets"] = [max(cfg["subsets"])]
+    cfg["rank_subsets"] = list(cfg["subsets"])
     if quick:  # AWD (300 SGD steps per tensor) alone would take longer than the whole quick budget
         cfg["preprocess_subsets"] = []
     if args.preprocess_subsets is not None:
