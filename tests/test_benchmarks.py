@@ -5,6 +5,7 @@ output paths, LwPTV's threshold from the solver, and one end-to-end quality run 
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 
 import pytest
@@ -284,3 +285,17 @@ def test_scale_shortcut_scores_the_same_models_as_merging_every_grid_point():
             lambda sd: -float((sd["w"] - experts["x"]["w"]).norm()))
         assert len(merges) == len(groups) and len(scores) == len(spec.grid)
         assert scores[repr(best)] == max(scores.values())
+
+
+def test_language_task_is_the_same_in_every_process():
+    """Faker's it_IT city list is built from a set: the task (and the expert cache keyed by its content) must
+    not change with PYTHONHASHSEED."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("faker")
+    code = ("from benchmarks.text_tasks import _language_task; import hashlib; "
+            "print(hashlib.sha256(repr(_language_task(7, 60)).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(h)},
+                              capture_output=True, text=True, check=True).stdout for h in (1, 2, 3)}
+    assert len(digests) == 1, digests
