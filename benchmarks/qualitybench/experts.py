@@ -72,9 +72,7 @@ def train_missing(cfg, cache: Path, data, tasks, positions, seed, log) -> None:
     one ``trainer.fit`` per task, ``exclude=["head"]`` keeps the heads out of the merge; the callback
     snapshots the pretrained weights at the first fit, saves every expert at the end of its fit and
     merges them (closed form) after the last one. Only its public properties are read."""
-    from safetensors.torch import save_file
-
-    from mergekit_wudi.io import load_state_dict
+    from mergekit_wudi.io import atomic_file, load_state_dict, save_safetensors_atomic
     from mergekit_wudi.lightning import WUDIMergeCallback
 
     paths = {t: expert_path(cfg, cache, tasks[t], seed, positions[t]) for t in tasks}
@@ -93,11 +91,12 @@ def train_missing(cfg, cache: Path, data, tasks, positions, seed, log) -> None:
     merged = callback.merged_path
     for i, task in enumerate(missing):
         sd = {**load_state_dict(callback.expert_paths[i]), **heads[i]}
-        paths[task].parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(paths[task]))
-        paths[task].with_suffix(".json").write_text(json.dumps(
-            {"task": task, "seed": seed, "train_seconds": seconds[task], "via": "WUDIMergeCallback (sequential)",
-             "callback_output": str(out_dir), "callback_merged": merged, "callback_tasks": missing, **cfg}))
+        # atomic, the .json first: a cached .safetensors is always complete and has its .json
+        with atomic_file(paths[task].with_suffix(".json")) as tmp:
+            Path(tmp).write_text(json.dumps(
+                {"task": task, "seed": seed, "train_seconds": seconds[task], "via": "WUDIMergeCallback (sequential)",
+                 "callback_output": str(out_dir), "callback_merged": merged, "callback_tasks": missing, **cfg}))
+        save_safetensors_atomic(sd, paths[task])
 
 
 def seed_experts(cfg, cache: Path, data, tasks, positions, seed, log):

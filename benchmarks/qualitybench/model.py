@@ -65,8 +65,10 @@ def tokenised(tasks: dict, max_length: int, cache: Path, model: str = DEFAULT_MO
                 order = torch.argsort(mask.sum(1), stable=True)
                 ids, mask, labels = ids[order], mask[order], labels[order]
             out[name][split] = (ids, mask, labels)
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save(out, path)
+    from mergekit_wudi.io import atomic_file
+
+    with atomic_file(path) as tmp:  # two runs sharing a cache may tokenise at the same time
+        torch.save(out, tmp)
     return out
 
 
