@@ -299,3 +299,27 @@ def test_language_task_is_the_same_in_every_process():
     digests = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(h)},
                               capture_output=True, text=True, check=True).stdout for h in (1, 2, 3)}
     assert len(digests) == 1, digests
+
+
+def test_report_ranks_rows_and_gives_paired_intervals_against_wudi_default():
+    from benchmarks.qualitybench import report
+
+    def row(norm):
+        return {"test": {"a": norm}, "mean_acc": norm, "normalized": norm, "merge_seconds": 1.0}
+
+    seeds = {}
+    for s, (wudi, ta, dare) in enumerate([(0.95, 0.90, 0.91), (0.96, 0.88, 0.90), (0.94, 0.89, 0.93)]):
+        methods = {report.DEFAULT_ROW: row(wudi), report.TA_ROW: row(ta), "dare_ties (val grid)": row(dare)}
+        seeds[str(s)] = {"subsets": {"2": {"methods": methods}, "7": {"methods": methods}}}
+    summary = report.summarise({"seeds": seeds})
+    dare = summary["7"]["dare_ties (val grid)"]
+    diffs = [0.91 - 0.95, 0.90 - 0.96, 0.93 - 0.94]
+    assert dare["family"] == "random drop (DARE)" and dare["n_seeds"] == 3
+    assert abs(dare["delta_norm_vs_wudi_default"] - sum(diffs) / 3) < 1e-12
+    sd = (sum((d - sum(diffs) / 3) ** 2 for d in diffs) / 2) ** 0.5
+    assert abs(dare["delta_norm_vs_wudi_default_ci95"] - 4.302652729 * sd / 3 ** 0.5) < 1e-6  # t(0.975, 2)
+    ranking = report._ranking_table(summary)
+    order = [line.split(" | ")[1] for line in ranking if line.startswith("| 1 ") or line.startswith("| 2 ")
+             or line.startswith("| 3 ")]
+    assert order == [report.DEFAULT_ROW, "dare_ties (val grid)", report.TA_ROW]
+    assert set(report.family_lines(summary).values()) == {report.DEFAULT_ROW, report.TA_ROW, "dare_ties (val grid)"}

@@ -1,5 +1,7 @@
-"""Quality benchmark report: per-seed results -> summary (mean +- std over seeds, paired differences against
-task arithmetic) -> ``<name>.json``, ``<name>.md`` and ``<name>.png``."""
+"""Quality benchmark report: per-seed results -> summary (mean +- std over seeds; paired differences against
+task arithmetic and against WUDI's default, with a 95% t-interval over seeds) -> ``<name>.json``, ``<name>.md``
+(a ranking at the largest subset, then one table per subset) and ``<name>.png`` (normalized accuracy against the
+number of tasks, one line per method family, and merge time against accuracy)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,39 @@ from pathlib import Path
 from ..common import RESULTS, mean, mean_std
 
 TA_ROW = "task_arithmetic (val lambda)"
+DEFAULT_ROW = "wudi adam (scaling 1.0)"  # WUDI's default: the authors' solver at their scaling
+REFERENCE_ROWS = ("expert (own task, upper bound)", "pretrained encoder")
+
+
+def family(row: str) -> str:
+    """The method family of a row, for the ranking table and the plot."""
+    if row in REFERENCE_ROWS:
+        return "reference"
+    if row.startswith("wudi"):
+        return "WUDI"
+    if row.startswith("preprocessed_"):
+        return "task arithmetic + AWD / LwPTV"
+    if row.startswith("task_arithmetic"):
+        return "task arithmetic"
+    if row.startswith("ties"):
+        return "sign consensus"
+    try:
+        from benchmarks.baselines import method_table
+    except ImportError:  # pragma: no cover - benchmarks/ is always importable next to qualitybench/
+        return "other"
+    return {spec.name: spec.family for spec in method_table()}.get(row.split(" (")[0], "other")
+
+
+def ci95(xs: list) -> float:
+    """Half-width of the 95% t-interval of the mean of ``xs`` (NaN for one value)."""
+    import math
+
+    from scipy import stats
+
+    if len(xs) < 2:
+        return float("nan")
+    _, sd = mean_std(xs)
+    return float(stats.t.ppf(0.975, len(xs) - 1)) * sd / math.sqrt(len(xs))
 
 
 def _rows_by_subset(results: dict) -> dict:
@@ -22,23 +57,23 @@ def _rows_by_subset(results: dict) -> dict:
     return rows
 
 
-def _paired_vs_ta(results: dict) -> dict:
-    """{k: {method: [normalized - task arithmetic's normalized, per seed]}}."""
+def _paired(results: dict, reference: str) -> dict:
+    """{k: {method: [normalized - the ``reference`` row's normalized, per seed that has both]}}."""
     paired = {}
     for seed_rec in results["seeds"].values():
         for k, sub in seed_rec["subsets"].items():
-            ta = sub["methods"].get(TA_ROW)
-            if not isinstance(ta, dict):
+            ref = sub["methods"].get(reference)
+            if not isinstance(ref, dict):
                 continue
             for m, r in sub["methods"].items():
                 if isinstance(r, dict) and "normalized" in r:
-                    paired.setdefault(k, {}).setdefault(m, []).append(r["normalized"] - ta["normalized"])
+                    paired.setdefault(k, {}).setdefault(m, []).append(r["normalized"] - ref["normalized"])
     return paired
 
 
 def summarise(results: dict) -> dict:
     """{k: {method: {mean_acc, mean_acc_std, normalized, normalized_std, merge_seconds, n_seeds, ...}}}."""
-    paired = _paired_vs_ta(results)
+    paired, vs_default = _paired(results, TA_ROW), _paired(results, DEFAULT_ROW)
     out = {}
     for k, methods in _rows_by_subset(results).items():
         out[k] = {}
@@ -47,9 +82,16 @@ def summarise(results: dict) -> dict:
             nrm, n_sd = mean_std(r["normalized"] for r in rs)
             row = out[k][m] = {"mean_acc": a, "mean_acc_std": a_sd, "normalized": nrm, "normalized_std": n_sd,
                                "merge_seconds": mean(r["merge_seconds"] for r in rs), "n_seeds": len(rs)}
+            row["family"] = family(m)
+            row["is_default"] = m == DEFAULT_ROW
             ds = paired.get(k, {}).get(m)
             if ds:
                 row["delta_norm_vs_ta"], row["delta_norm_vs_ta_std"] = mean_std(ds)
+            ds = vs_default.get(k, {}).get(m)
+            if ds:
+                row["delta_norm_vs_wudi_default"] = mean(ds)
+                row["delta_norm_vs_wudi_default_ci95"] = ci95(ds)
+                row["delta_norm_vs_wudi_default_n"] = len(ds)
             oods = [mean(r["ood_test"].values()) for r in rs
                     if r.get("ood_test") and m != "wudi adam (val scaling)"]  # (a copy of the 1.0 row)
             if oods:
@@ -57,20 +99,47 @@ def summarise(results: dict) -> dict:
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 
+def _delta_default(r: dict) -> str:
+    if "delta_norm_vs_wudi_default" not in r:
+        return ""
+    if r.get("is_default"):
+        return "(reference)"
+    d, h = 100 * r["delta_norm_vs_wudi_default"], 100 * r["delta_norm_vs_wudi_default_ci95"]
+    return f"{d:+.1f}" + ("" if h != h else f" [{d - h:+.1f}, {d + h:+.1f}]")  # h != h: NaN, one seed
+
+
+def _ranking_table(summary: dict) -> list:
+    """Every row at the largest subset, sorted by normalized accuracy."""
+    if not summary:
+        return []
+    k = max(summary, key=int)
+    rows = sorted(summary[k].items(), key=lambda kv: -kv[1]["normalized"])
+    lines = [f"## Ranking at {k} tasks merged (sorted by normalized accuracy)", "",
+             f"Δ vs WUDI default: paired difference in normalized accuracy against `{DEFAULT_ROW}` on the same "
+             "expert seeds, mean [95% t-interval over seeds].", "",
+             "| # | method | family | normalized acc (%) | Δ vs WUDI default (pts) | Δ vs TA (pts) | merge time (s) "
+             "| seeds |", "|---|---|---|---|---|---|---|---|"]
+    for i, (m, r) in enumerate(rows, 1):
+        ta = f"{100*r['delta_norm_vs_ta']:+.1f}" if "delta_norm_vs_ta" in r else ""
+        lines.append(f"| {i} | {m} | {r['family']} | {100*r['normalized']:.1f} ± {100*r['normalized_std']:.1f} | "
+                     f"{_delta_default(r)} | {ta} | {r['merge_seconds']:.1f} | {r['n_seeds']} |")
+    return lines + [""]
+
+
 def _summary_tables(summary: dict) -> list:
     lines = []
     for k, methods in summary.items():
         lines += [f"## {k} tasks merged", "",
-                  "| method | mean acc (%) | normalized acc (%) | Δ normalized vs TA, paired (pts) | merge time (s) "
-                  "| OOD acc (held-out tasks, %) | seeds |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | mean acc (%) | normalized acc (%) | Δ normalized vs TA, paired (pts) "
+                  "| Δ vs WUDI default [95% CI] (pts) | merge time (s) | OOD acc (held-out tasks, %) | seeds |",
+                  "|---|---|---|---|---|---|---|---|"]
         for m, r in methods.items():
             ood = f"{100*r['ood_mean_acc']:.1f}" if "ood_mean_acc" in r else ""
             lines.append(f"| {m} | {100*r['mean_acc']:.1f} ± {100*r['mean_acc_std']:.1f} | "
                          f"{100*r['normalized']:.1f} ± {100*r['normalized_std']:.1f} | "
                          + (f"{100*r['delta_norm_vs_ta']:+.1f} ± {100*r['delta_norm_vs_ta_std']:.1f}"
                             if "delta_norm_vs_ta" in r else "")
-                         + f" | {r['merge_seconds']:.1f} | {ood} "
+                         + f" | {_delta_default(r)} | {r['merge_seconds']:.1f} | {ood} "
                          f"| {r['n_seeds']} |")
         lines.append("")
     return lines
@@ -127,38 +196,70 @@ def write_report(results: dict, name: str, log, results_dir: Path = RESULTS) -> 
              f"{cfg['lr_head']} head), max_length {cfg['max_length']}. Each task scored with its own expert's head "
              "on the merged encoder. Mean over tasks, then mean +- std over seeds (each seed also draws which tasks "
              "form the 2- and 4-task subsets). Normalized = merged / expert accuracy, averaged over tasks.", ""]
-    lines += _summary_tables(summary) + _per_task_table(results, summary) + _grid_lines(results, summary)
+    lines += (_ranking_table(summary) + _summary_tables(summary) + _per_task_table(results, summary)
+              + _grid_lines(results, summary))
     lines.append("")
     (results_dir / f"{name}.md").write_text("\n".join(lines))
     plot(summary, results_dir / f"{name}.png", cfg.get("model", "all-MiniLM-L6-v2"))
     log(f"wrote {results_dir / name}.json/.md/.png")
 
 
+def family_lines(summary: dict) -> dict:
+    """{family: row} the plot draws: per family, its row with the best normalized accuracy at the largest subset
+    among the rows present at every subset (WUDI's default always has its own line)."""
+    ks = sorted(summary, key=int)
+    everywhere = [m for m in summary[ks[-1]] if all(m in summary[k] for k in ks)]
+    best = {}
+    for m in everywhere:
+        f = family(m)
+        if f != "reference" and (f not in best or summary[ks[-1]][m]["normalized"]
+                                 > summary[ks[-1]][best[f]]["normalized"]):
+            best[f] = m
+    if DEFAULT_ROW in everywhere:
+        best["WUDI (default: adam)"] = DEFAULT_ROW
+    return best
+
+
 def plot(summary, path, model: str = "all-MiniLM-L6-v2"):
+    """Left: normalized accuracy against the number of tasks merged, one line per family (its best row at the
+    largest subset). Right: every row's merge time against its normalized accuracy at the largest subset."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not summary:
+        return
     ks = sorted(summary, key=int)
-    methods = []
-    for k in ks:
-        methods += [m for m in summary[k] if m not in methods]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, key, title in ((axes[0], "mean_acc", "mean absolute accuracy"),
-                           (axes[1], "normalized", "normalized accuracy (merged / expert)")):
-        for m in methods:
-            xs = [int(k) for k in ks if m in summary[k]]
-            ys = [summary[k][m][key] for k in ks if m in summary[k]]
-            es = [summary[k][m][key + "_std"] for k in ks if m in summary[k]]
-            solid = m == "wudi adam (scaling 1.0)" or m.startswith(("task_arith", "ties", "pretrained", "expert"))
-            ax.errorbar(xs, ys, yerr=es, fmt="-o" if solid else "--.", capsize=3, label=m)
-        ax.set_xlabel("number of tasks merged")
-        ax.set_title(title)
-        ax.set_xticks([int(k) for k in ks])
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="lower left")
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+    ax = axes[0]
+    for f, m in sorted(family_lines(summary).items()):
+        ys = [100 * summary[k][m]["normalized"] for k in ks]
+        es = [100 * summary[k][m]["normalized_std"] for k in ks]
+        ax.errorbar([int(k) for k in ks], ys, yerr=es, fmt="-o", capsize=3, label=f"{f}: {m}")
+    ax.set_xlabel("number of tasks merged")
+    ax.set_ylabel("normalized accuracy (merged / expert, %)")
+    ax.set_title("accuracy against number of tasks (best row per family)")
+    ax.set_xticks([int(k) for k in ks])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    ax = axes[1]
+    big = summary[ks[-1]]
+    families = sorted({r["family"] for r in big.values()} - {"reference"})
+    for f in families:
+        rows = [(m, r) for m, r in big.items() if r["family"] == f]
+        ax.scatter([max(r["merge_seconds"], 0.05) for _, r in rows], [100 * r["normalized"] for _, r in rows],
+                   label=f, s=25)
+        for m, r in rows:
+            ax.annotate(m.replace(" (val grid)", ""), (max(r["merge_seconds"], 0.05), 100 * r["normalized"]), fontsize=5,
+                        xytext=(2, 2), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("merge time (s, log scale; same run, CPU)")
+    ax.set_ylabel("normalized accuracy (%)")
+    ax.set_title(f"cost and accuracy at {ks[-1]} tasks merged")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"{Path(model).name} experts merged (mean ± std over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
