@@ -323,3 +323,43 @@ def test_report_ranks_rows_and_gives_paired_intervals_against_wudi_default():
              or line.startswith("| 3 ")]
     assert order == [report.DEFAULT_ROW, "dare_ties (val grid)", report.TA_ROW]
     assert set(report.family_lines(summary).values()) == {report.DEFAULT_ROW, report.TA_ROW, "dare_ties (val grid)"}
+
+
+def test_lora_rows_on_a_tiny_bert(tmp_path, tiny_source, monkeypatch):
+    """``--lora``: PEFT LoRA experts whose cached weights are W0 + (alpha/r) B A, the LoRA rows, and
+    ``--combine`` of a main file with the LoRA file."""
+    pytest.importorskip("peft")
+    from benchmarks.qualitybench import lora as bench_lora
+    from benchmarks.qualitybench import report
+
+    monkeypatch.setattr(bench_run, "REQUIRED", [("lightning", "lightning")])
+    monkeypatch.setattr(report, "plot", lambda *a, **k: None)
+    model = _tiny_bert(tmp_path / "bert")
+    common = ["--tasks-from", tiny_source, "--model", str(model), "--steps", "3", "--seeds", "0",
+              "--results-dir", str(tmp_path / "res"), "--cache-dir", str(tmp_path / "c"), "--subsets", "2"]
+    assert bench_run.main(common + ["--lora"]) == 0
+    results = json.loads((tmp_path / "res" / "quality_lora.json").read_text())
+    rows = results["lora"]["seeds"]["0"]["subsets"]["2"]["methods"]
+    assert {"task_arithmetic (val lambda)", "ties (d=0.2, val lambda)", "wudi adam (scaling 1.0)",
+            "wudi spectral (rank 16 = total LoRA rank)", "wudi closed_form (rank 16 = total LoRA rank)"} <= set(rows)
+    assert all(0 < r["normalized"] <= 1.5 for r in rows.values() if isinstance(r, dict) and "normalized" in r)
+    # the cached expert is the base plus the trained low-rank update, and nothing else moved
+    from safetensors.torch import load_file
+
+    from benchmarks.qualitybench.model import load_encoder
+
+    sd0 = load_encoder(str(model)).state_dict()
+    (path,) = list((tmp_path / "c" / "lora_experts").glob("s0-*.safetensors"))[:1]
+    expert = load_file(str(path))
+    moved = {k for k in sd0 if not torch.equal(expert[f"encoder.{k}"], sd0[k])}
+    assert moved and all(k.endswith("weight") and ("query" in k or "key" in k or "value" in k or "dense" in k)
+                         for k in moved)
+    for k in moved:
+        assert torch.linalg.matrix_rank(expert[f"encoder.{k}"] - sd0[k]).item() <= bench_lora.LORA["r"]
+    # --combine a main file (no lora) with the LoRA file: one report with both
+    assert bench_run.main(common + ["--name", "main", "--no-lowrank", "--preprocess-subsets"]) == 0
+    bench_run.main(["--combine", str(tmp_path / "res" / "main.json"), str(tmp_path / "res" / "quality_lora.json"),
+                    "--name", "both", "--results-dir", str(tmp_path / "res"), "--cache-dir", str(tmp_path / "c")])
+    both = json.loads((tmp_path / "res" / "both.json").read_text())
+    assert set(both["seeds"]) == {"0"} and set(both["lora"]["seeds"]) == {"0"}
+    assert "# LoRA experts" in (tmp_path / "res" / "both.md").read_text()

@@ -46,8 +46,9 @@ def load_expert(path: Path):
     return enc, head, meta
 
 
-def _fit_one(cfg, data, task_name, num_labels, seed, position, callback) -> float:
-    """One ``trainer.fit`` of a fresh module (pretrained encoder + a new head); returns its seconds."""
+def fit_one(cfg, data, task_name, num_labels, seed, position, callbacks, encoder=None):
+    """One ``trainer.fit`` of a fresh module (``encoder``, default the pretrained one, + a new head); returns
+    (seconds, the trained module)."""
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -56,15 +57,15 @@ def _fit_one(cfg, data, task_name, num_labels, seed, position, callback) -> floa
     g = torch.Generator().manual_seed(seed)
     loader = DataLoader(TensorDataset(ids, mask, y), batch_size=cfg["batch_size"], shuffle=True,
                         generator=g, drop_last=True)
-    module = expert_module_class()(load_encoder(cfg["model"]), num_labels, cfg["steps"],
-                                   cfg["lr_encoder"], cfg["lr_head"])
+    encoder = encoder if encoder is not None else load_encoder(cfg["model"])
+    module = expert_module_class()(encoder, num_labels, cfg["steps"], cfg["lr_encoder"], cfg["lr_head"])
     module.train()  # from_pretrained returns eval mode; fine-tune with dropout on
     trainer = L.Trainer(max_steps=cfg["steps"], accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, max_epochs=-1, callbacks=[callback])
+                        num_sanity_val_steps=0, max_epochs=-1, callbacks=list(callbacks))
     t0 = time.perf_counter()
     trainer.fit(module, loader)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, module
 
 
 def train_missing(cfg, cache: Path, data, tasks, positions, seed, log) -> None:
@@ -85,7 +86,7 @@ def train_missing(cfg, cache: Path, data, tasks, positions, seed, log) -> None:
                                  output=str(out_dir), num_tasks=len(missing), load_merged=False, progress=False)
     seconds = {}
     for task in missing:
-        seconds[task] = _fit_one(cfg, data, task, len(tasks[task]["labels"]), seed, positions[task], callback)
+        seconds[task], _ = fit_one(cfg, data, task, len(tasks[task]["labels"]), seed, positions[task], [callback])
         log(f"  trained expert {task} seed {seed}: {seconds[task]:.0f}s (WUDIMergeCallback, sequential)")
     heads = callback.task_heads  # read once, after every fit has saved its head
     merged = callback.merged_path

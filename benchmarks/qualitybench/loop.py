@@ -66,7 +66,8 @@ def run_seed_subsets(cfg, ev, sd0, experts, heads, rec, save, log) -> None:
         save()
 
 
-def run_seeds(cfg, tasks, results, previous, args, name, cache, results_dir, log) -> None:
+def setup(cfg, tasks, results, args, name, cache, results_dir, log):
+    """(tokenised data, evaluator or None with --train-only, pretrained encoder state, save())."""
     t_start = time.perf_counter()
     data = tokenised(tasks, cfg["max_length"], cache, cfg["model"])
     log(f"config {json.dumps({k: v for k, v in cfg.items() if k not in ('ood_limit',)})}")
@@ -77,6 +78,21 @@ def run_seeds(cfg, tasks, results, previous, args, name, cache, results_dir, log
         results["wall_seconds"] = time.perf_counter() - t_start
         results["eval_seconds"] = ev.seconds
         write_report(results, name, log, results_dir)
+
+    return data, ev, sd0, save
+
+
+def run_lora(cfg, tasks, results, args, name, cache, results_dir, log) -> None:
+    """``--lora``: the LoRA rows (:mod:`.lora`) instead of the main table."""
+    from .lora import run_lora_seeds
+
+    _, ev, sd0, save = setup(cfg, tasks, results, args, name, cache, results_dir, log)
+    run_lora_seeds(cfg, tasks, results, ev, sd0, cache, save, log)
+
+
+def run_seeds(cfg, tasks, results, previous, args, name, cache, results_dir, log) -> None:
+    t_start = time.perf_counter()
+    data, ev, sd0, save = setup(cfg, tasks, results, args, name, cache, results_dir, log)
 
     for seed in list(cfg["seeds"]):
         cfg["_seed"] = seed

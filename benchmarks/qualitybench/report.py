@@ -183,6 +183,22 @@ def _grid_lines(results: dict, summary: dict) -> list:
     return lines
 
 
+def _lora_section(results: dict) -> list:
+    """The LoRA rows (``--lora``): one table per subset, paired differences against the LoRA experts' own task
+    arithmetic and WUDI default rows."""
+    lora = results.get("lora")
+    if not lora or not lora.get("seeds"):
+        return []
+    lora["summary"] = summarise({"seeds": lora["seeds"]})
+    cfg = lora["config"]
+    lines = ["# LoRA experts", "",
+             f"One PEFT LoRA expert per task ({cfg['lora']}, encoder lr {cfg['lr_encoder']}), same tasks, seeds, "
+             "steps and subsets. Merges see each expert's effective weights W0 + (alpha/r) B A. Normalized = "
+             "merged / the LoRA expert's accuracy; Δ columns are paired against the LoRA rows.", ""]
+    return lines + [line.replace("## ", "## LoRA experts, ", 1) if line.startswith("## ") else line
+                    for line in _summary_tables(lora["summary"])]
+
+
 def write_report(results: dict, name: str, log, results_dir: Path = RESULTS) -> None:
     summary = results["summary"] = summarise(results)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -197,7 +213,7 @@ def write_report(results: dict, name: str, log, results_dir: Path = RESULTS) -> 
              "on the merged encoder. Mean over tasks, then mean +- std over seeds (each seed also draws which tasks "
              "form the 2- and 4-task subsets). Normalized = merged / expert accuracy, averaged over tasks.", ""]
     lines += (_ranking_table(summary) + _summary_tables(summary) + _per_task_table(results, summary)
-              + _grid_lines(results, summary))
+              + _grid_lines(results, summary) + _lora_section(results))
     lines.append("")
     (results_dir / f"{name}.md").write_text("\n".join(lines))
     plot(summary, results_dir / f"{name}.png", cfg.get("model", "all-MiniLM-L6-v2"))

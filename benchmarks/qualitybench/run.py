@@ -50,6 +50,9 @@ def parse_args(argv, doc=None):
                         "(e.g. after a solver default changed), keeping the experts and every other row")
     p.add_argument("--test-limit", type=int, default=None,
                    help="test texts per task (evenly spaced subsample; default: the whole test split)")
+    p.add_argument("--lora", action="store_true",
+                   help="the LoRA rows (issue #14): one PEFT LoRA expert per task, merged by task arithmetic, TIES "
+                        "and WUDI (results under 'lora'; default name quality_lora[_quick])")
     p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                    help="merge per-seed result files (from parallel --seeds N runs) into --name")
     return p.parse_args(argv)
@@ -97,8 +100,12 @@ def combine(files: list[str]) -> dict:
     results["config"]["seeds"] = sorted({int(s) for p in parts for s in p["seeds"]})
     results["wall_seconds_per_part"] = [p.get("wall_seconds") for p in parts]
     results["seeds"] = {}
+    results.pop("lora", None)
     for part in parts:
         merge_seed_records(results["seeds"], part["seeds"])
+        if part.get("lora"):  # the LoRA rows (--lora) of a part
+            lora = results.setdefault("lora", {"config": part["lora"]["config"], "seeds": {}})
+            merge_seed_records(lora["seeds"], part["lora"]["seeds"])
     return results
 
 
@@ -140,7 +147,7 @@ def start_results(cfg, tasks, argv, previous: dict | None) -> dict:
 
 def main(argv=None, doc=None) -> int:
     args = parse_args(argv, doc)
-    name = output_stem("quality", args.quick, args.name)
+    name = output_stem("quality_lora" if args.lora else "quality", args.quick, args.name)
     cache, results_dir = Path(args.cache_dir), Path(args.results_dir)
     log = make_logger(cache / f"{name}.log")
     if args.combine:
@@ -160,8 +167,11 @@ def main(argv=None, doc=None) -> int:
     cfg["task_positions"] = {t: list(all_tasks).index(t) for t in tasks}
     previous_path = results_dir / f"{name}.json"
     previous = json.loads(previous_path.read_text()) if args.resume and previous_path.exists() else None
-    from .loop import run_seeds
+    from .loop import run_lora, run_seeds
 
+    if args.lora:
+        require("peft", "peft", "the LoRA rows")
+        return run_lora(cfg, tasks, start_results(cfg, tasks, argv, None), args, name, cache, results_dir, log) or 0
     run_seeds(cfg, tasks, start_results(cfg, tasks, argv, previous), previous, args, name, cache, results_dir, log)
     return 0
 

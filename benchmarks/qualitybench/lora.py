@@ -1,0 +1,112 @@
+"""The LoRA rows of the quality benchmark (issue #14): one PEFT LoRA expert per task on the same encoder, tasks,
+seeds and training schedule as the full experts, merged by task arithmetic, TIES and WUDI.
+
+Every merge sees each expert's EFFECTIVE weights ``W0 + (alpha / r) B A`` (PEFT's ``merge_and_unload``; what
+mergekit's ``model: base+path/to/adapter`` syntax materialises), so WUDI merges the updates, not the factors.
+The experts are cached under ``<cache>/lora_experts`` keyed like the full experts plus the LoRA config.
+``python benchmarks/quality.py --lora`` runs these rows (results under ``results["lora"]``; ``--combine`` joins
+them with the main run's file).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from ..common import stable_hash
+from .experts import expert_key, fit_one, load_expert, training_seed
+from .methods import BUILTIN_SPECS, MethodSpec
+from .model import load_encoder
+from .subset import reference_rows, run_subset
+
+# PEFT LoRA on every nn.Linear of the BERT layers (query/key/value and the three `dense` projections)
+LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["query", "key", "value", "dense"], "lora_dropout": 0.0}
+# LoRA's factors start at B = 0: with the full fine-tune's 1e-4 they barely move in 50 steps
+LORA_LR = 1e-3
+
+
+def lora_config(cfg: dict) -> dict:
+    return {**cfg, "lr_encoder": LORA_LR, "lora": dict(LORA)}
+
+
+def lora_expert_path(lcfg: dict, cache: Path, task: dict, seed: int, position: int) -> Path:
+    key = stable_hash([expert_key(lcfg, task, seed, position), lcfg["lora"]])
+    return cache / "lora_experts" / f"s{seed}-{key}.safetensors"
+
+
+def train_lora_expert(lcfg: dict, data, task_name: str, num_labels: int, seed: int, position: int, path: Path):
+    """Fine-tune one LoRA expert and cache its effective encoder weights (``merge_and_unload``) and its head."""
+    from peft import LoraConfig, get_peft_model
+
+    from mergekit_wudi.io import atomic_file, save_safetensors_atomic
+
+    torch.manual_seed(training_seed(seed, position))  # the LoRA A factors' init
+    encoder = get_peft_model(load_encoder(lcfg["model"]), LoraConfig(**lcfg["lora"]))
+    seconds, module = fit_one(lcfg, data, task_name, num_labels, seed, position, [], encoder=encoder)
+    effective = module.encoder.merge_and_unload()
+    sd = {**{f"encoder.{k}": v for k, v in effective.state_dict().items()},
+          **{f"head.{k}": v for k, v in module.head.state_dict().items()}}
+    with atomic_file(path.with_suffix(".json")) as tmp:
+        Path(tmp).write_text(json.dumps({"task": task_name, "seed": seed, "train_seconds": seconds,
+                                         "via": "Lightning fit of a PEFT LoRA encoder", **lcfg}))
+    save_safetensors_atomic(sd, path)
+    return seconds
+
+
+def lora_experts(lcfg, cache: Path, data, tasks, positions, seed, log):
+    """({task: effective encoder state dict}, {task: head}, {task: train seconds}), training missing ones."""
+    experts, heads, secs = {}, {}, {}
+    for task in tasks:
+        path = lora_expert_path(lcfg, cache, tasks[task], seed, positions[task])
+        if not path.exists():
+            s = train_lora_expert(lcfg, data, task, len(tasks[task]["labels"]), seed, positions[task], path)
+            log(f"  trained LoRA expert {task} seed {seed}: {s:.0f}s")
+        experts[task], heads[task], meta = load_expert(path)
+        secs[task] = meta["train_seconds"]
+    return experts, heads, secs
+
+
+def _wudi_total_rank(ctx):
+    """The rank fast path at the subset's total LoRA rank: exact for LoRA experts (issue #12)."""
+    k = ctx.cfg["lora"]["r"] * len(ctx.subset)
+    for solver in ("closed_form", "spectral"):
+        sd, secs = ctx.merge("wudi", {"solver": solver, "rank": k, "linear": ctx.lin})
+        ctx.record(f"wudi {solver} (rank {k} = total LoRA rank)", sd, secs, {"rank": k})
+
+
+LORA_SPECS = [spec for spec in BUILTIN_SPECS
+              if spec.name in ("task_arithmetic", "ties", "wudi adam", "wudi closed_form", "wudi spectral")]
+LORA_SPECS.append(MethodSpec("wudi rank = total LoRA rank", _wudi_total_rank, group="rank"))
+
+
+def run_lora_seeds(cfg, tasks, results, ev, sd0, cache, save, log) -> None:
+    """The LoRA rows for every seed and subset size, into ``results["lora"]`` (same layout as the main run)."""
+    lcfg = lora_config(cfg)
+    lora = results.setdefault("lora", {"config": {"lora": LORA, "lr_encoder": LORA_LR}, "seeds": {}})
+    t0 = time.perf_counter()
+    for seed in cfg["seeds"]:
+        lcfg["_seed"] = seed
+        log(f"seed {seed}: LoRA experts")
+        experts, heads, train_secs = lora_experts(lcfg, cache, ev.data, tasks, cfg["task_positions"], seed, log)
+        rec = {"train_seconds": train_secs, "trained_via": "Lightning fit of a PEFT LoRA encoder", "subsets": {}}
+        rec["expert_test"] = {t: ev.accuracy(experts[t], {t: heads[t]}, "test", cfg["test_limit"])[t] for t in tasks}
+        rec["pretrained_test"] = ev.accuracy(sd0, heads, "test", cfg["test_limit"])
+        log(f"  LoRA experts {rec['expert_test']}")
+        order = list(cfg["tasks"])
+        random.Random(seed).shuffle(order)  # the main run's subsets
+        rec["task_order"] = order
+        lora["seeds"][str(seed)] = rec
+        for k in cfg["subsets"]:
+            subset = sorted(order[:k], key=cfg["task_positions"].__getitem__)
+            held_out = [t for t in order if t not in subset]
+            log(f"  seed {seed}, {k} LoRA experts merged: {subset}")
+            methods = reference_rows(rec, subset, [], lambda: None)
+            methods.update(run_subset(lcfg, ev, sd0, experts, heads, subset, [], rec["expert_test"], log,
+                                      specs=LORA_SPECS))  # no held-out (OOD) scoring for the LoRA rows
+            rec["subsets"][str(k)] = {"tasks": subset, "held_out": held_out, "methods": methods}
+            save()
+    log(f"LoRA rows done in {time.perf_counter() - t0:.0f}s")
