@@ -88,12 +88,13 @@ def _time(fn, device, repeat: int = 1) -> float:
     return best
 
 
-def gram_floor(layers: int, experts: int, device) -> dict:
-    """Time of the float32 Gram product alone (cheaper space) for every linear weight, and Gram + Cholesky."""
+def gram_floor(layers: int, experts: int, device, shapes=None, with_eigh: bool = False) -> dict:
+    """Time of the float32 Gram product alone (cheaper space) for every linear weight (``shapes``, default the
+    0.5B model's ``layers`` layers), and Gram + Cholesky."""
     counts: dict[tuple[int, int], int] = {}
-    for s in linear_shapes(layers):
+    for s in shapes if shapes is not None else linear_shapes(layers):
         counts[s] = counts.get(s, 0) + 1
-    rows, g_total, gc_total = [], 0.0, 0.0
+    rows, g_total, gc_total, ge_total = [], 0.0, 0.0, 0.0
     for (out, inp), n in counts.items():
         r = experts * out
         x = torch.randn(inp, r, device=device)  # X = [sqrt(w_i) tau_i^T]
@@ -107,12 +108,17 @@ def gram_floor(layers: int, experts: int, device) -> dict:
             size = inp
         gram.diagonal().add_(float(gram.diagonal().mean()) * 1e-3)
         c = _time(lambda: torch.linalg.cholesky(gram), device, 2)
+        e = _time(lambda: torch.linalg.eigh(gram), device, 1) if with_eigh else float("nan")
         rows.append({"shape": [out, inp], "count": n, "space": "dual" if r < inp else "primal", "gram_size": size,
-                     "gram_s": g, "cholesky_s": c})
+                     "gram_s": g, "cholesky_s": c, "eigh_s": e})
         g_total += n * g
         gc_total += n * (g + c)
+        ge_total += n * (g + e)
         del x, gram
-    return {"rows": rows, "gram_total_s": g_total, "gram_plus_cholesky_total_s": gc_total}
+    out = {"rows": rows, "gram_total_s": g_total, "gram_plus_cholesky_total_s": gc_total}
+    if with_eigh:
+        out["gram_plus_eigh_total_s"] = ge_total
+    return out
 
 
 # --------------------------------------------------------------------------------------------- micro

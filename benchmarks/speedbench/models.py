@@ -27,10 +27,11 @@ LOWRANK_STD = 2e-3  # entry std of the rank-8 delta
 NOISE_STD = 2e-4  # entry std of the dense noise (about bf16's rounding at 0.02)
 
 
-def tensor_shapes(layers: int) -> dict[str, tuple[int, ...]]:
-    h, i = QWEN["hidden_size"], QWEN["intermediate_size"]
-    kv = QWEN["num_key_value_heads"] * (h // QWEN["num_attention_heads"])
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (QWEN["vocab_size"], h)}
+def tensor_shapes(layers: int, config: dict = QWEN) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Qwen2-architecture model with ``config`` and ``layers`` layers (lm_head when untied)."""
+    h, i = config["hidden_size"], config["intermediate_size"]
+    kv = config["num_key_value_heads"] * (h // config["num_attention_heads"])
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config["vocab_size"], h)}
     for n in range(layers):
         p = f"model.layers.{n}."
         shapes.update({
@@ -42,12 +43,15 @@ def tensor_shapes(layers: int) -> dict[str, tuple[int, ...]]:
             p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
         })
     shapes["model.norm.weight"] = (h,)
+    if not config.get("tie_word_embeddings", True):
+        shapes["lm_head.weight"] = (config["vocab_size"], h)
     return shapes
 
 
-def linear_shapes(layers: int) -> list[tuple[int, int]]:
+def linear_shapes(layers: int, config: dict = QWEN) -> list[tuple[int, int]]:
     """[out, in] of every weight WUDI solves (2-D, no vocabulary axis)."""
-    return [s for n, s in tensor_shapes(layers).items() if len(s) == 2 and "embed_tokens" not in n]
+    return [s for n, s in tensor_shapes(layers, config).items()
+            if len(s) == 2 and "embed_tokens" not in n and "lm_head" not in n]
 
 
 

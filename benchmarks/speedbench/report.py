@@ -92,3 +92,33 @@ def _micro_table(mi: dict) -> list:
         lines += [f"Measured per-layer composite ({lc['how']}): naive {lc['naive_per_iter_s']:.2f} s vs adam "
                   f"{lc['adam_per_iter_s']:.2f} s per iteration: {lc['speedup']:.1f}x.", ""]
     return lines
+
+
+def render_sweep_md(r: dict) -> str:
+    """The size sweep (issue #12): one table per size, every ratio to task_arithmetic of the same run."""
+    runs = r.get("runs", [])
+    m = runs[-1]["machine"] if runs else {}
+    lines = ["### Size sweep: Qwen2.5-shaped models, real `mergekit-yaml`, one process per merge", "",
+             f"{r['experts']} experts ({r['expert_delta']}); each merge limited to {r['threads_per_merge']} thread(s) "
+             f"(OMP/MKL); machine: {m.get('cpu_model', '?')}, {m.get('nproc', '?')} cores, torch {m.get('torch', '?')}. "
+             "RssAnon / RssFile: peaks of the merge process's anonymous and file-backed (mmap'd shards) resident "
+             "memory, polled from /proc every 50 ms. Ratios are to task_arithmetic in the same run. "
+             "Floor: float32 Gram products + Cholesky (closed_form) or + eigh (spectral) of every linear weight, "
+             "no I/O.", ""]
+    for size, e in sorted(r["sizes"].items(), key=lambda kv: kv[1]["parameters"]):
+        lines += [f"**{size}** ({e['parameters'] / 1e9:.2f} B parameters)", "",
+                  "| method | wall s | x TA | CPU s | x TA | RssAnon MiB | x TA | RssFile MiB | x TA | / (TA + floor) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, row in e["rows"].items():
+            lines.append(
+                f"| {name} | {_f(row['wall_s'])} | {_f(row.get('wall_s_ratio_vs_ta'), '{:.2f}')} | "
+                f"{_f(row['cpu_s'])} | {_f(row.get('cpu_s_ratio_vs_ta'), '{:.2f}')} | "
+                f"{_f(row['peak_rss_anon_mib'], '{:.0f}')} | {_f(row.get('peak_rss_anon_mib_ratio_vs_ta'), '{:.2f}')} | "
+                f"{_f(row['peak_rss_file_mib'], '{:.0f}')} | {_f(row.get('peak_rss_file_mib_ratio_vs_ta'), '{:.2f}')} | "
+                f"{_f(row.get('ratio_vs_io_plus_floor'), '{:.2f}')} |" + ("" if row.get("ok") else " FAILED"))
+        f = e.get("floor")
+        if f:
+            lines += ["", f"Floor: Gram {f['gram_total_s']:.1f} s, + Cholesky {f['gram_plus_cholesky_total_s']:.1f} s, "
+                          f"+ eigh {f.get('gram_plus_eigh_total_s', float('nan')):.1f} s."]
+        lines.append("")
+    return "\n".join(lines)

@@ -35,6 +35,13 @@ def parse_args(argv, doc):
     ap.add_argument("--skip-subset", action="store_true", help="skip adam/lowrank merges")
     ap.add_argument("--skip-micro", action="store_true")
     ap.add_argument("--methods", default="task_arithmetic,ties,closed_form,spectral")
+    ap.add_argument("--sweep", action="store_true",
+                    help="the size sweep (issue #12): --sizes, every method of speedbench/sweep.py; writes "
+                         "speed_sweep.json/.md/.png and skips (size, method) pairs already there")
+    ap.add_argument("--sizes", nargs="+", default=["0.5B", "1.5B", "3B", "7B"],
+                    help="sweep sizes: tiny 0.5B 1.5B 3B 7B")
+    ap.add_argument("--sweep-methods", nargs="+", default=None, help="sweep methods (default: all)")
+    ap.add_argument("--threads", type=int, default=1, help="threads per sweep merge (OMP/MKL)")
     ap.add_argument("--out", default=str(RESULTS), help="folder of the results files")
     ap.add_argument("--name", default=None, help="results file stem (default speed, or speed_quick with --quick)")
     ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
@@ -105,6 +112,16 @@ def subset_merges(args, layers, iterations, ta_full, run) -> dict:
 
 def main(argv=None, doc=None) -> int:
     args = parse_args(argv, doc)
+    if args.sweep:
+        from .sweep import METHODS, sweep
+
+        stem = args.name or "speed_sweep"
+        cache = Path(args.cache_dir)
+        r = sweep(args.sizes, args.sweep_methods or list(METHODS), args.experts, cache, Path(args.out), stem,
+                  args.threads, resume=True)
+        print(f"wrote {Path(args.out) / stem}.json/.md/.png")
+        report_cache(cache, args.clean_cache, "the sweep's models (deleted after each size) and merge logs")
+        return 0 if all(row.get("ok") for e in r["sizes"].values() for row in e["rows"].values()) else 1
     layers = args.layers or (2 if args.quick else 24)
     device = torch.device("cuda" if args.cuda else "cpu")
     if args.cuda and not torch.cuda.is_available():

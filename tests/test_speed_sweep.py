@@ -1,0 +1,58 @@
+"""The size sweep of the speed benchmark (issue #12, part 3): the /proc poller, the streamed model builder and
+one end-to-end sweep at the tiny size. The real sizes are a benchmark, not a test."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from benchmarks.speedbench import sweep
+
+
+def test_poller_sees_anonymous_memory_and_cpu_of_a_child(tmp_path):
+    code = "import time; b = bytearray(300 * 1024 * 1024); [0 for _ in range(3_000_000)]; time.sleep(0.5)"
+    res = sweep.run_polled([sys.executable, "-c", code], tmp_path / "log")
+    assert res["rc"] == 0
+    assert 280 <= res["peak_rss_anon_mib"] < 600  # the 300 MiB bytearray is anonymous memory
+    assert res["peak_rss_file_mib"] < res["peak_rss_anon_mib"]
+    assert 0 < res["cpu_s"] <= res["wall_s"] + 0.5
+
+
+def test_streamed_models_are_reproducible_and_sharded(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(sweep, "SHARD_BYTES", 40_000)  # several shards even at the tiny size
+    sweep.write_model(tmp_path / "a", "tiny", 1)
+    sweep.write_model(tmp_path / "b", "tiny", 1)
+    index = json.loads((tmp_path / "a" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and set(index["weight_map"]) == set(sweep._shapes("tiny"))
+    a = {k: v for f in shards for k, v in load_file(str(tmp_path / "a" / f)).items()}
+    b = {k: v for f in shards for k, v in load_file(str(tmp_path / "b" / f)).items()}
+    assert all(torch.equal(a[k], b[k]) for k in a) and all(v.dtype == torch.bfloat16 for v in a.values())
+    base = sweep._tensor("model.layers.0.mlp.up_proj.weight", (160, 64), 0)
+    delta = a["model.layers.0.mlp.up_proj.weight"].float() - base
+    s = torch.linalg.svdvals(delta)
+    assert s[8] < 0.2 * s[7]  # rank-8 delta + small noise (+ bf16 rounding)
+    assert sweep.parameter_count("7B") > 7e9 and sweep.parameter_count("0.5B") < 0.6e9
+
+
+def test_sweep_end_to_end_at_the_tiny_size(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "res"
+    r = sweep.sweep(["tiny"], ["task_arithmetic", "spectral_rank_auto"], 2, tmp_path / "cache", out, "t", 1,
+                    resume=True)
+    rows = r["sizes"]["tiny"]["rows"]
+    assert all(rows[m]["ok"] for m in rows) and set(rows) == {"task_arithmetic", "spectral_rank_auto"}
+    assert rows["task_arithmetic"]["wall_s_ratio_vs_ta"] == 1.0
+    assert rows["spectral_rank_auto"]["wall_s_ratio_vs_ta"] > 0 and rows["spectral_rank_auto"]["peak_rss_anon_mib"] > 0
+    assert r["sizes"]["tiny"]["floor"]["gram_plus_cholesky_total_s"] > 0
+    assert not (tmp_path / "cache" / "sweep_tiny_E2").exists()  # models deleted after the size
+    saved = json.loads((out / "t.json").read_text())
+    assert saved["sizes"]["tiny"]["rows"].keys() == rows.keys()
+    assert "| spectral_rank_auto |" in (out / "t.md").read_text() and (out / "t.png").stat().st_size > 0
+    again = sweep.sweep(["tiny"], ["task_arithmetic"], 2, tmp_path / "cache", out, "t", 1, resume=True)
+    assert again["sizes"]["tiny"]["rows"]["task_arithmetic"] == rows["task_arithmetic"]  # kept, not re-run
