@@ -126,6 +126,23 @@ def _ranking_table(summary: dict) -> list:
     return lines + [""]
 
 
+def overview_table(summary: dict) -> list:
+    """One line per row, sorted by normalized accuracy at the largest subset: normalized at every subset, the
+    paired difference from WUDI's default at the largest one, and the merge time there (README's table)."""
+    if not summary:
+        return []
+    ks = sorted(summary, key=int)
+    big = summary[ks[-1]]
+    lines = ["| method | family | " + " | ".join(f"{k} tasks" for k in ks)
+             + f" | Δ vs WUDI default at {ks[-1]} [95% CI] | merge s at {ks[-1]} | seeds at {ks[-1]} |",
+             "|---|---|" + "---|" * len(ks) + "---|---|---|"]
+    for m, r in sorted(big.items(), key=lambda kv: -kv[1]["normalized"]):
+        cells = [f"{100 * summary[k][m]['normalized']:.1f}" if m in summary[k] else "" for k in ks]
+        lines.append(f"| {m} | {r['family']} | " + " | ".join(cells)
+                     + f" | {_delta_default(r)} | {r['merge_seconds']:.1f} | {r['n_seeds']} |")
+    return lines + [""]
+
+
 def _summary_tables(summary: dict) -> list:
     lines = []
     for k, methods in summary.items():
@@ -212,7 +229,8 @@ def write_report(results: dict, name: str, log, results_dir: Path = RESULTS) -> 
              f"{cfg['lr_head']} head), max_length {cfg['max_length']}. Each task scored with its own expert's head "
              "on the merged encoder. Mean over tasks, then mean +- std over seeds (each seed also draws which tasks "
              "form the 2- and 4-task subsets). Normalized = merged / expert accuracy, averaged over tasks.", ""]
-    lines += (_ranking_table(summary) + _summary_tables(summary) + _per_task_table(results, summary)
+    lines += (_ranking_table(summary) + ["## Overview: normalized accuracy (%) at every subset size", ""]
+              + overview_table(summary) + _summary_tables(summary) + _per_task_table(results, summary)
               + _grid_lines(results, summary) + _lora_section(results))
     lines.append("")
     (results_dir / f"{name}.md").write_text("\n".join(lines))
