@@ -341,7 +341,8 @@ def test_lora_rows_on_a_tiny_bert(tmp_path, tiny_source, monkeypatch):
     results = json.loads((tmp_path / "res" / "quality_lora.json").read_text())
     rows = results["lora"]["seeds"]["0"]["subsets"]["2"]["methods"]
     assert {"task_arithmetic (val lambda)", "ties (d=0.2, val lambda)", "wudi spectral (flow_time 8)",
-            "wudi spectral (rank 16 = total LoRA rank)", "wudi closed_form (rank 16 = total LoRA rank)"} <= set(rows)
+            "wudi spectral (rank 16 = total LoRA rank)", "wudi closed_form (rank 16 = total LoRA rank)",
+            "wudi spectral (val scaling)", "wudi closed_form (val scaling)"} <= set(rows)
     assert all(0 < r["normalized"] <= 1.5 for r in rows.values() if isinstance(r, dict) and "normalized" in r)
     # the cached expert is the base plus the trained low-rank update, and nothing else moved
     from safetensors.torch import load_file

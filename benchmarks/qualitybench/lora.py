@@ -19,7 +19,7 @@ import torch
 
 from ..common import stable_hash
 from .experts import expert_key, fit_one, load_expert, training_seed
-from .methods import BUILTIN_SPECS, MethodSpec
+from .methods import BUILTIN_SPECS, MethodSpec, record_val_scaled
 from .model import load_encoder
 from .subset import reference_rows, run_subset
 
@@ -30,7 +30,7 @@ LORA_LR = 1e-3
 
 
 def lora_config(cfg: dict) -> dict:
-    return {**cfg, "lr_encoder": LORA_LR, "lora": dict(LORA)}
+    return {**cfg, "lr_encoder": LORA_LR, "lora": dict(LORA), "lora_wudi_scale_grid": [0.2, 0.35, 0.5, 0.75, 1.0]}
 
 
 def lora_expert_path(lcfg: dict, cache: Path, task: dict, seed: int, position: int) -> Path:
@@ -78,10 +78,19 @@ def _wudi_total_rank(ctx):
         ctx.record(f"wudi {solver} (rank {k} = total LoRA rank)", sd, secs, {"rank": k})
 
 
+def _wudi_val_scaled(ctx):
+    """WUDI's merged task vector rescaled on validation, as task arithmetic's lambda is: on LoRA experts WUDI's
+    solution stays close to the plain sum (their row spaces barely overlap), which task arithmetic scales down."""
+    for solver in ("closed_form", "spectral"):
+        sd1, secs = ctx.merge("wudi", {"solver": solver, "linear": ctx.lin})
+        record_val_scaled(ctx, solver, sd1, secs, "lora_wudi_scale_grid")
+
+
 LORA_SPECS = [spec for spec in BUILTIN_SPECS
               if spec.name in ("task_arithmetic", "ties", "wudi closed_form", "wudi spectral")]
 # adam (300 Adam steps per weight, 1-2.5 min per merge here) is left out of the LoRA rows to fit the CPU budget
 LORA_SPECS.append(MethodSpec("wudi rank = total LoRA rank", _wudi_total_rank, group="rank"))
+LORA_SPECS.append(MethodSpec("wudi val scaling", _wudi_val_scaled))
 
 
 def run_lora_seeds(cfg, tasks, results, ev, sd0, cache, save, log) -> None:

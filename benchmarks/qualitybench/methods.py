@@ -123,17 +123,23 @@ def _ties(ctx):
                  shown={"density": d})(ctx)
 
 
+def record_val_scaled(ctx, solver: str, sd1, secs, grid_key: str = "wudi_scale_grid") -> None:
+    """``wudi <solver> (val scaling)``: the merge ``sd1`` (made at scaling 1.0) rescaled by the factor chosen on
+    validation (``W0 + s * (sd1 - W0)`` is the merge at scaling ``s``, see :func:`scaled`)."""
+    row, one = f"wudi {solver} (val scaling)", f"wudi {solver} (scaling 1.0)"
+    s, sd, _, grid = ctx.grid_search(f"wudi {solver} scaling", lambda v: (scaled(ctx.sd0, sd1, v), 0.0),
+                                     ctx.cfg[grid_key])
+    if s != 1.0 or one not in ctx.res:
+        ctx.record(row, sd, secs, {"scaling": s}, grid)
+    else:
+        ctx.res[row] = {**ctx.res[one], "chosen": {"scaling": 1.0}, "val_grid": grid}
+
+
 def _wudi_adam(ctx):
     """The authors' solver at scaling 1.0 (the headline), then the scaling chosen on validation."""
     sd1, secs = ctx.merge("wudi", {"solver": "adam", "scaling": 1.0, "linear": ctx.lin})
     ctx.record("wudi adam (scaling 1.0)", sd1, secs, {"scaling": 1.0}, with_ood=True)
-    s, sd, _, grid = ctx.grid_search("wudi adam scaling", lambda v: (scaled(ctx.sd0, sd1, v), 0.0),
-                                     ctx.cfg["wudi_scale_grid"])
-    if s != 1.0:
-        ctx.record("wudi adam (val scaling)", sd, secs, {"scaling": s}, grid)
-    else:
-        ctx.res["wudi adam (val scaling)"] = {**ctx.res["wudi adam (scaling 1.0)"], "chosen": {"scaling": 1.0},
-                                             "val_grid": grid}
+    record_val_scaled(ctx, "adam", sd1, secs)
 
 
 def _wudi_knob(ctx, solver, knob, values_key, default, val_key, best_row=None):
