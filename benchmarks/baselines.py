@@ -229,8 +229,8 @@ def quality_rows(table: Optional[list[MethodSpec]] = None, skip=("task_arithmeti
     """This table as rows of the quality benchmark (:mod:`benchmarks.qualitybench.methods`): the grid is scored
     on the validation split (:func:`tune_on_validation`), the best point is merged again for real (that merge is
     tested and timed). Stochastic rows draw their masks from the benchmark's expert seed, so they are averaged
-    over the same seeds. A row runs at the largest subset of tasks, and at every subset when its name is in the
-    config's ``baselines_every_subset``. ``skip``: rows the quality benchmark already has (its own task
+    over the same seeds. A row runs at the largest subset of tasks (not with ``--quick``), and at every subset
+    when its name is in the config's ``baselines_every_subset``. ``skip``: rows the quality benchmark already has (its own task
     arithmetic and TIES rows)."""
     from benchmarks.common import mean
     from benchmarks.qualitybench.methods import MethodSpec as QualityRow
@@ -248,9 +248,9 @@ def quality_rows(table: Optional[list[MethodSpec]] = None, skip=("task_arithmeti
             merged = merge_point(best)
             ctx.record(f"{spec.name} (val grid)", merged, time.perf_counter() - start, {"parameters": best}, scores)
 
-        def wanted(ctx):
+        def wanted(ctx):  # --quick: only the family representatives
             every = ctx.cfg.get("baselines_every_subset")
-            largest = len(ctx.subset) == max(ctx.cfg["subsets"])
+            largest = len(ctx.subset) == max(ctx.cfg["subsets"]) and not ctx.cfg.get("quick")
             return len(ctx.subset) >= spec.min_experts and (every is None or largest or spec.name in every)
 
         return QualityRow(spec.name, run, group="baselines", when=wanted)
