@@ -206,7 +206,6 @@ def _lora_section(results: dict) -> list:
     lora = results.get("lora")
     if not lora or not lora.get("seeds"):
         return []
-    lora["summary"] = summarise({"seeds": lora["seeds"]})
     cfg = lora["config"]
     lines = ["# LoRA experts", "",
              f"One PEFT LoRA expert per task ({cfg['lora']}, encoder lr {cfg['lr_encoder']}), same tasks, seeds, "
@@ -218,6 +217,8 @@ def _lora_section(results: dict) -> list:
 
 def write_report(results: dict, name: str, log, results_dir: Path = RESULTS) -> None:
     summary = results["summary"] = summarise(results)
+    if results.get("lora", {}).get("seeds"):
+        results["lora"]["summary"] = summarise({"seeds": results["lora"]["seeds"]})
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"{name}.json").write_text(json.dumps(results, indent=1))
     cfg = results["config"]
