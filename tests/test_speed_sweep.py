@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sys
 
-import pytest
 import torch
 
 from benchmarks.speedbench import sweep
@@ -41,7 +40,6 @@ def test_streamed_models_are_reproducible_and_sharded(tmp_path, monkeypatch):
 
 
 def test_sweep_end_to_end_at_the_tiny_size(tmp_path):
-    pytest.importorskip("matplotlib")
     out = tmp_path / "res"
     r = sweep.sweep(["tiny"], ["task_arithmetic", "spectral_rank_auto"], 2, tmp_path / "cache", out, "t", 1,
                     resume=True)
@@ -53,6 +51,12 @@ def test_sweep_end_to_end_at_the_tiny_size(tmp_path):
     assert not (tmp_path / "cache" / "sweep_tiny_E2").exists()  # models deleted after the size
     saved = json.loads((out / "t.json").read_text())
     assert saved["sizes"]["tiny"]["rows"].keys() == rows.keys()
-    assert "| spectral_rank_auto |" in (out / "t.md").read_text() and (out / "t.png").stat().st_size > 0
+    assert "| spectral_rank_auto |" in (out / "t.md").read_text()
+    try:
+        import matplotlib  # noqa: F401  (a benchmark extra: the plot is skipped without it)
+    except ImportError:
+        assert not (out / "t.png").exists()
+    else:
+        assert (out / "t.png").stat().st_size > 0
     again = sweep.sweep(["tiny"], ["task_arithmetic"], 2, tmp_path / "cache", out, "t", 1, resume=True)
     assert again["sizes"]["tiny"]["rows"]["task_arithmetic"] == rows["task_arithmetic"]  # kept, not re-run
