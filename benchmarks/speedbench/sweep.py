@@ -175,17 +175,6 @@ def run_polled(cmd: list[str], log: Path, env=None, interval: float = 0.05) -> d
             "peak_rss_hwm_mib": usage.ru_maxrss / 1024}
 
 
-def merge_config(method: str, root: Path, experts: int) -> dict:
-    merge_method, params = METHODS[method]
-    models = [{"model": str(root / f"expert_{k}"),
-               "parameters": {"weight": 1.0, **({"density": 0.5} if merge_method == "ties" else {})}}
-              for k in range(experts)]
-    cfg = {"merge_method": merge_method, "base_model": str(root / "base"), "models": models, "dtype": "bfloat16"}
-    if merge_method == "wudi":
-        cfg["parameters"] = {"scaling": round(1.0 / experts, 6), **params}
-    return cfg
-
-
 def run_one(method: str, root: Path, experts: int, work: Path, threads: int) -> dict:
     import yaml
 
@@ -193,7 +182,11 @@ def run_one(method: str, root: Path, experts: int, work: Path, threads: int) -> 
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    (work / "config.yml").write_text(yaml.safe_dump(merge_config(method, root, experts), sort_keys=False))
+    from .measure import merge_config
+
+    merge_method, params = METHODS[method]
+    cfg = merge_config(merge_method, root, experts, **params)
+    (work / "config.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     cmd = [mergekit_yaml_executable(), str(work / "config.yml"), str(work / "out"), "--no-copy-tokenizer",
            "--no-write-model-card", "--quiet"]
