@@ -31,14 +31,14 @@ from typing_extensions import Annotated
 from mergekit_wudi.linear_weights import is_linear_weight
 from mergekit_wudi.solvers import awd as awd_solvers
 from mergekit_wudi.solvers import wudi as wudi_solvers
-from mergekit_wudi.solvers.numerics import check_finite
+from mergekit_wudi.solvers.numerics import check_finite, compute_dtype
 from mergekit_wudi.solvers.task_vectors import (
     NON_LINEAR_RULES,
     PREPROCESS_CHOICES,
     combine_task_vectors,
     preprocess_steps,
     preprocess_task_vectors,
-    task_vectors,
+    task_vector_stack,
 )
 
 
@@ -112,12 +112,13 @@ def check_result_finite(result: torch.Tensor, group: TensorGroup, method: str, p
 
 
 def preprocessed_task_vectors(group: TensorGroup, options: Mapping[str, Any]):
-    """``(W0, task vectors, processed task vectors)`` of a group in the compute dtype, the last after
-    ``options['preprocess']``. LwPTV drop flags come from ``lwptv_mask_file`` when one is given
-    (keyed by the models' ids), else from ``lwptv_threshold``."""
+    """``(task vectors, processed task vectors)`` of a group in the compute dtype, the second after
+    ``options['preprocess']`` (the very same tensor for ``none``). LwPTV drop flags come from
+    ``lwptv_mask_file`` when one is given (keyed by the models' ids), else from ``lwptv_threshold``."""
     options = dict(options)
     mask_file = options.pop("lwptv_mask_file", None)
-    base, tvs = task_vectors(group.base.tensor, [entry.tensor for entry in group.non_base])
+    base = group.base.tensor
+    tvs = task_vector_stack(base, [entry.tensor for entry in group.non_base])
     use_lwptv, _ = preprocess_steps(options.get("preprocess", "none"))
     drop = None
     if use_lwptv and mask_file is not None:
@@ -126,7 +127,7 @@ def preprocessed_task_vectors(group: TensorGroup, options: Mapping[str, Any]):
         from mergekit_wudi.lwptv_masks import drop_mask
 
         drop = drop_mask(mask_file, group.metadata.name, [entry.id for entry in group.non_base])
-    return base, tvs, preprocess_task_vectors(base, tvs, drop=drop, **options)
+    return tvs, preprocess_task_vectors(base, tvs, drop=drop, **options)
 
 
 @merge_method(
@@ -177,7 +178,7 @@ def wudi_kernel(
     weights = [weight[entry.id] for entry in group.non_base]
     options = dict(preprocess=preprocess, awd_alpha=awd_alpha, awd_steps=awd_steps, awd_lr=awd_lr,
                    awd_scope=awd_scope, lwptv_threshold=lwptv_threshold, lwptv_mask_file=lwptv_mask_file)
-    _, _, tvs = preprocessed_task_vectors(group, options)
+    _, tvs = preprocessed_task_vectors(group, options)
     if is_linear:
         merged = wudi_solvers.merge_task_vectors(
             base, tvs, solver=solver, scaling=scaling, weights=weights, iterations=iterations,
@@ -226,7 +227,8 @@ class PreprocessedMerge(GroupMergeMethod):
         options = {name: parameters.pop(name) for name in PREPROCESS_NAMES if name in parameters}
         processed = group
         if options.get("preprocess", "none") != "none":
-            processed = self._with_task_vectors(group, *preprocessed_task_vectors(group, options))
+            base = group.base.tensor.to(compute_dtype(group.base.tensor.dtype))
+            processed = self._with_task_vectors(group, base, *preprocessed_task_vectors(group, options))
         merged = self.inner.merge_group(processed, **parameters)
         check_result_finite(merged, group, self.method_name, {**parameters, **options})
         return merged if processed is group else merged.to(group.base.tensor.dtype)

@@ -16,7 +16,53 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True if ``tensor`` has no NaN or Inf.
+
+    A finite sum proves every element finite (a NaN or Inf term makes the sum NaN or Inf), and a
+    sum is one vectorised pass without a temporary: ~40x faster than ``isfinite(t).all()`` on a
+    bf16 LLM weight on CPU. Only when the sum is not finite (a bad element, or finite elements
+    whose sum overflows) is the element-wise test run.
+    """
+    if not tensor.is_floating_point() and not tensor.is_complex():
+        return True
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def check_finite(tensor: torch.Tensor, what: str, hint: Optional[str] = None) -> None:
     """Raise :class:`NonFiniteError` naming ``what`` (and ``hint``) if ``tensor`` has NaN or Inf."""
-    if not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise NonFiniteError(f"non-finite values (NaN or Inf) in {what}" + (f"; {hint}" if hint else ""))
+
+
+def squared_norms(tensors: torch.Tensor) -> torch.Tensor:
+    """``[||t_i||_F^2]_i`` of a stack ``[T, ...]``, as accurate as ``t.square().sum()``.
+
+    Summed in chunks of ``_NORM_CHUNK`` elements: a squared copy of an LLM weight costs more in page
+    faults than the sum itself, and ``torch.dot`` / ``vector_norm`` lose 3-4 digits on 1e7 elements.
+    """
+    flat = tensors.reshape(tensors.shape[0], -1)
+    return torch.stack(
+        [torch.stack([chunk.square().sum() for chunk in row.split(_NORM_CHUNK)]).sum() for row in flat]
+    ) if flat.shape[0] and flat.shape[1] else flat.new_zeros(flat.shape[0])
+
+
+_NORM_CHUNK = 1 << 18
+
+
+def add_cast_(out: torch.Tensor, other: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``out += alpha * other`` with ``other`` cast to ``out``'s dtype element-wise; returns ``out``.
+
+    The same values as ``out.add_(other.to(out.dtype), alpha=alpha)``. On CPU it runs in chunks:
+    a mixed-dtype ``add_`` (bf16 into float32) takes a slow scalar path, and casting ``other`` whole
+    costs a large new tensor; a chunk's cast stays in the allocator's cache.
+    """
+    if out.shape != other.shape:
+        raise ValueError(f"add_cast_: shapes {tuple(out.shape)} and {tuple(other.shape)} differ")
+    if out.device.type != "cpu" or other.dtype == out.dtype or not out.is_contiguous():
+        return out.add_(other.to(out.dtype), alpha=alpha)
+    flat_out, flat_other = out.view(-1), other.reshape(-1)
+    for start in range(0, flat_out.numel(), _NORM_CHUNK):
+        stop = start + _NORM_CHUNK
+        flat_out[start:stop].add_(flat_other[start:stop].to(out.dtype), alpha=alpha)
+    return out

@@ -12,19 +12,31 @@ import torch
 
 from mergekit_wudi.solvers import awd as awd_solvers
 from mergekit_wudi.solvers import lwptv as lwptv_solvers
-from mergekit_wudi.solvers.numerics import compute_dtype
+from mergekit_wudi.solvers.numerics import add_cast_, compute_dtype
 
 PREPROCESS_CHOICES: tuple[str, ...] = ("none", "awd", "lwptv", "awd+lwptv")
 NON_LINEAR_RULES: tuple[str, ...] = ("base", "mean", "sum")
 
 
+def task_vector_stack(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[tau_1, ..., tau_T]`` (``tau_i = W_i - W0``) as one ``[T, *shape]`` tensor in the compute
+    dtype (float32; float64 stays float64).
+
+    Written into one buffer, each ``W_i`` and ``W0`` cast element-wise on the fly: no float32 copy
+    of each input (on an LLM, every large new tensor costs page faults as well as a pass).
+    """
+    dtype = compute_dtype(base.dtype)
+    tvs = torch.empty((len(experts), *base.shape), dtype=dtype, device=base.device)
+    for i, (tau, expert) in enumerate(zip(tvs, experts)):
+        if expert.shape != base.shape:
+            raise ValueError(f"expert {i} has shape {tuple(expert.shape)}, the base {tuple(base.shape)}")
+        add_cast_(tau.copy_(expert), base, alpha=-1)
+    return tvs
+
+
 def task_vectors(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(W0, [tau_1, ..., tau_T])`` in the compute dtype (float32; float64 stays float64)."""
-    dtype = compute_dtype(base.dtype)
-    base32 = base.to(dtype)
-    if not experts:
-        return base32, base32.new_zeros((0, *base32.shape))
-    return base32, torch.stack([expert.to(dtype) - base32 for expert in experts])
+    return base.to(compute_dtype(base.dtype)), task_vector_stack(base, experts)
 
 
 def preprocess_steps(preprocess: str) -> Tuple[bool, bool]:

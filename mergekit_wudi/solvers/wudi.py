@@ -47,7 +47,7 @@ from mergekit_wudi.solvers.interference import (  # noqa: F401  (re-exported: th
     wudi_problem,
 )
 from mergekit_wudi.solvers.matrix_functions import _apply_chebyshev, _chebyshev_gain, _flow_gain, _spectral_bound
-from mergekit_wudi.solvers.numerics import compute_dtype
+from mergekit_wudi.solvers.numerics import add_cast_, compute_dtype
 from mergekit_wudi.solvers.optmerge import lowrank_problem
 from mergekit_wudi.solvers.task_vectors import task_vectors as task_vectors_of
 
@@ -250,13 +250,18 @@ def merge_task_vectors(
     weights = [1.0] * len(task_vectors) if weights is None else list(weights)
     if len(weights) != len(task_vectors):
         raise ValueError(f"got {len(weights)} weights for {len(task_vectors)} task vectors")
-    base32 = base.to(dtype)
-    tvs = [tv.to(dtype) * w for tv, w in zip(task_vectors, weights)]
-    tvs = [tv for tv in tvs if bool(tv.any())]
-    if not tvs:
+    # No copy of the (LLM-sized) task vectors unless a weight or a zero task vector asks for one.
+    tvs = task_vectors.to(dtype) if isinstance(task_vectors, torch.Tensor) else torch.stack(
+        [tv.to(dtype) for tv in task_vectors])
+    if any(w != 1 for w in weights):
+        tvs = tvs * torch.tensor(weights, dtype=dtype, device=tvs.device).view(-1, *[1] * (tvs.ndim - 1))
+    nonzero = [bool(tv.any()) for tv in tvs]
+    if not any(nonzero):
         return base.clone()
-    tau_m = wudi_merged_task_vector(torch.stack(tvs), solver, **solver_options)
-    return (base32 + scaling * tau_m).to(base.dtype)
+    if not all(nonzero):
+        tvs = tvs[torch.tensor(nonzero, device=tvs.device)]
+    tau_m = wudi_merged_task_vector(tvs, solver, **solver_options)
+    return add_cast_(tau_m.mul_(scaling), base).to(base.dtype)
 
 
 def wudi(

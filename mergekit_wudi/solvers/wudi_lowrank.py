@@ -37,7 +37,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from mergekit_wudi.solvers.numerics import check_finite
+from mergekit_wudi.solvers.numerics import check_finite, squared_norms
 from mergekit_wudi.solvers.wudi import (
     FLOW_TIME,
     KEEP_FRACTION,
@@ -54,12 +54,15 @@ from mergekit_wudi.solvers.wudi import (
 
 FAST_SOLVERS: tuple[str, ...] = ("closed_form", "spectral")
 # Randomized range finder (Halko, Martinsson & Tropp 2011): extra columns beyond the rank sought,
-# subspace iterations (torch.svd_lowrank's default), and the fixed seed of its test matrix.
+# subspace iterations, and the fixed seed of its test matrix. One iteration (torch.svd_lowrank uses
+# 2) is enough for fine-tuning deltas, whose spectra decay fast; each one costs two [out, in] x q
+# products per task vector, the largest cost of the fast path on an LLM (README, speed sweep).
 OVERSAMPLE = 10
-POWER_ITERATIONS = 2
+POWER_ITERATIONS = 1
 SEED = 0
-# rank="auto" tries k up to this many columns first, then doubles.
-AUTO_START = 32
+# rank="auto" tries k up to this many columns first, then doubles: LoRA-like deltas (rank <= 8) are
+# found with one small sketch; a full fine-tune's larger rank costs about two sketches of its size.
+AUTO_START = 8
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
@@ -108,7 +111,7 @@ def _auto_rank(tau: torch.Tensor, share: float, limit: int):
     """(k, svd) for the smallest ``k`` keeping ``share`` of ``tau``'s energy, or (None, None) when
     ``k`` would exceed ``limit``. ``q`` doubles from ``AUTO_START + OVERSAMPLE`` until ``k`` fits
     with ``OVERSAMPLE`` spare columns (the estimated top singular values are then accurate)."""
-    sq_norm = tau.square().sum()
+    sq_norm = squared_norms(tau[None])[0]
     q = min(limit + OVERSAMPLE, AUTO_START + OVERSAMPLE)
     while True:
         svd = randomized_svd(tau, q)
@@ -189,6 +192,7 @@ def wudi_factored(
     time: float = FLOW_TIME,
     keep_fraction: float = KEEP_FRACTION,
     init: Optional[torch.Tensor] = None,
+    overwrite_init: bool = False,
 ) -> torch.Tensor:
     """``tau_m`` of Eq. 1 for task vectors given as products ``tau_i = left_i @ right_i``.
 
@@ -197,7 +201,8 @@ def wudi_factored(
     O(out in K + out K^2 + in K^2) with ``K = sum_i r_i`` (see the module docstring). Products that
     are exactly zero are skipped, as :func:`.wudi.wudi` skips zero task vectors; with none left the
     result is zero. ``init`` (default: the sum of the products) is the spectral flow's start
-    (``closed_form`` ignores it).
+    (``closed_form`` ignores it); with ``overwrite_init`` the result
+    may be written into it, saving an [out, in] copy.
     Computes in float32 (float64 if any factor is float64), returns that dtype.
     """
     if solver not in FAST_SOLVERS:
@@ -234,6 +239,8 @@ def wudi_factored(
     init = init.to(dtype)
     problem = dataclasses.replace(problem, init=init @ basis, R0=None)
     moved = problem.init - spectral_solve(problem, time=time, keep_fraction=small_keep_fraction)
+    if overwrite_init and init.is_contiguous():
+        return init.addmm_(moved, basis.T, alpha=-1)
     return torch.addmm(init, moved, basis.T, alpha=-1)
 
 
@@ -257,4 +264,5 @@ def low_rank_merged_task_vector(
     if factors is None:
         return None
     init = tvs.sum(dim=0) if solver == "spectral" else None
-    return wudi_factored(factors, solver, ridge=ridge, time=time, keep_fraction=keep_fraction, init=init)
+    return wudi_factored(factors, solver, ridge=ridge, time=time, keep_fraction=keep_fraction, init=init,
+                         overwrite_init=True)
