@@ -88,13 +88,16 @@ def _time(fn, device, repeat: int = 1) -> float:
     return best
 
 
-def gram_floor(layers: int, experts: int, device, shapes=None, with_eigh: bool = False) -> dict:
+def gram_floor(layers: int, experts: int, device, shapes=None, with_eigh: bool = False,
+               with_solver: bool = False) -> dict:
     """Time of the float32 Gram product alone (cheaper space) for every linear weight (``shapes``, default the
-    0.5B model's ``layers`` layers), and Gram + Cholesky."""
+    0.5B model's ``layers`` layers), and Gram + Cholesky. ``with_eigh``: Gram + eigh too. ``with_solver``: the
+    exact ``closed_form`` solver itself on in-memory float32 task vectors (Gram, right-hand side, Cholesky and
+    solve: the arithmetic it cannot skip), timed once per distinct shape like the rest."""
     counts: dict[tuple[int, int], int] = {}
     for s in shapes if shapes is not None else linear_shapes(layers):
         counts[s] = counts.get(s, 0) + 1
-    rows, g_total, gc_total, ge_total = [], 0.0, 0.0, 0.0
+    rows, g_total, gc_total, ge_total, solve_total = [], 0.0, 0.0, 0.0, 0.0
     for (out, inp), n in counts.items():
         r = experts * out
         x = torch.randn(inp, r, device=device)  # X = [sqrt(w_i) tau_i^T]
@@ -109,15 +112,23 @@ def gram_floor(layers: int, experts: int, device, shapes=None, with_eigh: bool =
         gram.diagonal().add_(float(gram.diagonal().mean()) * 1e-3)
         c = _time(lambda: torch.linalg.cholesky(gram), device, 2)
         e = _time(lambda: torch.linalg.eigh(gram), device, 1) if with_eigh else float("nan")
+        del x, gram
+        solve = float("nan")
+        if with_solver:
+            tvs = make_task_vectors(experts, out, inp, device)
+            solve = _time(lambda: S.wudi_merged_task_vector(tvs, "closed_form"), device, 1)
+            del tvs
         rows.append({"shape": [out, inp], "count": n, "space": "dual" if r < inp else "primal", "gram_size": size,
-                     "gram_s": g, "cholesky_s": c, "eigh_s": e})
+                     "gram_s": g, "cholesky_s": c, "eigh_s": e, "closed_form_solver_s": solve})
         g_total += n * g
         gc_total += n * (g + c)
         ge_total += n * (g + e)
-        del x, gram
+        solve_total += n * solve
     out = {"rows": rows, "gram_total_s": g_total, "gram_plus_cholesky_total_s": gc_total}
     if with_eigh:
         out["gram_plus_eigh_total_s"] = ge_total
+    if with_solver:
+        out["closed_form_solver_total_s"] = solve_total
     return out
 
 

@@ -104,21 +104,25 @@ def render_sweep_md(r: dict) -> str:
              "RssAnon / RssFile: peaks of the merge process's anonymous and file-backed (mmap'd shards) resident "
              "memory, polled from /proc every 50 ms. Ratios are to task_arithmetic in the same run. "
              "Floor: float32 Gram products + Cholesky (closed_form) or + eigh (spectral) of every linear weight, "
-             "no I/O.", ""]
+             "no I/O. Solver: the exact closed_form solver itself on in-memory float32 task vectors (Gram, "
+             "right-hand side, Cholesky, solve), no I/O.", ""]
     for size, e in sorted(r["sizes"].items(), key=lambda kv: kv[1]["parameters"]):
         lines += [f"**{size}** ({e['parameters'] / 1e9:.2f} B parameters)", "",
-                  "| method | wall s | x TA | CPU s | x TA | RssAnon MiB | x TA | RssFile MiB | x TA | / (TA + floor) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | wall s | x TA | CPU s | x TA | RssAnon MiB | x TA | RssFile MiB | x TA | / (TA + floor) "
+                  "| / (TA + solver) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, row in e["rows"].items():
             lines.append(
                 f"| {name} | {_f(row['wall_s'])} | {_f(row.get('wall_s_ratio_vs_ta'), '{:.2f}')} | "
                 f"{_f(row['cpu_s'])} | {_f(row.get('cpu_s_ratio_vs_ta'), '{:.2f}')} | "
                 f"{_f(row['peak_rss_anon_mib'], '{:.0f}')} | {_f(row.get('peak_rss_anon_mib_ratio_vs_ta'), '{:.2f}')} | "
                 f"{_f(row['peak_rss_file_mib'], '{:.0f}')} | {_f(row.get('peak_rss_file_mib_ratio_vs_ta'), '{:.2f}')} | "
-                f"{_f(row.get('ratio_vs_io_plus_floor'), '{:.2f}')} |" + ("" if row.get("ok") else " FAILED"))
+                f"{_f(row.get('ratio_vs_io_plus_floor'), '{:.2f}')} | {_f(row.get('ratio_vs_io_plus_solver'), '{:.2f}')} |"
+                + ("" if row.get("ok") else " FAILED"))
         f = e.get("floor")
         if f:
             lines += ["", f"Floor: Gram {f['gram_total_s']:.1f} s, + Cholesky {f['gram_plus_cholesky_total_s']:.1f} s, "
-                          f"+ eigh {f.get('gram_plus_eigh_total_s', float('nan')):.1f} s."]
+                          f"+ eigh {f.get('gram_plus_eigh_total_s', float('nan')):.1f} s; closed_form solver "
+                          f"{f.get('closed_form_solver_total_s', float('nan')):.1f} s."]
         lines.append("")
     return "\n".join(lines)

@@ -217,7 +217,7 @@ def compute_floor(size: str, experts: int, threads: int) -> dict:
     cfg = SIZES[size]
     torch.set_num_threads(threads)
     return gram_floor(0, experts, torch.device("cpu"), shapes=linear_shapes(cfg["num_hidden_layers"], cfg),
-                      with_eigh=True)
+                      with_eigh=True, with_solver=True)
 
 
 def sweep(sizes, methods, experts: int, cache: Path, out: Path, stem: str, threads: int, resume: bool,
@@ -255,7 +255,7 @@ def sweep(sizes, methods, experts: int, cache: Path, out: Path, stem: str, threa
                 save()
             if not keep_models:
                 shutil.rmtree(root, ignore_errors=True)
-        if "floor" not in entry:
+        if "closed_form_solver_total_s" not in entry.get("floor", {}):  # results of older runs lack it
             print(f"[sweep] {size}: compute floor ...", flush=True)
             entry["floor"] = compute_floor(size, experts, threads)
         add_floor_distance(entry)
@@ -264,7 +264,8 @@ def sweep(sizes, methods, experts: int, cache: Path, out: Path, stem: str, threa
 
 
 def add_floor_distance(entry: dict) -> None:
-    """Each exact solver's wall / (task_arithmetic wall + its floor: Gram + Cholesky or Gram + eigh)."""
+    """Each exact solver's wall / (task_arithmetic wall + its floor: Gram + Cholesky or Gram + eigh); for
+    ``closed_form`` also / (task_arithmetic wall + the solver's own in-memory compute)."""
     rows, floor = entry["rows"], entry.get("floor")
     ta = rows.get("task_arithmetic")
     if not floor or not ta or not ta.get("ok"):
@@ -273,6 +274,10 @@ def add_floor_distance(entry: dict) -> None:
         if m in rows and rows[m].get("ok") and key in floor:
             rows[m]["io_plus_floor_s"] = ta["wall_s"] + floor[key]
             rows[m]["ratio_vs_io_plus_floor"] = rows[m]["wall_s"] / rows[m]["io_plus_floor_s"]
+    if rows.get("closed_form", {}).get("ok") and "closed_form_solver_total_s" in floor:
+        row = rows["closed_form"]
+        row["io_plus_solver_s"] = ta["wall_s"] + floor["closed_form_solver_total_s"]
+        row["ratio_vs_io_plus_solver"] = row["wall_s"] / row["io_plus_solver_s"]
 
 
 def plot_sweep(result: dict, path: Path) -> None:

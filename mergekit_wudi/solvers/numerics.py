@@ -41,10 +41,10 @@ def squared_norms(tensors: torch.Tensor) -> torch.Tensor:
     Summed in chunks of ``_NORM_CHUNK`` elements: a squared copy of an LLM weight costs more in page
     faults than the sum itself, and ``torch.dot`` / ``vector_norm`` lose 3-4 digits on 1e7 elements.
     """
+    if tensors.numel() == 0:
+        return tensors.new_zeros(tensors.shape[0])
     flat = tensors.reshape(tensors.shape[0], -1)
-    return torch.stack(
-        [torch.stack([chunk.square().sum() for chunk in row.split(_NORM_CHUNK)]).sum() for row in flat]
-    ) if flat.shape[0] and flat.shape[1] else flat.new_zeros(flat.shape[0])
+    return torch.stack([torch.stack([chunk.square().sum() for chunk in row.split(_NORM_CHUNK)]).sum() for row in flat])
 
 
 _NORM_CHUNK = 1 << 18
