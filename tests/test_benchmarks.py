@@ -323,6 +323,13 @@ def test_report_ranks_rows_and_gives_paired_intervals_against_wudi_default():
              or line.startswith("| 3 ")]
     assert order == [report.DEFAULT_ROW, "dare_ties (val grid)", report.TA_ROW]
     assert set(report.family_lines(summary).values()) == {report.DEFAULT_ROW, report.TA_ROW, "dare_ties (val grid)"}
+    table = report._summary_tables({"7": summary["7"]})
+    assert "Δ vs WUDI default" in table[2] and table[2].count("|") == table[4].count("|") == 9
+    # without the default row (the LoRA rows omit adam) the empty column is left out
+    no_default = {s_: {"subsets": {"7": {"methods": {report.TA_ROW: row(0.9), "dare_ties (val grid)": row(0.91)}}}}
+                  for s_ in ("0", "1")}
+    table = report._summary_tables(report.summarise({"seeds": no_default}))
+    assert "WUDI default" not in table[2] and table[2].count("|") == table[3].count("|") == table[4].count("|") == 8
 
 
 def test_lora_rows_on_a_tiny_bert(tmp_path, tiny_source, monkeypatch):
