@@ -23,16 +23,19 @@ def test_poller_sees_anonymous_memory_and_cpu_of_a_child(tmp_path):
 def test_streamed_models_are_reproducible_and_sharded(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    monkeypatch.setattr(sweep, "SHARD_BYTES", 40_000)  # several shards even at the tiny size
-    sweep.write_model(tmp_path / "a", "tiny", 1)
-    sweep.write_model(tmp_path / "b", "tiny", 1)
+    from benchmarks.speedbench import models
+
+    monkeypatch.setattr(models, "SHARD_BYTES", 40_000)  # several shards even at the tiny size
+    models.write_model(tmp_path / "a", sweep.SIZES["tiny"], 1)
+    models.write_model(tmp_path / "b", sweep.SIZES["tiny"], 1)
     index = json.loads((tmp_path / "a" / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and set(index["weight_map"]) == set(sweep._shapes("tiny"))
     a = {k: v for f in shards for k, v in load_file(str(tmp_path / "a" / f)).items()}
     b = {k: v for f in shards for k, v in load_file(str(tmp_path / "b" / f)).items()}
     assert all(torch.equal(a[k], b[k]) for k in a) and all(v.dtype == torch.bfloat16 for v in a.values())
-    base = sweep._tensor("model.layers.0.mlp.up_proj.weight", (160, 64), 0)
+    base = models.model_tensor("model.layers.0.mlp.up_proj.weight", (160, 64), 0)
+    assert not torch.equal(base, models.model_tensor("model.layers.0.mlp.up_proj.weight", (160, 64), 0, seed=1))
     delta = a["model.layers.0.mlp.up_proj.weight"].float() - base
     s = torch.linalg.svdvals(delta)
     assert s[8] < 0.2 * s[7]  # rank-8 delta + small noise (+ bf16 rounding)

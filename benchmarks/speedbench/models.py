@@ -1,11 +1,14 @@
-"""The LLM-shaped model the speed benchmark merges: Qwen2.5-0.5B's config with random bf16 base weights
-and experts = base + rank-8 delta + small dense noise per 2-D weight, built once into the cache folder."""
+"""The LLM-shaped models the speed benchmark merges: a Qwen2 config with random bf16 base weights and
+experts = base + rank-8 delta + small dense noise per 2-D weight, streamed shard by shard into the cache
+folder (the default benchmark's Qwen2.5-0.5B shape, and the sweep's sizes)."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -25,6 +28,7 @@ RANK = 8
 BASE_STD = 0.02
 LOWRANK_STD = 2e-3  # entry std of the rank-8 delta
 NOISE_STD = 2e-4  # entry std of the dense noise (about bf16's rounding at 0.02)
+SHARD_BYTES = 2 * 1024**3
 
 
 def tensor_shapes(layers: int, config: dict = QWEN) -> dict[str, tuple[int, ...]]:
@@ -54,52 +58,71 @@ def linear_shapes(layers: int, config: dict = QWEN) -> list[tuple[int, int]]:
             if len(s) == 2 and "embed_tokens" not in n and "lm_head" not in n]
 
 
+def _generator(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
-def build_models(cache: Path, layers: int, experts: int = 3, seed: int = 0) -> Path:
-    """base + experts under ``cache``, keyed by config; skipped when already there."""
+
+def model_tensor(name: str, shape, model: int, seed: int = 0) -> torch.Tensor:
+    """The tensor ``name`` of the base (``model`` 0) or of expert ``model`` (base + delta), float32, drawn from
+    generators keyed by (name, model[, seed]) only: any tensor can be rebuilt alone, in any order."""
+    salt = (seed,) if seed else ()
+    g = _generator(name, 0, *salt)
+    if len(shape) == 1:
+        base = (1.0 + 0.1 * torch.randn(shape, generator=g)) if "norm" in name else BASE_STD * torch.randn(shape, generator=g)
+    else:
+        base = torch.randn(shape, generator=g).mul_(BASE_STD)
+    if model == 0:
+        return base
+    g = _generator(name, model, *salt)
+    if len(shape) == 1:
+        return base.add_(torch.randn(shape, generator=g), alpha=NOISE_STD * 5)
+    a, b = torch.randn(shape[0], RANK, generator=g), torch.randn(RANK, shape[1], generator=g)
+    base.addmm_(a, b, alpha=LOWRANK_STD / math.sqrt(RANK))
+    return base.add_(torch.randn(shape, generator=g), alpha=NOISE_STD)
+
+
+def write_model(folder: Path, config: dict, model: int, seed: int = 0) -> None:
+    """One model folder (config.json, bf16 shards <= SHARD_BYTES, model.safetensors.index.json) for a Qwen2
+    ``config`` (with ``num_hidden_layers``), streamed: never more than one shard in memory."""
     from safetensors.torch import save_file
     from transformers import Qwen2Config
 
-    key = f"qwen2.5-0.5b-shape_L{layers}_E{experts}_r{RANK}_s{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = Qwen2Config(**config)
+    cfg.architectures = ["Qwen2ForCausalLM"]
+    cfg.torch_dtype = "bfloat16"
+    cfg.save_pretrained(folder)
+    shards, current, nbytes = [], {}, 0
+    for name, shape in tensor_shapes(config["num_hidden_layers"], config).items():
+        t = model_tensor(name, shape, model, seed).to(torch.bfloat16)
+        if current and nbytes + t.numel() * 2 > SHARD_BYTES:
+            shards.append(current)
+            current, nbytes = {}, 0
+        current[name] = t
+        nbytes += t.numel() * 2
+    shards.append(current)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+        total += sum(t.numel() * 2 for t in shard.values())
+        shard.clear()
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def build_models(cache: Path, layers: int, experts: int = 3, seed: int = 0) -> Path:
+    """Qwen2.5-0.5B-shaped base + experts with ``layers`` layers under ``cache``, keyed by config; skipped when
+    already there."""
+    key = f"qwen2.5-0.5b-shape_L{layers}_E{experts}_r{RANK}_s{seed}_v2"  # v2: tensors from model_tensor
     root = cache / key
     if (root / "DONE").exists():
         return root
     t0 = time.perf_counter()
     shutil.rmtree(root, ignore_errors=True)
-    names = ["base"] + [f"expert_{k}" for k in range(experts)]
-    gen = torch.Generator().manual_seed(seed)
-    tensors: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
-    for name, shape in tensor_shapes(layers).items():
-        if len(shape) == 1:
-            base = (1.0 + 0.1 * torch.randn(shape, generator=gen)) if "norm" in name else BASE_STD * torch.randn(shape, generator=gen)
-        else:
-            base = torch.randn(shape, generator=gen).mul_(BASE_STD)
-        tensors["base"][name] = base.to(torch.bfloat16)
-        for k in range(experts):
-            if len(shape) == 1:
-                delta = torch.randn(shape, generator=gen).mul_(NOISE_STD * 5)
-            else:
-                out, inp = shape
-                a = torch.randn(out, RANK, generator=gen)
-                b = torch.randn(RANK, inp, generator=gen)
-                delta = (a @ b).mul_(LOWRANK_STD / math.sqrt(RANK))
-                delta.add_(torch.randn(shape, generator=gen), alpha=NOISE_STD)
-            tensors[f"expert_{k}"][name] = (base + delta).to(torch.bfloat16)
-            del delta
-        del base
-    cfg = Qwen2Config(num_hidden_layers=layers, **QWEN)
-    cfg.architectures = ["Qwen2ForCausalLM"]
-    try:
-        cfg.dtype = "bfloat16"
-    except Exception:  # older transformers
-        cfg.torch_dtype = "bfloat16"
-    for n in names:
-        d = root / n
-        d.mkdir(parents=True, exist_ok=True)
-        cfg.save_pretrained(d)
-        save_file(tensors[n], str(d / "model.safetensors"), metadata={"format": "pt"})
-        tensors[n].clear()
+    for m in range(experts + 1):
+        write_model(root / ("base" if m == 0 else f"expert_{m - 1}"), {**QWEN, "num_hidden_layers": layers}, m, seed)
     (root / "DONE").write_text(f"built in {time.perf_counter() - t0:.1f} s\n")
     print(f"[build] {key}: {time.perf_counter() - t0:.1f} s", flush=True)
     return root
-

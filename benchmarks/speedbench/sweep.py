@@ -20,12 +20,11 @@ import os
 import shutil
 import subprocess
 import time
-import zlib
 from pathlib import Path
 
 import torch
 
-from .models import BASE_STD, LOWRANK_STD, NOISE_STD, QWEN, RANK, linear_shapes, tensor_shapes
+from .models import LOWRANK_STD, NOISE_STD, QWEN, RANK, linear_shapes, tensor_shapes, write_model
 
 _QWEN_COMMON = {k: QWEN[k] for k in ("vocab_size", "max_position_embeddings", "rope_theta", "rms_norm_eps")}
 SIZES = {  # Qwen2.5 configs (hidden, intermediate, layers, heads, kv heads, tied embeddings)
@@ -49,7 +48,6 @@ METHODS = {
     "closed_form_rank_auto": ("wudi", {"solver": "closed_form", "rank": "auto"}),
     "spectral_rank_auto": ("wudi", {"solver": "spectral", "rank": "auto"}),
 }
-SHARD_BYTES = 2 * 1024**3
 
 
 def _shapes(size: str) -> dict:
@@ -61,57 +59,6 @@ def parameter_count(size: str) -> int:
     return sum(math.prod(s) for s in _shapes(size).values())
 
 
-def _generator(*key) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def _tensor(name: str, shape, model: int) -> torch.Tensor:
-    """The tensor ``name`` of the base (``model`` 0) or of expert ``model`` (base + delta), float32."""
-    g = _generator(name, 0)
-    if len(shape) == 1:
-        base = (1.0 + 0.1 * torch.randn(shape, generator=g)) if "norm" in name else BASE_STD * torch.randn(shape, generator=g)
-    else:
-        base = torch.randn(shape, generator=g).mul_(BASE_STD)
-    if model == 0:
-        return base
-    g = _generator(name, model)
-    if len(shape) == 1:
-        return base.add_(torch.randn(shape, generator=g), alpha=NOISE_STD * 5)
-    a, b = torch.randn(shape[0], RANK, generator=g), torch.randn(RANK, shape[1], generator=g)
-    base.addmm_(a, b, alpha=LOWRANK_STD / math.sqrt(RANK))
-    return base.add_(torch.randn(shape, generator=g), alpha=NOISE_STD)
-
-
-def write_model(folder: Path, size: str, model: int) -> None:
-    """One model folder (config.json, bf16 shards <= 2 GiB, model.safetensors.index.json), streamed."""
-    from safetensors.torch import save_file
-    from transformers import Qwen2Config
-
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = Qwen2Config(**SIZES[size])
-    cfg.architectures = ["Qwen2ForCausalLM"]
-    cfg.torch_dtype = "bfloat16"
-    cfg.save_pretrained(folder)
-    shards, current, nbytes = [], {}, 0
-    for name, shape in _shapes(size).items():
-        t = _tensor(name, shape, model).to(torch.bfloat16)
-        if current and nbytes + t.numel() * 2 > SHARD_BYTES:
-            shards.append(current)
-            current, nbytes = {}, 0
-        current[name] = t
-        nbytes += t.numel() * 2
-    shards.append(current)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-        total += sum(t.numel() * 2 for t in shard.values())
-        shard.clear()
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-
-
 def build_size(cache: Path, size: str, experts: int) -> Path:
     root = cache / f"sweep_{size}_E{experts}"
     if (root / "DONE").exists():
@@ -119,7 +66,7 @@ def build_size(cache: Path, size: str, experts: int) -> Path:
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
     for m in range(experts + 1):
-        write_model(root / ("base" if m == 0 else f"expert_{m - 1}"), size, m)
+        write_model(root / ("base" if m == 0 else f"expert_{m - 1}"), SIZES[size], m)
     (root / "DONE").write_text(f"{time.perf_counter() - t0:.1f} s\n")
     print(f"[build] {size}: {time.perf_counter() - t0:.1f} s", flush=True)
     return root
