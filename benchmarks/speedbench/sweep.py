@@ -8,7 +8,7 @@ file-backed (mmap'd shards) from ``/proc/<pid>/status``; the compute floor per s
 Models get random bf16 weights written shard by shard (never a whole model in memory); each expert is the base
 plus, per 2-D weight, a rank-8 delta and small dense noise (``models.py``), generated per tensor from seeds that
 depend only on the tensor's name, so a size can be rebuilt identically. A size's models are deleted after its
-merges. Results are saved after every merge; a (size, method) already in the JSON is skipped (``--resume``).
+merges. Results are saved after every merge; a (size, method) already in the JSON is skipped (the sweep always resumes; delete the JSON to start over).
 """
 
 from __future__ import annotations
