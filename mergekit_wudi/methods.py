@@ -183,7 +183,7 @@ def wudi_kernel(
         merged = wudi_solvers.merge_task_vectors(
             base, tvs, solver=solver, scaling=scaling, weights=weights, iterations=iterations,
             learning_rate=learning_rate, ridge=ridge, time=flow_time, keep_fraction=keep_fraction,
-            rank=rank, rank_energy=rank_energy,
+            rank=rank, rank_energy=rank_energy, overwrite_task_vectors=True,  # tvs are this call's own
         )
     else:
         merged = combine_task_vectors(base, tvs, weights, rule=non_linear, scaling=scaling)

@@ -84,3 +84,30 @@ def test_wudi_factored_overwrites_init_only_when_asked():
     assert torch.equal(init, kept)
     overwritten = L.wudi_factored(factors, "spectral", init=init, overwrite_init=True)
     assert torch.allclose(overwritten, plain, atol=1e-6)
+
+
+@pytest.mark.parametrize("solver", ["closed_form", "spectral"])
+def test_fast_path_reuses_the_task_vectors_only_when_allowed(solver):
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(12, 10, generator=g)
+    tvs = torch.randn(3, 12, 2, generator=g) @ torch.randn(3, 2, 10, generator=g)  # rank 2 each
+    kept = tvs.clone()
+    plain = W.merge_task_vectors(base, tvs, solver=solver, rank="auto")
+    assert torch.equal(tvs, kept)  # not the caller's to lose
+    reused = W.merge_task_vectors(base, tvs, solver=solver, rank="auto", overwrite_task_vectors=True)
+    assert torch.equal(reused, plain)  # same arithmetic, another buffer
+    assert not torch.equal(tvs, kept)  # the buffer did hold the result
+    scaled = W.merge_task_vectors(base, kept, solver=solver, rank="auto", scaling=0.3)
+    assert torch.allclose(scaled - base, 0.3 * (plain - base), atol=1e-6)
+
+
+def test_task_vector_whose_squared_norm_underflows_is_skipped():
+    # every entry nonzero, but ||tau||^2 == 0 in float32: Eq. 1 would divide by zero
+    base = torch.randn(5, 4)
+    tvs = torch.stack([torch.randn(5, 4) * 0.1, torch.full((5, 4), 1e-30)])
+    assert bool(tvs[1].any()) and float(squared_norms(tvs)[1]) == 0.0
+    for solver in ("closed_form", "spectral", "adam"):
+        merged = W.merge_task_vectors(base, tvs, solver=solver, iterations=5)
+        only_first = W.merge_task_vectors(base, tvs[:1], solver=solver, iterations=5)
+        assert torch.equal(merged, only_first)
+        assert bool(torch.isfinite(merged).all())

@@ -47,7 +47,7 @@ from mergekit_wudi.solvers.interference import (  # noqa: F401  (re-exported: th
     wudi_problem,
 )
 from mergekit_wudi.solvers.matrix_functions import _apply_chebyshev, _chebyshev_gain, _flow_gain, _spectral_bound
-from mergekit_wudi.solvers.numerics import add_cast_, compute_dtype
+from mergekit_wudi.solvers.numerics import add_cast_, compute_dtype, squared_norms
 from mergekit_wudi.solvers.optmerge import lowrank_problem
 from mergekit_wudi.solvers.task_vectors import task_vectors as task_vectors_of
 
@@ -198,6 +198,8 @@ def wudi_merged_task_vector(
     keep_fraction: float = KEEP_FRACTION,
     rank: Optional[Union[int, str]] = None,
     rank_energy: float = RANK_ENERGY,
+    sq_norms: Optional[torch.Tensor] = None,
+    overwrite_task_vectors: bool = False,
 ) -> torch.Tensor:
     """``tau_m`` of Eq. 1 for nonzero task vectors ``[T, out, in]``, by the named solver.
 
@@ -205,6 +207,8 @@ def wudi_merged_task_vector(
     each task vector to rank ``k``, ``"auto"`` to the smallest rank keeping ``rank_energy`` of each
     one's energy, then solves in the span of their row spaces (:mod:`.wudi_lowrank`). Where the
     truncation would keep the full rank (``k >= min(out, in)``), the exact solver runs.
+    ``sq_norms`` (the task vectors' squared norms, if known) and ``overwrite_task_vectors`` (their
+    buffer may hold the result) save passes and allocations on the fast path; the result is the same.
     """
     if rank is not None or not 0 < rank_energy <= 1:
         from mergekit_wudi.solvers.wudi_lowrank import check_rank_options, low_rank_merged_task_vector
@@ -213,7 +217,7 @@ def wudi_merged_task_vector(
         if rank is not None:
             tau_m = low_rank_merged_task_vector(
                 task_vectors, solver, rank=rank, rank_energy=rank_energy, ridge=ridge, time=time,
-                keep_fraction=keep_fraction,
+                keep_fraction=keep_fraction, sq_norms=sq_norms, overwrite_task_vectors=overwrite_task_vectors,
             )
             if tau_m is not None:
                 return tau_m
@@ -237,14 +241,16 @@ def merge_task_vectors(
     solver: Solver = "adam",
     scaling: float = 1.0,
     weights: Optional[Sequence[float]] = None,
+    overwrite_task_vectors: bool = False,
     **solver_options,
 ) -> torch.Tensor:
     """Merge one linear weight from its task vectors: ``W0 + scaling * tau_m``, ``tau_m`` from Eq. 1.
 
     ``weights[i]`` multiplies task vector ``i`` before solving. Task vectors that are (after
-    weighting) exactly zero are skipped: Eq. 1 divides by their norm. Computes in float32 (float64
-    for float64 input) and returns the base's dtype. ``solver_options`` go to
-    :func:`wudi_merged_task_vector`.
+    weighting) zero, or so small that their squared norm is, are skipped: Eq. 1 divides by that
+    norm. Computes in float32 (float64 for float64 input) and returns the base's dtype.
+    ``overwrite_task_vectors``: the caller is done with ``task_vectors`` and lets the solver reuse
+    their buffer. ``solver_options`` go to :func:`wudi_merged_task_vector`.
     """
     dtype = compute_dtype(base.dtype)
     weights = [1.0] * len(task_vectors) if weights is None else list(weights)
@@ -253,15 +259,21 @@ def merge_task_vectors(
     # No copy of the (LLM-sized) task vectors unless a weight or a zero task vector asks for one.
     tvs = task_vectors.to(dtype) if isinstance(task_vectors, torch.Tensor) else torch.stack(
         [tv.to(dtype) for tv in task_vectors])
+    copied = not isinstance(task_vectors, torch.Tensor) or tvs.data_ptr() != task_vectors.data_ptr()
     if any(w != 1 for w in weights):
         tvs = tvs * torch.tensor(weights, dtype=dtype, device=tvs.device).view(-1, *[1] * (tvs.ndim - 1))
-    nonzero = [bool(tv.any()) for tv in tvs]
-    if not any(nonzero):
+        copied = True
+    sq_norms = squared_norms(tvs)
+    nonzero = sq_norms > 0
+    if not bool(nonzero.any()):
         return base.clone()
-    if not all(nonzero):
-        tvs = tvs[torch.tensor(nonzero, device=tvs.device)]
-    tau_m = wudi_merged_task_vector(tvs, solver, **solver_options)
-    return add_cast_(tau_m.mul_(scaling), base).to(base.dtype)
+    if not bool(nonzero.all()):
+        tvs, sq_norms, copied = tvs[nonzero], sq_norms[nonzero], True
+    tau_m = wudi_merged_task_vector(tvs, solver, sq_norms=sq_norms,
+                                    overwrite_task_vectors=overwrite_task_vectors or copied, **solver_options)
+    if scaling != 1:
+        tau_m.mul_(scaling)
+    return add_cast_(tau_m, base).to(base.dtype)
 
 
 def wudi(
@@ -277,4 +289,5 @@ def wudi(
     ``tau_i = W_i - W0``. ``solver_options`` go to :func:`wudi_merged_task_vector` (``iterations``,
     ``learning_rate``, ``ridge``, ``time``, ``keep_fraction``, ``rank``, ``rank_energy``)."""
     _, tvs = task_vectors_of(base, experts)
-    return merge_task_vectors(base, tvs, solver=solver, scaling=scaling, weights=weights, **solver_options)
+    return merge_task_vectors(base, tvs, solver=solver, scaling=scaling, weights=weights,
+                              overwrite_task_vectors=True, **solver_options)

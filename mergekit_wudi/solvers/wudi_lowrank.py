@@ -107,11 +107,11 @@ def _energy_rank(s: torch.Tensor, sq_norm: torch.Tensor, share: float) -> Option
     return int(hit[0]) + 1 if len(hit) else None
 
 
-def _auto_rank(tau: torch.Tensor, share: float, limit: int):
-    """(k, svd) for the smallest ``k`` keeping ``share`` of ``tau``'s energy, or (None, None) when
-    ``k`` would exceed ``limit``. ``q`` doubles from ``AUTO_START + OVERSAMPLE`` until ``k`` fits
-    with ``OVERSAMPLE`` spare columns (the estimated top singular values are then accurate)."""
-    sq_norm = squared_norms(tau[None])[0]
+def _auto_rank(tau: torch.Tensor, share: float, limit: int, sq_norm: torch.Tensor):
+    """(k, svd) for the smallest ``k`` keeping ``share`` of ``tau``'s energy (``sq_norm``), or
+    (None, None) when ``k`` would exceed ``limit``. ``q`` doubles from ``AUTO_START + OVERSAMPLE``
+    until ``k`` fits with ``OVERSAMPLE`` spare columns (the estimated top singular values are then
+    accurate)."""
     q = min(limit + OVERSAMPLE, AUTO_START + OVERSAMPLE)
     while True:
         svd = randomized_svd(tau, q)
@@ -132,7 +132,9 @@ def _truncate(svd, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return u[:, :k] * s[:k], vh[:k]
 
 
-def low_rank_factors(task_vectors: TensorsLike, rank, rank_energy: float = RANK_ENERGY) -> Optional[list]:
+def low_rank_factors(
+    task_vectors: TensorsLike, rank, rank_energy: float = RANK_ENERGY, *, sq_norms: Optional[torch.Tensor] = None
+) -> Optional[list]:
     """Rank-``k`` factors ``(left [out, k], right [k, in])`` of nonzero task vectors ``[T, out, in]``.
 
     ``rank=k`` (int): each task vector's randomized rank-``k`` SVD (``k + OVERSAMPLE`` columns).
@@ -142,7 +144,8 @@ def low_rank_factors(task_vectors: TensorsLike, rank, rank_energy: float = RANK_
     that keeps less than the share). Numerically-zero singular values are dropped. Returns None when
     no truncation is wanted: ``k >= min(out, in)``, ``rank_energy == 1``, or an auto ``k`` above
     ``min(out, in) / 2`` (the fast path would cost about as much as the exact solve, which keeps
-    all of the energy).
+    all of the energy). ``sq_norms``: the task vectors' squared Frobenius norms if the caller has
+    them (``rank="auto"`` needs them; one pass over each task vector saved).
     """
     tvs = _stack(task_vectors)
     _, n_out, n_in = tvs.shape
@@ -150,7 +153,8 @@ def low_rank_factors(task_vectors: TensorsLike, rank, rank_energy: float = RANK_
     if rank == "auto":
         if rank_energy >= 1:
             return None
-        found = [_auto_rank(tau, rank_energy, full // 2) for tau in tvs]
+        sq_norms = squared_norms(tvs) if sq_norms is None else sq_norms
+        found = [_auto_rank(tau, rank_energy, full // 2, sq) for tau, sq in zip(tvs, sq_norms)]
         if any(k is None for k, _ in found):
             return None
         k = max(k for k, _ in found)
@@ -193,6 +197,7 @@ def wudi_factored(
     keep_fraction: float = KEEP_FRACTION,
     init: Optional[torch.Tensor] = None,
     overwrite_init: bool = False,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``tau_m`` of Eq. 1 for task vectors given as products ``tau_i = left_i @ right_i``.
 
@@ -202,7 +207,8 @@ def wudi_factored(
     are exactly zero are skipped, as :func:`.wudi.wudi` skips zero task vectors; with none left the
     result is zero. ``init`` (default: the sum of the products) is the spectral flow's start
     (``closed_form`` ignores it); with ``overwrite_init`` the result
-    may be written into it, saving an [out, in] copy.
+    may be written into it, saving an [out, in] copy. ``out`` (``closed_form``; contiguous, of
+    the compute dtype): where to write the result, saving the same allocation.
     Computes in float32 (float64 if any factor is float64), returns that dtype.
     """
     if solver not in FAST_SOLVERS:
@@ -231,7 +237,10 @@ def wudi_factored(
     small_gram_size = problem.gram.shape[0]
     if solver == "closed_form":
         # closed_form_solve's rho = ridge * trace / (its Gram's size); both traces are T.
-        return closed_form_solve(problem, ridge=ridge * small_gram_size / full_gram_size) @ basis.T
+        small = closed_form_solve(problem, ridge=ridge * small_gram_size / full_gram_size)
+        if out is not None and out.shape == (n_out, n_in) and out.dtype == dtype and out.is_contiguous():
+            return torch.mm(small, basis.T, out=out)
+        return small @ basis.T
     keep = math.ceil(keep_fraction * full_gram_size)  # directions the exact solver would keep
     small_keep_fraction = 1.0 if keep >= small_gram_size else (keep - 0.5) / small_gram_size
     if init is None:  # the sum of the products lies in span(Q): nothing outside it to keep
@@ -253,16 +262,31 @@ def low_rank_merged_task_vector(
     ridge: float = RIDGE,
     time: float = FLOW_TIME,
     keep_fraction: float = KEEP_FRACTION,
+    sq_norms: Optional[torch.Tensor] = None,
+    overwrite_task_vectors: bool = False,
 ) -> Optional[torch.Tensor]:
     """``tau_m`` of Eq. 1 for the rank-``k`` truncations of nonzero task vectors ``[T, out, in]``
     (:func:`low_rank_factors`), solved by :func:`wudi_factored`; the spectral flow starts from the
     sum of the untruncated task vectors, whose part outside the truncations' row span stays as it is.
-    Returns None when :func:`low_rank_factors` wants no truncation (use the exact solver)."""
+    Returns None when :func:`low_rank_factors` wants no truncation (use the exact solver).
+
+    ``sq_norms``: the task vectors' squared norms, if known. ``overwrite_task_vectors``: the caller
+    no longer needs the (float32 / float64) task vectors; the result is built in ``task_vectors[0]``
+    (on an LLM a fresh [out, in] buffer costs more in page faults than the arithmetic put in it).
+    """
     check_rank_options(rank, rank_energy, solver)
     tvs = _stack(task_vectors)
-    factors = low_rank_factors(tvs, rank, rank_energy)
+    factors = low_rank_factors(tvs, rank, rank_energy, sq_norms=sq_norms)
     if factors is None:
         return None
-    init = tvs.sum(dim=0) if solver == "spectral" else None
-    return wudi_factored(factors, solver, ridge=ridge, time=time, keep_fraction=keep_fraction, init=init,
-                         overwrite_init=True)
+    copied = not isinstance(task_vectors, torch.Tensor) or tvs.data_ptr() != task_vectors.data_ptr()
+    reuse = tvs.is_contiguous() and (copied or overwrite_task_vectors)
+    if solver == "closed_form":
+        return wudi_factored(factors, solver, ridge=ridge, out=tvs[0] if reuse else None)
+    if reuse:
+        init = tvs[0]
+        for tau in tvs[1:]:
+            init.add_(tau)
+    else:
+        init = tvs.sum(dim=0)
+    return wudi_factored(factors, solver, time=time, keep_fraction=keep_fraction, init=init, overwrite_init=True)
