@@ -191,15 +191,18 @@ def _grid_lines(results: dict, summary: dict) -> list:
     """The solver-option grids scored on validation."""
     lines = []
     for title, key, label in [("WUDI spectral: flow_time", "_spectral_flow_time_val", "t"),
-                              ("WUDI closed_form: ridge", "_closed_form_ridge_val", "ridge")]:
-        lines += [f"## {title} on the validation split (mean val acc over seeds)", ""]
+                              ("WUDI closed_form: ridge", "_closed_form_ridge_val", "ridge"),
+                              ("WUDI fast path, spectral: rank_energy", "_spectral_rank_energy_val", "energy"),
+                              ("WUDI fast path, closed_form: rank_energy", "_closed_form_rank_energy_val", "energy")]:
+        section = []
         for k in summary:
             grids = [s["subsets"][k]["methods"].get(key) for s in results["seeds"].values() if k in s["subsets"]]
             grids = [g for g in grids if g]
             if grids:
-                lines.append(f"- {k} tasks: " + ", ".join(f"{label}={v}: {100*mean([g[v] for g in grids]):.1f}"
-                                                         for v in grids[0]))
-        lines.append("")
+                section.append(f"- {k} tasks: " + ", ".join(f"{label}={v}: {100*mean([g[v] for g in grids]):.1f}"
+                                                           for v in grids[0]))
+        if section:
+            lines += [f"## {title} on the validation split (mean val acc over seeds)", "", *section, ""]
     return lines
 
 

@@ -202,7 +202,8 @@ def sweep(sizes, methods, experts: int, cache: Path, out: Path, stem: str, threa
                 save()
             if not keep_models:
                 shutil.rmtree(root, ignore_errors=True)
-        if "closed_form_solver_total_s" not in entry.get("floor", {}):  # results of older runs lack it
+        exact_rows = any(entry["rows"].get(m, {}).get("ok") for m in ("closed_form", "spectral"))
+        if exact_rows and "closed_form_solver_total_s" not in entry.get("floor", {}):  # older runs lack it
             print(f"[sweep] {size}: compute floor ...", flush=True)
             entry["floor"] = compute_floor(size, experts, threads)
         add_floor_distance(entry)
