@@ -106,18 +106,20 @@ def render_sweep_md(r: dict) -> str:
              "Floor: float32 Gram products + Cholesky (closed_form) or + eigh (spectral) of every linear weight, "
              "no I/O. Solver: the exact closed_form solver itself on in-memory float32 task vectors (Gram, "
              "right-hand side, Cholesky, solve), no I/O.", ""]
+    with_floor = any("ratio_vs_io_plus_floor" in row for e in r["sizes"].values() for row in e["rows"].values())
     for size, e in sorted(r["sizes"].items(), key=lambda kv: kv[1]["parameters"]):
         lines += [f"**{size}** ({e['parameters'] / 1e9:.2f} B parameters)", "",
-                  "| method | wall s | x TA | CPU s | x TA | RssAnon MiB | x TA | RssFile MiB | x TA | / (TA + floor) "
-                  "| / (TA + solver) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | wall s | x TA | CPU s | x TA | RssAnon MiB | x TA | RssFile MiB | x TA |"
+                  + (" / (TA + floor) | / (TA + solver) |" if with_floor else ""),
+                  "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if with_floor else "")]
         for name, row in e["rows"].items():
             lines.append(
                 f"| {name} | {_f(row['wall_s'])} | {_f(row.get('wall_s_ratio_vs_ta'), '{:.2f}')} | "
                 f"{_f(row['cpu_s'])} | {_f(row.get('cpu_s_ratio_vs_ta'), '{:.2f}')} | "
                 f"{_f(row['peak_rss_anon_mib'], '{:.0f}')} | {_f(row.get('peak_rss_anon_mib_ratio_vs_ta'), '{:.2f}')} | "
-                f"{_f(row['peak_rss_file_mib'], '{:.0f}')} | {_f(row.get('peak_rss_file_mib_ratio_vs_ta'), '{:.2f}')} | "
-                f"{_f(row.get('ratio_vs_io_plus_floor'), '{:.2f}')} | {_f(row.get('ratio_vs_io_plus_solver'), '{:.2f}')} |"
+                f"{_f(row['peak_rss_file_mib'], '{:.0f}')} | {_f(row.get('peak_rss_file_mib_ratio_vs_ta'), '{:.2f}')} |"
+                + (f" {_f(row.get('ratio_vs_io_plus_floor'), '{:.2f}')} | "
+                   f"{_f(row.get('ratio_vs_io_plus_solver'), '{:.2f}')} |" if with_floor else "")
                 + ("" if row.get("ok") else " FAILED"))
         f = e.get("floor")
         if f:
