@@ -310,3 +310,20 @@ def test_mudsc_strategy_at_fit_end_keeps_aligned_heads(tmp_path):
     with pytest.raises(ValueError, match="mode='zip' cannot keep per-task tensors out of the merge"):
         make_trainer(tmp_path, [zipped], max_steps=1).fit(TinyModel(seed=0), task_loader(0))
     assert not (tmp_path / "zip" / "merged.safetensors").exists()
+
+
+def test_the_low_rank_fast_path_through_the_callback(tmp_path):
+    """`rank` (issue 12) reaches the solver from the callback's parameters."""
+    g = torch.Generator().manual_seed(0)
+    base_path, experts = write_inputs(tmp_path, lambda state, base: {
+        n: t + 0.05 * torch.randn(t.shape, generator=g) for n, t in state.items()})  # full-rank task vectors
+    fast = {"solver": "spectral", "rank": 1}
+    callback = WUDIMergeCallback(parameters=fast, experts=experts, base=base_path, output=str(tmp_path / "out"))
+    model = TinyModel()
+    make_trainer(tmp_path, [callback], max_steps=1).fit(model, task_loader(0))
+
+    merged = load_state_dict(callback.merged_path)
+    assert_same(merged, direct_merge("wudi", fast, base_path, experts, model))
+    exact = direct_merge("wudi", {"solver": "spectral"}, base_path, experts, model)
+    assert not torch.allclose(merged["body.0.weight"], exact["body.0.weight"], atol=1e-4)  # rank 1 was used
+    assert torch.equal(merged["body.1.weight"], exact["body.1.weight"])  # not a linear weight: the base

@@ -213,3 +213,12 @@ def test_rank_fast_path_from_yaml(llama_family, tmp_path):
         moved = exact[solver][name] - base[name]
         assert float((fast[name] - exact[solver][name]).norm() / moved.norm()) <= tol
         assert torch.equal(fast["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    # per-tensor, as every parameter: rank 1 on up_proj only, exact (rank >= size) elsewhere
+    filtered = [{"filter": "up_proj", "value": 1}, {"value": 10_000}]
+    out = tmp_path / "filtered"
+    run_merge(MergeConfiguration.model_validate(yaml_config(llama_family, solver="closed_form", rank=filtered)),
+              str(out), MergeOptions(copy_tokenizer=False, quiet=True))
+    fast = load(out)
+    assert not torch.allclose(fast[name], exact["closed_form"][name], atol=1e-6)
+    other = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(fast[other], exact["closed_form"][other])
