@@ -111,3 +111,22 @@ def test_task_vector_whose_squared_norm_underflows_is_skipped():
         only_first = W.merge_task_vectors(base, tvs[:1], solver=solver, iterations=5)
         assert torch.equal(merged, only_first)
         assert bool(torch.isfinite(merged).all())
+
+
+def test_a_non_finite_task_vector_is_an_error_never_a_skipped_expert():
+    # its squared norm is NaN / Inf, which is not "> 0": it must not pass for a zero task vector
+    base = torch.randn(6, 8)
+    for bad in (float("nan"), float("inf")):
+        tvs = torch.randn(3, 6, 8) * 0.1
+        tvs[1, 2, 3] = bad
+        for solver, rank in (("closed_form", None), ("closed_form", "auto"), ("spectral", 2), ("adam", None)):
+            with pytest.raises(NonFiniteError, match=r"non-finite values \(NaN or Inf\) in task vector 1"):
+                W.merge_task_vectors(base, tvs, solver=solver, rank=rank, iterations=2)
+        for solver in ("closed_form", "lowrank"):
+            with pytest.raises(NonFiniteError, match="task vector 1"):
+                W.wudi_merged_task_vector(tvs, solver, iterations=2)
+        with pytest.raises(NonFiniteError, match="task vector 1"):
+            L.low_rank_factors(tvs, "auto")
+    huge = torch.full((2, 4, 4), 1e30)  # finite, but its squared norm overflows float32
+    with pytest.raises(NonFiniteError, match="overflows torch.float32"):
+        W.merge_task_vectors(torch.zeros(4, 4), huge, solver="closed_form")

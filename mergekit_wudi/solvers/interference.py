@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from mergekit_wudi.solvers.numerics import compute_dtype, squared_norms
+from mergekit_wudi.solvers.numerics import compute_dtype, finite_squared_norms
 
 TensorsLike = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -121,7 +121,7 @@ def wudi_problem(
     """
     tvs = _stack(task_vectors)
     T, n_out, n_in = tvs.shape
-    sq_norms = squared_norms(tvs)
+    sq_norms = finite_squared_norms(tvs)
     if not bool((sq_norms > 0).all()):
         raise ValueError("wudi_problem: a task vector is exactly zero; drop it before solving")
     init = tvs.sum(dim=0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from mergekit_wudi.solvers.interference import InterferenceProblem, TensorsLike, _stack, _use_dual
-from mergekit_wudi.solvers.numerics import squared_norms
+from mergekit_wudi.solvers.numerics import finite_squared_norms
 
 
 def lowrank_problem(task_vectors: TensorsLike) -> InterferenceProblem:
@@ -22,7 +22,7 @@ def lowrank_problem(task_vectors: TensorsLike) -> InterferenceProblem:
     tvs = _stack(task_vectors)
     T, n_out, n_in = tvs.shape
     k = max(1, min(n_out, n_in) // T)
-    sq_norms = squared_norms(tvs)
+    sq_norms = finite_squared_norms(tvs)
     mean = tvs.mean(dim=0)
     xs, ys = [], []
     for tau, sq in zip(tvs, sq_norms):

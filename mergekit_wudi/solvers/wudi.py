@@ -47,7 +47,7 @@ from mergekit_wudi.solvers.interference import (  # noqa: F401  (re-exported: th
     wudi_problem,
 )
 from mergekit_wudi.solvers.matrix_functions import _apply_chebyshev, _chebyshev_gain, _flow_gain, _spectral_bound
-from mergekit_wudi.solvers.numerics import add_cast_, compute_dtype, squared_norms
+from mergekit_wudi.solvers.numerics import add_cast_, compute_dtype, finite_squared_norms
 from mergekit_wudi.solvers.optmerge import lowrank_problem
 from mergekit_wudi.solvers.task_vectors import task_vectors as task_vectors_of
 
@@ -248,7 +248,8 @@ def merge_task_vectors(
 
     ``weights[i]`` multiplies task vector ``i`` before solving. Task vectors that are (after
     weighting) zero, or so small that their squared norm is, are skipped: Eq. 1 divides by that
-    norm. Computes in float32 (float64 for float64 input) and returns the base's dtype.
+    norm; one with NaN / Inf (or a norm that overflows) raises :class:`.numerics.NonFiniteError`
+    naming it. Computes in float32 (float64 for float64 input) and returns the base's dtype.
     ``overwrite_task_vectors``: the caller is done with ``task_vectors`` and lets the solver reuse
     their buffer. ``solver_options`` go to :func:`wudi_merged_task_vector`.
     """
@@ -263,7 +264,7 @@ def merge_task_vectors(
     if any(w != 1 for w in weights):
         tvs = tvs * torch.tensor(weights, dtype=dtype, device=tvs.device).view(-1, *[1] * (tvs.ndim - 1))
         copied = True
-    sq_norms = squared_norms(tvs)
+    sq_norms = finite_squared_norms(tvs)
     nonzero = sq_norms > 0
     if not bool(nonzero.any()):
         return base.clone()

@@ -37,7 +37,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from mergekit_wudi.solvers.numerics import check_finite, squared_norms
+from mergekit_wudi.solvers.numerics import check_finite, finite_squared_norms
 from mergekit_wudi.solvers.wudi import (
     FLOW_TIME,
     KEEP_FRACTION,
@@ -153,7 +153,7 @@ def low_rank_factors(
     if rank == "auto":
         if rank_energy >= 1:
             return None
-        sq_norms = squared_norms(tvs) if sq_norms is None else sq_norms
+        sq_norms = finite_squared_norms(tvs) if sq_norms is None else sq_norms
         found = [_auto_rank(tau, rank_energy, full // 2, sq) for tau, sq in zip(tvs, sq_norms)]
         if any(k is None for k, _ in found):
             return None
