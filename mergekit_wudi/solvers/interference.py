@@ -25,6 +25,11 @@ def _stack(task_vectors: TensorsLike) -> torch.Tensor:
     return tvs.to(compute_dtype(tvs.dtype))
 
 
+def _is_copy(stacked: torch.Tensor, given: TensorsLike) -> bool:
+    """True when ``stacked`` (``given`` stacked or cast) is a new tensor: the caller may overwrite it."""
+    return not isinstance(given, torch.Tensor) or stacked.data_ptr() != given.data_ptr()
+
+
 @dataclass
 class InterferenceProblem:
     """The quadratic ``L(tau) = ||tau X - Y||_F^2`` of Eq. 1, kept in its cheaper space.

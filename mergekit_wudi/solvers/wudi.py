@@ -42,6 +42,7 @@ import torch
 from mergekit_wudi.solvers.interference import (  # noqa: F401  (re-exported: the problem is part of this API)
     InterferenceProblem,
     TensorsLike,
+    _is_copy,
     _stack,
     _use_dual_direct,
     wudi_problem,
@@ -260,7 +261,7 @@ def merge_task_vectors(
     # No copy of the (LLM-sized) task vectors unless a weight or a zero task vector asks for one.
     tvs = task_vectors.to(dtype) if isinstance(task_vectors, torch.Tensor) else torch.stack(
         [tv.to(dtype) for tv in task_vectors])
-    copied = not isinstance(task_vectors, torch.Tensor) or tvs.data_ptr() != task_vectors.data_ptr()
+    copied = _is_copy(tvs, task_vectors)
     if any(w != 1 for w in weights):
         tvs = tvs * torch.tensor(weights, dtype=dtype, device=tvs.device).view(-1, *[1] * (tvs.ndim - 1))
         copied = True

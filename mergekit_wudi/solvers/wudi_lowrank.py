@@ -44,6 +44,7 @@ from mergekit_wudi.solvers.wudi import (
     RANK_ENERGY,
     RIDGE,
     TensorsLike,
+    _is_copy,
     _stack,
     _use_dual_direct,
     closed_form_solve,
@@ -279,8 +280,7 @@ def low_rank_merged_task_vector(
     factors = low_rank_factors(tvs, rank, rank_energy, sq_norms=sq_norms)
     if factors is None:
         return None
-    copied = not isinstance(task_vectors, torch.Tensor) or tvs.data_ptr() != task_vectors.data_ptr()
-    reuse = tvs.is_contiguous() and (copied or overwrite_task_vectors)
+    reuse = tvs.is_contiguous() and (_is_copy(tvs, task_vectors) or overwrite_task_vectors)
     if solver == "closed_form":
         return wudi_factored(factors, solver, ridge=ridge, out=tvs[0] if reuse else None)
     if reuse:
