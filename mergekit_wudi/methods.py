@@ -1,6 +1,8 @@
 """mergekit 0.1.5 kernels: thin adapters that validate, pick tensors and call the solvers.
 
-``merge_method: wudi`` in a mergekit YAML runs :func:`wudi_kernel` once per output tensor. The
+``merge_method: wudi`` in a mergekit YAML runs :func:`wudi_kernel` once per output tensor;
+``tsv_merge``, ``iso_c`` and ``iso_cts`` (the subspace methods WUDI is compared with) run
+:func:`tsv_merge_kernel`, :func:`iso_c_kernel`, :func:`iso_cts_kernel`. The
 math lives in :mod:`mergekit_wudi.solvers`; nothing here reimplements it. Importing this module
 has no side effects: :mod:`mergekit_wudi.registration` puts :data:`METHODS` into mergekit's registry.
 """
@@ -30,6 +32,7 @@ from typing_extensions import Annotated
 
 from mergekit_wudi.linear_weights import is_linear_weight
 from mergekit_wudi.solvers import awd as awd_solvers
+from mergekit_wudi.solvers import subspace_merging
 from mergekit_wudi.solvers import wudi as wudi_solvers
 from mergekit_wudi.solvers.numerics import check_finite, compute_dtype
 from mergekit_wudi.solvers.task_vectors import (
@@ -193,6 +196,104 @@ def wudi_kernel(
     return merged.to(base.dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# The subspace methods the quality benchmark compares WUDI with: TSV-M, Iso-C, Iso-CTS.
+
+
+
+def _alpha(method: str):
+    return Annotated[float, _checked("alpha", minimum=0, owner=method)]
+
+
+def _non_linear(method: str):
+    return Annotated[str, _checked("non_linear", choices=NON_LINEAR_RULES, owner=method)]
+
+
+def subspace_merge(group: TensorGroup, method: str, alpha: float, non_linear: str, linear: Optional[bool],
+                   **options: Any) -> torch.Tensor:
+    """One tensor of ``tsv_merge`` / ``iso_c`` / ``iso_cts``: a linear weight
+    (:func:`mergekit_wudi.linear_weights.is_linear_weight`, ``linear`` overrides) gets
+    :func:`mergekit_wudi.solvers.subspace_merging.merge_task_vectors`; every other tensor
+    ``non_linear`` (default ``mean``: ``W0 + alpha * mean_i tau_i``, what both authors' codes do with
+    the tensors they do not decompose)."""
+    check_group_finite(group)
+    base = group.base.tensor
+    meta = group.metadata
+    is_linear = is_linear_weight(meta.name, base.shape, meta.vocabulary_axis, linear)
+    if not is_linear and non_linear == "base":
+        return base
+    if is_linear and base.ndim != 2:
+        raise ValueError(f"{method}: tensor {meta.name!r} has shape {tuple(base.shape)}; 'linear: true' needs a 2-D "
+                         "weight (TSV-M / Iso decompose matrices)")
+    tvs = task_vector_stack(base, [entry.tensor for entry in group.non_base])
+    if is_linear:
+        merged = subspace_merging.merge_task_vectors(base, tvs, method, alpha=alpha, **options)
+    else:
+        merged = combine_task_vectors(base, tvs, [1.0] * len(tvs), rule=non_linear, scaling=alpha)
+    check_result_finite(merged, group, method, dict(alpha=alpha, non_linear=non_linear, **options))
+    return merged.to(base.dtype)
+
+
+@merge_method(
+    name="tsv_merge",
+    pretty_name="TSV-Merge",
+    reference_url="https://arxiv.org/abs/2412.00081",
+    contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+)
+def tsv_merge_kernel(
+    group: TensorGroup,
+    alpha: _alpha("tsv_merge") = 1.0,
+    sv_reduction: Annotated[
+        Optional[float], _checked("sv_reduction", minimum=0, inclusive=False, maximum=1, owner="tsv_merge")
+    ] = None,
+    non_linear: _non_linear("tsv_merge") = "mean",
+    linear: Optional[bool] = None,
+) -> torch.Tensor:
+    """TSV-M (arXiv 2412.00081, Sec. 5): per task the top ``sv_reduction * min(out, in)`` singular
+    triplets (default ``1/T``), their stacked singular vectors orthogonalised, ``W0 + alpha * tau_m``
+    (:func:`mergekit_wudi.solvers.subspace_merging.tsv_merged_task_vector`)."""
+    return subspace_merge(group, "tsv_merge", alpha, non_linear, linear, sv_reduction=sv_reduction)
+
+
+@merge_method(
+    name="iso_c",
+    pretty_name="Iso-C",
+    reference_url="https://arxiv.org/abs/2502.04959",
+    contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+)
+def iso_c_kernel(
+    group: TensorGroup,
+    alpha: _alpha("iso_c") = 1.0,
+    non_linear: _non_linear("iso_c") = "mean",
+    linear: Optional[bool] = None,
+) -> torch.Tensor:
+    """Iso-C (arXiv 2502.04959, Sec. 4.1): the sum of the task vectors with a flat spectrum (every
+    singular value their mean), ``W0 + alpha * tau_m``
+    (:func:`mergekit_wudi.solvers.subspace_merging.iso_c_merged_task_vector`)."""
+    return subspace_merge(group, "iso_c", alpha, non_linear, linear)
+
+
+@merge_method(
+    name="iso_cts",
+    pretty_name="Iso-CTS",
+    reference_url="https://arxiv.org/abs/2502.04959",
+    contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+)
+def iso_cts_kernel(
+    group: TensorGroup,
+    alpha: _alpha("iso_cts") = 1.0,
+    common_space_fraction: Annotated[
+        float, _checked("common_space_fraction", minimum=0, maximum=1, owner="iso_cts")
+    ] = subspace_merging.ISO_CTS_COMMON_SPACE_FRACTION,
+    non_linear: _non_linear("iso_cts") = "mean",
+    linear: Optional[bool] = None,
+) -> torch.Tensor:
+    """Iso-CTS (arXiv 2502.04959, Sec. 4.2): Iso-C's common subspace (``common_space_fraction`` of the
+    rank) plus task-specific directions, orthogonalised, flat spectrum, ``W0 + alpha * tau_m``
+    (:func:`mergekit_wudi.solvers.subspace_merging.iso_cts_merged_task_vector`)."""
+    return subspace_merge(group, "iso_cts", alpha, non_linear, linear, common_space_fraction=common_space_fraction)
+
+
 @dataclasses.dataclass(frozen=True)
 class PreprocessedMerge(GroupMergeMethod):
     """A mergekit built-in (``task_arithmetic``, ``ties``, ...) with AWD / LwPTV pre-processing.
@@ -264,4 +365,4 @@ preprocessed_ties = PreprocessedMerge(
     method_pretty_name="TIES with AWD/LwPTV pre-processing",
 )
 
-METHODS = (wudi_kernel, preprocessed_task_arithmetic, preprocessed_ties)
+METHODS = (wudi_kernel, preprocessed_task_arithmetic, preprocessed_ties, tsv_merge_kernel, iso_c_kernel, iso_cts_kernel)
