@@ -1,17 +1,18 @@
 """The baseline table of the quality benchmark (issue #13): every mergekit 0.1.5 method that merges
-several fine-tunes of one base, plus the TSV-M / Iso-C / Iso-CTS reference rows, each with the small
+several fine-tunes of one base, plus TSV-M / Iso-C / Iso-CTS (``tsv_merge``, ``iso_c``, ``iso_cts``,
+registered by this package: :mod:`mergekit_wudi.solvers.subspace_merging`), each with the small
 validation grid it is tuned over.
 
 Every row is a :class:`MethodSpec`; ``spec.merge(base_sd, expert_sds, params, seed)`` returns the
 merged state dict for one grid point ``params``. ``expert_sds`` maps expert ids (e.g. task names) to
-state dicts. mergekit rows go through ``mergekit.merge_methods.api.merge_state_dicts`` (the registry),
+state dicts. Every row goes through ``mergekit.merge_methods.api.merge_state_dicts`` (the registry),
 with the base under the id ``"base"``; per-model parameters in a grid point are scalars here and are
 expanded to ``{expert_id: value}`` mappings. Stochastic rows (DARE and DELLA: Bernoulli masks) seed
 torch's global generator with ``seed`` right before the merge, so a (grid point, seed) pair is
 reproducible; average them over the benchmark's expert seeds.
 
 ``spec.scale_param`` names the knob that only scales the merged task vector (``lambda`` in mergekit's
-generalized task arithmetic: ``W0 + lambda * mixed_delta``; ``alpha`` in the reference rows:
+generalized task arithmetic: ``W0 + lambda * mixed_delta``; ``alpha`` in the subspace rows:
 ``W0 + alpha * tau_m``), so a runner may merge once at 1.0 and score ``W0 + v * (merged - W0)`` for
 every value ``v``. This is exact for the deterministic rows; for stochastic rows it is exact only if
 the same seed is used (the masks do not depend on lambda).
@@ -38,9 +39,12 @@ iso_c                 alpha in {0.5, 1.0, 1.5, 2.0}
 iso_cts               alpha in {0.5, 1.0, 1.5, 2.0}, common_space_fraction 0.8
 ====================  ==========================================================================
 
-The lambda grids for the sum-based rows (normalize=False) centre on ~1/T..1 as task arithmetic's
-does; the normalized rows (ties, della: mean of the kept deltas) on 1..2 as TIES's paper. The alpha
-grids of the reference rows cover the part of the authors' ``linspace(0, 3, 31)[1:]`` search where
+The subspace rows decompose every 2-D floating tensor, as the authors' code does (embeddings
+included; the ``linear`` parameter is set per tensor), and give every other tensor
+``W0 + alpha * mean tau`` (their ``non_linear: mean`` default, the authors' rule). The lambda grids
+for the sum-based rows (normalize=False) centre on ~1/T..1 as task arithmetic's does; the normalized
+rows (ties, della: mean of the kept deltas) on 1..2 as TIES's paper. The alpha grids of the subspace
+rows cover the part of the authors' ``linspace(0, 3, 31)[1:]`` search where
 their chosen values lie for 8 tasks (about 1); widen them if the chosen value sits at an edge.
 WUDI, AWD, LwPTV and lowrank are not here: the quality code already runs them.
 """
@@ -54,10 +58,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-try:  # imported as ``benchmarks.baselines`` (tests) or as ``baselines`` (benchmarks/ on sys.path)
-    from benchmarks import reference_methods
-except ImportError:  # pragma: no cover
-    import reference_methods
+from mergekit_wudi.solvers.numerics import compute_dtype
+from mergekit_wudi.solvers.subspace_merging import ISO_CTS_COMMON_SPACE_FRACTION
 
 StateDict = Mapping[str, torch.Tensor]
 MergeFn = Callable[[StateDict, Mapping[str, StateDict], Mapping[str, Any], int], dict]
@@ -99,12 +101,15 @@ class MethodSpec:
     min_experts: int = 1
 
 
-def mergekit_merge(method: str, *, stochastic: bool, with_base: bool = True) -> MergeFn:
+def mergekit_merge(method: str, *, stochastic: bool, with_base: bool = True,
+                   linear: Optional[Callable[[str, torch.Tensor], bool]] = None) -> MergeFn:
     """A ``merge`` for a registered mergekit method through ``merge_state_dicts``.
 
     Grid keys listed in ``PER_MODEL[method]`` become ``{expert_id: value}`` mappings; every other key
     is a global parameter, except ``with_base`` (multislerp only here), which decides whether the
-    base model is an input (the default is this function's ``with_base``)."""
+    base model is an input (the default is this function's ``with_base``). ``linear(name, base tensor)``
+    sets the per-tensor ``linear`` parameter (our methods: which tensors are decomposed)."""
+    from mergekit.merge_methods import PerGroupValues
     from mergekit.merge_methods.api import merge_state_dicts
 
     per_model = PER_MODEL.get(method, ())
@@ -119,6 +124,8 @@ def mergekit_merge(method: str, *, stochastic: bool, with_base: bool = True) -> 
             key: ({expert_id: value for expert_id in expert_sds} if key in per_model else value)
             for key, value in params.items()
         }
+        if linear is not None:
+            parameters["linear"] = PerGroupValues([linear(name, t) for name, t in base_sd.items()])
         if stochastic:
             torch.manual_seed(seed)
         with torch.no_grad():
@@ -127,22 +134,14 @@ def mergekit_merge(method: str, *, stochastic: bool, with_base: bool = True) -> 
     return merge
 
 
-def reference_merge(method: str, *, is_matrix: Optional[reference_methods.IsMatrix] = None) -> MergeFn:
-    """A ``merge`` for a reference row (:mod:`reference_methods`); non-matrix tensors are averaged as
-    in the authors' code (``W0 + alpha * mean tau``). ``seed`` is unused (deterministic)."""
-
-    def merge(base_sd: StateDict, expert_sds: Mapping[str, StateDict], params: Mapping[str, Any], seed: int):
-        with torch.no_grad():
-            return reference_methods.merge_state_dict(
-                method, base_sd, list(expert_sds.values()), is_matrix=is_matrix, **params
-            )
-
-    return merge
+def authors_matrices(name: str, tensor: torch.Tensor) -> bool:
+    """The tensors TSV-M / Iso decompose in the authors' code: every 2-D floating tensor (theirs also
+    skips CLIP's ``text_projection``, which our models do not have)."""
+    return tensor.ndim == 2 and tensor.is_floating_point()
 
 
-def method_table(is_matrix: Optional[reference_methods.IsMatrix] = None) -> list[MethodSpec]:
-    """All rows. ``is_matrix(name, base_tensor)`` picks the tensors the reference rows decompose
-    (default: every 2-D floating tensor); mergekit rows merge every tensor as mergekit does."""
+def method_table() -> list[MethodSpec]:
+    """All rows, each merging through mergekit's registry."""
     w = {"weight": 1.0}
 
     def gta(name, family, densities, lambdas, stochastic, **fixed):
@@ -152,8 +151,8 @@ def method_table(is_matrix: Optional[reference_methods.IsMatrix] = None) -> list
 
     def ref(name, **fixed):
         grid = [{**fixed, "alpha": a} for a in ALPHAS_REFERENCE]
-        return MethodSpec(name, "subspace", grid, False, reference_merge(name, is_matrix=is_matrix),
-                          scale_param="alpha")
+        return MethodSpec(name, "subspace", grid, False,
+                          mergekit_merge(name, stochastic=False, linear=authors_matrices), scale_param="alpha")
 
     return [
         MethodSpec("task_arithmetic", "task arithmetic",
@@ -178,7 +177,7 @@ def method_table(is_matrix: Optional[reference_methods.IsMatrix] = None) -> list
                    mergekit_merge("multislerp", stochastic=False)),
         ref("tsv_merge"),
         ref("iso_c"),
-        ref("iso_cts", common_space_fraction=reference_methods.ISO_CTS_COMMON_SPACE_FRACTION),
+        ref("iso_cts", common_space_fraction=ISO_CTS_COMMON_SPACE_FRACTION),
     ]
 
 
@@ -190,7 +189,7 @@ def scaled_state_dict(base_sd: StateDict, merged: StateDict, value: float) -> di
         if not v.is_floating_point():
             out[k] = v
             continue
-        dtype = reference_methods.compute_dtype(v.dtype)
+        dtype = compute_dtype(v.dtype)
         w0 = base_sd[k].to(dtype)
         out[k] = (w0 + value * (v.to(dtype) - w0)).to(v.dtype)
     return out

@@ -257,9 +257,39 @@ def test_baseline_table_plugs_into_the_quality_rows():
     assert expected <= set(names) and {"dare_ties", "della", "model_stock", "tsv_merge", "iso_cts"} <= expected
 
 
+def test_every_baseline_row_merges_a_tiny_model_at_every_grid_point():
+    """Every row of benchmarks/baselines.py through mergekit's registry; the subspace rows decompose every 2-D
+    tensor as the authors' code does (here an embedding the package's own rule would only average)."""
+    from benchmarks import baselines
+    from mergekit_wudi.solvers import subspace_merging
+
+    torch.manual_seed(4)
+    base = {"layer.weight": torch.randn(6, 5), "layer.bias": torch.randn(6), "norm.weight": torch.ones(6),
+            "embeddings.word_embeddings.weight": torch.randn(9, 4)}
+    experts = {f"task_{i}": {k: v + 0.05 * torch.randn(v.shape) for k, v in base.items()} for i in range(3)}
+    table = baselines.method_table()
+    assert {row.name for row in table} >= {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                                           "breadcrumbs_ties", "della", "della_linear", "model_stock", "sce",
+                                           "karcher", "linear", "multislerp", "tsv_merge", "iso_c", "iso_cts"}
+    for row in table:
+        for point in row.grid:
+            merged = row.merge(base, experts, point, 0)
+            assert set(merged) == set(base), row.name
+            for name, tensor in merged.items():
+                assert tensor.shape == base[name].shape and torch.isfinite(tensor).all(), (row.name, point, name)
+            if row.stochastic:  # the same seed gives the same masks
+                again = row.merge(base, experts, point, 0)
+                assert all(torch.equal(merged[n], again[n]) for n in merged), row.name
+            if row.family == "subspace":
+                solver = getattr(subspace_merging, row.name)
+                for name in ("layer.weight", "embeddings.word_embeddings.weight"):
+                    expected = solver(base[name], [e[name] for e in experts.values()], **point)
+                    assert torch.equal(merged[name], expected), (row.name, point, name)
+
+
 def test_scale_shortcut_scores_the_same_models_as_merging_every_grid_point():
     """Validation scores each lambda / alpha as ``W0 + v * (merge at 1 - W0)``: that must BE the merge at ``v``,
-    for deterministic, stochastic (same seed, same masks) and reference rows; one merge per non-scale point."""
+    for deterministic, stochastic (same seed, same masks) and subspace rows; one merge per non-scale point."""
     import torch
 
     from benchmarks import baselines

@@ -7,8 +7,8 @@ and records one or more rows with ``ctx.record``. Adding a method row is one ent
     MethodSpec("dare_ties", lambda_tuned("dare_ties (d=0.2, val lambda)", "dare_ties",
                                          {"weight": 1.0, "density": 0.2}, grid=[0.5, 1.0, 1.5]))
 
-Modules ``benchmarks/baselines.py`` and ``benchmarks/reference_methods.py``, when present, are asked for a
-module-level ``METHOD_SPECS`` list, appended after the built-in rows (see :func:`method_specs`).
+The module ``benchmarks/baselines.py`` (every mergekit baseline, TSV-M, Iso-C and Iso-CTS), when present, is
+asked for a module-level ``METHOD_SPECS`` list, appended after the built-in rows (see :func:`method_specs`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ..common import mean
 if TYPE_CHECKING:  # the context a spec runs in (subset.py imports this module)
     from .subset import SubsetContext
 
-EXTRA_SPEC_MODULES = ("benchmarks.baselines", "benchmarks.reference_methods")
+EXTRA_SPEC_MODULES = ("benchmarks.baselines",)
 
 
 def merge(models: dict, method: str, params: dict):

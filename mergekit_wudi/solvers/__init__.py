@@ -8,4 +8,6 @@
 - :mod:`.awd`: AWD task-vector disentanglement (arXiv 2411.18729), ``disentangle(task_vectors)``.
 - :mod:`.lwptv`: LwPTV layer-wise task-vector pruning (arXiv 2506.09093), ``saliency``,
   ``layer_mask``, ``apply_mask``, ``layer_masks``.
+- :mod:`.subspace_merging`: the methods WUDI is compared with, merging in singular subspaces:
+  TSV-M (arXiv 2412.00081) and Iso-C / Iso-CTS (arXiv 2502.04959), ``tsv_merge``, ``iso_c``, ``iso_cts``.
 """
