@@ -1,8 +1,9 @@
 """Framework-free merging math: plain functions, tensors in, tensor out (no mergekit, no Lightning).
 
 - :mod:`.wudi`: WUDI-Merging solvers (arXiv 2503.08099); the problem they solve is in
-  :mod:`.interference`, the spectral solver's matrix functions in :mod:`.matrix_functions`, OptMerge's
-  low-rank problem in :mod:`.optmerge`.
+  :mod:`.interference`, its three solvers and their defaults in :mod:`.interference_solvers`, the
+  spectral solver's matrix functions in :mod:`.matrix_functions`, OptMerge's low-rank problem in
+  :mod:`.optmerge`, the rank-``k`` fast path in :mod:`.wudi_lowrank`.
 - :mod:`.task_vectors`: task vectors, their pre-processing (LwPTV then AWD) and the non-linear rule.
 - :mod:`.numerics`: the compute dtype and the finite check every solver uses.
 - :mod:`.awd`: AWD task-vector disentanglement (arXiv 2411.18729), ``disentangle(task_vectors)``.
