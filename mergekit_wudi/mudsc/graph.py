@@ -21,12 +21,11 @@ module or function: MuDSC never silently merges a graph it does not understand. 
 touch fixed tensors (input preprocessing, concatenating output heads) are allowed.
 
 What each module / function does to the groups is a table in :mod:`.ops`; this module walks the graph
-(:class:`GraphBuilder`, a union-find over groups) and turns the result into a :class:`MergeSpec`.
+(:class:`GraphBuilder`, a :class:`~.groups.UnitGroups`: a union-find over groups) and turns the result into a :class:`MergeSpec`.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -34,8 +33,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .features import FeatureRecorder
-from .ops import FUNCTION_OPS, METHOD_OPS, MODULE_OPS, SHAPE_QUERIES, SUPPORTED_MODULES, OpCall
-from .spec import FIXED, OUT, FeaturePoint, Group, Member, MergeSpec, NodeUnits, ParamAxis, UnsupportedModuleError
+from .groups import OpCall, UnitGroups
+from .ops import FUNCTION_OPS, METHOD_OPS, MODULE_OPS, SHAPE_QUERIES, SUPPORTED_MODULES
+from .spec import FIXED, OUT, Group, Member, MergeSpec, NodeUnits, ParamAxis, UnsupportedModuleError
 
 __all__ = ["UnsupportedModuleError", "Member", "Group", "MergeSpec", "build_spec", "FeatureRecorder",
            "SUPPORTED_MODULES", "GraphBuilder"]
@@ -62,92 +62,15 @@ def _describe(node: fx.Node) -> str:
     return f"{node.op} {getattr(node.target, '__name__', node.target)} (node {node.name})"
 
 
-class GraphBuilder:
+class GraphBuilder(UnitGroups):
     """Walks a traced graph once, node by node, and unions the unit groups the ops tie together."""
 
     def __init__(self, gm: fx.GraphModule):
+        super().__init__()
         self.gm = gm
         self.modules = dict(gm.named_modules())
         self.params = dict(gm.named_parameters())
         self.params.update(dict(gm.named_buffers()))
-        self.parent = {FIXED: FIXED}
-        self.groups: dict[int, Group] = {}  # root gid -> group (FIXED has none)
-        self.node_units: dict[str, Optional[NodeUnits]] = {}  # node name -> its units (None: not a tensor)
-        self.extractors: dict[str, list] = {}
-        self.concatenations: set[str] = set()
-        self.next_id = 1
-
-    # --- union-find over groups -----------------------------------------------------------
-    def find(self, g: int) -> int:
-        while self.parent[g] != g:
-            self.parent[g] = self.parent[self.parent[g]]
-            g = self.parent[g]
-        return g
-
-    def union(self, a: int, b: int, where: str) -> int:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return ra
-        if FIXED in (ra, rb):
-            keep, drop = FIXED, (rb if ra == FIXED else ra)
-        else:
-            keep, drop = min(ra, rb), max(ra, rb)
-            ga, gb = self.groups[keep], self.groups[drop]
-            if ga.size != gb.size:
-                raise UnsupportedModuleError(f"{where}: adds tensors of {ga.size} and {gb.size} units")
-            if ga.block != gb.block and ga.block > 1 and gb.block > 1:
-                raise UnsupportedModuleError(f"{where}: incompatible unit blocks {ga.block} vs {gb.block}")
-            ga.block = max(ga.block, gb.block)
-            ga.within = ga.within and gb.within
-        self.parent[drop] = keep
-        dropped = self.groups.pop(drop, None)
-        if keep != FIXED:
-            self.groups[keep].members += dropped.members
-            self.groups[keep].features += dropped.features
-        return keep
-
-    def root_group(self, gid: int) -> Optional[Group]:
-        """The group ``gid`` now belongs to, or None when it is fixed."""
-        return self.groups.get(self.find(gid))
-
-    def new_group(self, size: int, name: str, block: int = 1, within: bool = True) -> int:
-        gid = self.next_id
-        self.next_id += 1
-        self.parent[gid] = gid
-        self.groups[gid] = Group(gid=gid, size=size, block=block, within=within, name=name)
-        return gid
-
-    def add_member(self, gid: int, param: str, axis: int, role: str, tile: int = 1) -> None:
-        group = self.root_group(gid)
-        if group is not None:
-            group.members.append(Member(param, axis, role, tile))
-
-    def add_members(self, gid: int, module: nn.Module, prefix: str, entries: tuple) -> None:
-        """``entries``: ``(tensor path under module, axis, role, tile)``; absent tensors (None) are skipped."""
-        for path, axis, role, tile in entries:
-            if functools.reduce(getattr, path.split("."), module) is not None:
-                self.add_member(gid, f"{prefix}.{path}", axis, role, tile)
-
-    def add_feature(self, gid: int, node: fx.Node, priority: int, feature) -> None:
-        group = self.root_group(gid)
-        if group is not None:
-            group.features.append(FeaturePoint(priority, feature.key))
-            self.extractors.setdefault(node.name, []).append(feature)
-
-    # --- node states ------------------------------------------------------------------------
-    def units(self, node: fx.Node) -> Optional[NodeUnits]:
-        return self.node_units[node.name]
-
-    def set_units(self, node: fx.Node, units: Optional[NodeUnits]) -> None:
-        self.node_units[node.name] = units
-
-    def fix(self, node: fx.Node, where: str) -> None:
-        self.union(self.units(node).gid, FIXED, where)
-
-    def tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
-        found: list[fx.Node] = []
-        fx.node.map_arg((node.args, node.kwargs), found.append)
-        return [n for n in found if self.node_units.get(n.name) is not None]
 
     # --- the walk: one method per fx node kind ----------------------------------------------
     def placeholder(self, node: fx.Node) -> None:

@@ -2,8 +2,8 @@
 
 Three tables drive :class:`~.graph.GraphBuilder`: :data:`MODULE_OPS` (module type -> handler, first
 ``isinstance`` match wins), :data:`FUNCTION_OPS` (``call_function`` target -> handler) and
-:data:`METHOD_OPS` (tensor method name -> handler). A handler gets the builder and the :class:`OpCall`
-and sets the units of the call's output. Anything not in a table that a permuted tensor flows into is
+:data:`METHOD_OPS` (tensor method name -> handler). A handler gets the groups being built
+(:class:`~.groups.UnitGroups`) and the :class:`~.groups.OpCall`, and sets the units of the call's output. Anything not in a table that a permuted tensor flows into is
 refused by the builder (:class:`~.spec.UnsupportedModuleError`).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -20,10 +20,8 @@ import torch.nn.functional as F
 
 from .features import P_ACT, P_BLOCK, P_LIN, P_NORM, UnitFeature
 from .spec import FIXED, OUT, IN, NodeUnits, UnsupportedModuleError
+from .groups import OpCall, UnitGroups
 from .transformer import encoder, encoder_layer
-
-if TYPE_CHECKING:
-    from .graph import GraphBuilder
 
 __all__ = ["OpCall", "ModuleOp", "MODULE_OPS", "FUNCTION_OPS", "METHOD_OPS", "SHAPE_QUERIES", "SUPPORTED_MODULES"]
 
@@ -36,19 +34,7 @@ _WEIGHT_AND_BIAS = (("weight", 0, OUT, 1), ("bias", 0, OUT, 1))
 _BATCHNORM_TENSORS = _WEIGHT_AND_BIAS + (("running_mean", 0, OUT, 1), ("running_var", 0, OUT, 1))
 
 
-@dataclass
-class OpCall:
-    """One traced call: its tensor inputs, the tensor it transforms (its first argument), how errors
-    name it, and the module for ``call_module``."""
-
-    node: fx.Node
-    inputs: list[fx.Node]
-    source: Optional[fx.Node]
-    where: str
-    module: Optional[nn.Module] = None
-
-
-Handler = Callable[["GraphBuilder", OpCall], None]
+Handler = Callable[[UnitGroups, OpCall], None]
 
 
 @dataclass(frozen=True)
@@ -66,13 +52,13 @@ def _layer(node: fx.Node) -> str:
     return f"{getattr(node.target, '__name__', node.target)} (node {node.name})"
 
 
-def _set_output(b: GraphBuilder, node: fx.Node, gid: int, unit_dim: int, priority: int) -> None:
+def _set_output(b: UnitGroups, node: fx.Node, gid: int, unit_dim: int, priority: int) -> None:
     """The call's output carries group ``gid`` and measures it with priority ``priority``."""
     b.set_units(node, NodeUnits(gid, unit_dim))
     b.add_feature(gid, node, priority, UnitFeature(node.name, _layer(node), unit_dim))
 
 
-def _keep_units(b: GraphBuilder, node: fx.Node, src: fx.Node, priority: Optional[int]) -> None:
+def _keep_units(b: UnitGroups, node: fx.Node, src: fx.Node, priority: Optional[int]) -> None:
     """The output carries the units of ``src`` unchanged (element-wise ops, pooling, reductions)."""
     units = b.units(src)
     b.set_units(node, units)
@@ -80,12 +66,12 @@ def _keep_units(b: GraphBuilder, node: fx.Node, src: fx.Node, priority: Optional
         b.add_feature(units.gid, node, priority, UnitFeature(node.name, _layer(node), units.unit_dim))
 
 
-def _flatten(b: GraphBuilder, node: fx.Node, src: fx.Node) -> None:
+def _flatten(b: UnitGroups, node: fx.Node, src: fx.Node) -> None:
     b.set_units(node, NodeUnits(b.units(src).gid, -1, flattened=True))
 
 
 # ---------------------------------------------------------------- modules
-def _linear(b: GraphBuilder, call: OpCall) -> None:
+def _linear(b: UnitGroups, call: OpCall) -> None:
     name = call.node.target
     b.add_member(b.units(call.source).gid, name + ".weight", 1, IN)
     gid = b.new_group(call.module.out_features, name)
@@ -93,7 +79,7 @@ def _linear(b: GraphBuilder, call: OpCall) -> None:
     _set_output(b, call.node, gid, -1, P_LIN)
 
 
-def _conv(b: GraphBuilder, call: OpCall) -> None:
+def _conv(b: UnitGroups, call: OpCall) -> None:
     mod, name = call.module, call.node.target
     if mod.groups != 1:
         raise UnsupportedModuleError(f"module {name} ({type(mod).__name__}, groups={mod.groups}): "
@@ -106,20 +92,20 @@ def _conv(b: GraphBuilder, call: OpCall) -> None:
     _set_output(b, call.node, gid, 1, P_LIN)
 
 
-def _embedding(b: GraphBuilder, call: OpCall) -> None:
+def _embedding(b: UnitGroups, call: OpCall) -> None:
     name = call.node.target
     gid = b.new_group(call.module.embedding_dim, name)
     b.add_member(gid, name + ".weight", 1, OUT)
     _set_output(b, call.node, gid, -1, P_LIN)
 
 
-def _batch_norm(b: GraphBuilder, call: OpCall) -> None:
+def _batch_norm(b: UnitGroups, call: OpCall) -> None:
     gid = b.units(call.source).gid
     b.add_members(gid, call.module, call.node.target, _BATCHNORM_TENSORS)
     _set_output(b, call.node, gid, 1, P_NORM)
 
 
-def _group_norm(b: GraphBuilder, call: OpCall) -> None:
+def _group_norm(b: UnitGroups, call: OpCall) -> None:
     mod, gid = call.module, b.units(call.source).gid
     group = b.root_group(gid)
     if group is not None:
@@ -131,7 +117,7 @@ def _group_norm(b: GraphBuilder, call: OpCall) -> None:
     _set_output(b, call.node, gid, 1, P_NORM)
 
 
-def _layer_norm(b: GraphBuilder, call: OpCall) -> None:
+def _layer_norm(b: UnitGroups, call: OpCall) -> None:
     if len(call.module.normalized_shape) != 1:
         raise UnsupportedModuleError(f"{call.where}: LayerNorm over more than the last dim")
     gid = b.units(call.source).gid
@@ -139,17 +125,17 @@ def _layer_norm(b: GraphBuilder, call: OpCall) -> None:
     _set_output(b, call.node, gid, -1, P_NORM)
 
 
-def _flatten_module(b: GraphBuilder, call: OpCall) -> None:
+def _flatten_module(b: UnitGroups, call: OpCall) -> None:
     if call.module.start_dim != 1:
         raise UnsupportedModuleError(f"{call.where}: only Flatten(start_dim=1) is supported")
     _flatten(b, call.node, call.source)
 
 
-def _activation(b: GraphBuilder, call: OpCall) -> None:
+def _activation(b: UnitGroups, call: OpCall) -> None:
     _keep_units(b, call.node, call.source, P_ACT)
 
 
-def _same_units(b: GraphBuilder, call: OpCall) -> None:
+def _same_units(b: UnitGroups, call: OpCall) -> None:
     _keep_units(b, call.node, call.source, None)
 
 
@@ -175,7 +161,7 @@ MODULE_OPS: tuple[ModuleOp, ...] = (
 
 
 # ---------------------------------------------------------------- functions and tensor methods
-def _residual_add(b: GraphBuilder, call: OpCall) -> None:
+def _residual_add(b: UnitGroups, call: OpCall) -> None:
     """``a + b``: the operands' groups become one (the residual stream is one permutation)."""
     units = [b.units(n) for n in call.inputs]
     if any(u.flattened for u in units):
@@ -186,7 +172,7 @@ def _residual_add(b: GraphBuilder, call: OpCall) -> None:
     _set_output(b, call.node, gid, units[0].unit_dim, P_BLOCK)
 
 
-def _concatenate(b: GraphBuilder, call: OpCall) -> None:
+def _concatenate(b: UnitGroups, call: OpCall) -> None:
     """e.g. several task heads concatenated into the output: their units stay unmatched (fixed);
     anything but the model output consuming the result is refused by the builder."""
     for n in call.inputs:
@@ -195,13 +181,13 @@ def _concatenate(b: GraphBuilder, call: OpCall) -> None:
     b.concatenations.add(call.node.name)
 
 
-def _scale(b: GraphBuilder, call: OpCall) -> None:
+def _scale(b: UnitGroups, call: OpCall) -> None:
     if len(call.inputs) != 1:
         raise UnsupportedModuleError(f"{call.where}: multiplies two unit-carrying tensors")
     _keep_units(b, call.node, call.inputs[0], None)
 
 
-def _flatten_call(b: GraphBuilder, call: OpCall) -> None:
+def _flatten_call(b: UnitGroups, call: OpCall) -> None:
     node = call.node
     start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
     if start != 1:
@@ -209,7 +195,7 @@ def _flatten_call(b: GraphBuilder, call: OpCall) -> None:
     _flatten(b, node, call.source)
 
 
-def _reshape(b: GraphBuilder, call: OpCall) -> None:
+def _reshape(b: UnitGroups, call: OpCall) -> None:
     node = call.node
     shape = node.args[1:] if node.op == "call_method" else node.args[1]
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
@@ -219,7 +205,7 @@ def _reshape(b: GraphBuilder, call: OpCall) -> None:
     _flatten(b, node, call.source)
 
 
-def _reduce(b: GraphBuilder, call: OpCall) -> None:
+def _reduce(b: UnitGroups, call: OpCall) -> None:
     """``x.mean(dims)`` and the like, allowed over dims that hold no units (spatial / sequence)."""
     node, src = call.node, call.source
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")

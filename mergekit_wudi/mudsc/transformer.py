@@ -10,7 +10,7 @@ its feed-forward hidden units. Their activations are recomputed from the layer's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -18,11 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .features import P_ACT, P_BLOCK, UnitFeature
+from .groups import OpCall, UnitGroups
 from .spec import IN, OUT, NodeUnits, UnsupportedModuleError
-
-if TYPE_CHECKING:
-    from .graph import GraphBuilder
-    from .ops import OpCall
 
 __all__ = ["encoder_layer_internals", "EncoderFeature", "encoder_layer", "encoder"]
 
@@ -123,7 +120,7 @@ def _check_layer(layer: nn.Module, where: str) -> None:
         raise UnsupportedModuleError(f"{where}: activation {act!r} (relu/gelu only)")
 
 
-def _add_layer(b: GraphBuilder, node: fx.Node, name: str, layer: nn.Module, gid: int,
+def _add_layer(b: UnitGroups, node: fx.Node, name: str, layer: nn.Module, gid: int,
                index: Optional[int] = None) -> None:
     """The groups of one encoder layer: residual stream ``gid`` (shared), heads, feed-forward."""
     where = f"module {name} ({type(layer).__name__})"
@@ -139,19 +136,19 @@ def _add_layer(b: GraphBuilder, node: fx.Node, name: str, layer: nn.Module, gid:
     b.add_feature(ffn, node, P_ACT, EncoderFeature(key + ":ffn", name, where, index, _FFN))
 
 
-def _residual_output(b: GraphBuilder, call: OpCall, gid: int) -> None:
+def _residual_output(b: UnitGroups, call: OpCall, gid: int) -> None:
     node = call.node
     b.set_units(node, NodeUnits(gid))
     b.add_feature(gid, node, P_BLOCK, UnitFeature(node.name + ":out", node.target, -1))
 
 
-def encoder_layer(b: GraphBuilder, call: OpCall) -> None:
+def encoder_layer(b: UnitGroups, call: OpCall) -> None:
     gid = b.units(call.source).gid
     _add_layer(b, call.node, call.node.target, call.module, gid)
     _residual_output(b, call, gid)
 
 
-def encoder(b: GraphBuilder, call: OpCall) -> None:
+def encoder(b: UnitGroups, call: OpCall) -> None:
     mod, name = call.module, call.node.target
     gid = b.units(call.source).gid
     for i, layer in enumerate(mod.layers):
