@@ -8,10 +8,10 @@ import time
 
 from .evaluate import Evaluator
 from .experts import seed_experts
-from .methods import linear_flags, merge
+from .methods import linear_flags, merge, run_subset
 from .model import load_encoder, tokenised
 from .report import write_report
-from .subset import reference_rows, run_subset
+from .subset import reference_rows
 
 
 def check_callback_merge(rec, merged_path, sd0, experts, log) -> None:

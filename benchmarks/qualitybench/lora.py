@@ -19,9 +19,9 @@ import torch
 
 from ..common import stable_hash
 from .experts import expert_key, fit_one, load_expert, training_seed
-from .methods import BUILTIN_SPECS, MethodSpec, record_val_scaled
+from .methods import BUILTIN_SPECS, MethodSpec, record_val_scaled, run_subset
 from .model import load_encoder
-from .subset import reference_rows, run_subset
+from .subset import reference_rows
 
 # PEFT LoRA on every nn.Linear of the BERT layers (query/key/value and the three `dense` projections)
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["query", "key", "value", "dense"], "lora_dropout": 0.0}

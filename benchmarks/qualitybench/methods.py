@@ -14,45 +14,16 @@ asked for a module-level ``METHOD_SPECS`` list, appended after the built-in rows
 from __future__ import annotations
 
 import importlib
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 from mergekit_wudi.solvers import lwptv
 from mergekit_wudi.solvers.wudi import FLOW_TIME, RANK_ENERGY, RIDGE
 
 from ..common import mean
-
-if TYPE_CHECKING:  # the context a spec runs in (subset.py imports this module)
-    from .subset import SubsetContext
+from .subset import SubsetContext, linear_flags, merge, scaled
 
 EXTRA_SPEC_MODULES = ("benchmarks.baselines",)
-
-
-def merge(models: dict, method: str, params: dict):
-    """(merged state dict, seconds) of a registered mergekit method; ``models["base"]`` is the base."""
-    from mergekit.merge_methods import merge_state_dicts
-
-    t0 = time.perf_counter()
-    out = merge_state_dicts(models, method, base="base", parameters=params)
-    return out, time.perf_counter() - t0
-
-
-def linear_flags(sd0: dict):
-    """The encoder's linear weights by the package's one rule (:mod:`mergekit_wudi.linear_weights`): on a BERT
-    encoder exactly the nn.Linear weights (the embeddings, e.g. 30522x384, are NOT linear)."""
-    from mergekit.merge_methods import PerGroupValues
-
-    from mergekit_wudi.linear_weights import is_linear_weight
-
-    flags = [is_linear_weight(k, v.shape) for k, v in sd0.items()]
-    return PerGroupValues(flags), sum(flags)
-
-
-def scaled(sd0, merged, s):
-    """W0 + s * (merged - W0). For wudi with non_linear=base this equals the merge at scaling=s
-    (the kernel applies ``scaling`` to the solved task vector and keeps every other tensor at base)."""
-    return {k: (sd0[k] + s * (merged[k] - sd0[k])) if merged[k].is_floating_point() else merged[k] for k in sd0}
 
 
 def lwptv_threshold(sd0, experts, fraction):
@@ -88,9 +59,9 @@ class MethodSpec:
     whether the entry runs on this subset / seed."""
 
     name: str
-    run: Callable[["SubsetContext"], None]
+    run: Callable[[SubsetContext], None]
     group: str = "others"
-    when: Callable[["SubsetContext"], bool] = always
+    when: Callable[[SubsetContext], bool] = always
 
 
 def lambda_tuned(row: str, method: str, params: dict, grid: Sequence[float] | str, with_ood: bool = False,
@@ -268,5 +239,14 @@ def selected(spec: MethodSpec, ctx) -> bool:
     return spec.when(ctx)
 
 
-__all__ = ["MethodSpec", "lambda_tuned", "grid_tuned", "method_specs", "merge", "linear_flags", "scaled",
-           "lwptv_threshold", "mean"]
+def run_subset(cfg, evaluator, sd0, experts, heads, subset, held_out, expert_acc, log, specs=None) -> dict:
+    """Every selected entry of the method table on one set of merged tasks. Returns {row: record}."""
+    ctx = SubsetContext(cfg, evaluator, sd0, experts, heads, list(subset), list(held_out), expert_acc, log)
+    for spec in method_specs() if specs is None else specs:
+        if selected(spec, ctx):
+            spec.run(ctx)
+    return ctx.res
+
+
+__all__ = ["MethodSpec", "lambda_tuned", "grid_tuned", "method_specs", "run_subset", "merge", "linear_flags",
+           "scaled", "lwptv_threshold", "mean"]

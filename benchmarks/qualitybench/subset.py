@@ -1,13 +1,40 @@
-"""One set of merged tasks: the context every :class:`~.methods.MethodSpec` runs in (merging, validation
-search, recording rows) and the loop over the method table."""
+"""One set of merged tasks: the context every :class:`~.methods.MethodSpec` runs in (merging through mergekit's
+registry, validation search, recording rows). The loop over the method table is :func:`.methods.run_subset`;
+this module does not import the table, so the table's entries can name :class:`SubsetContext`."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from ..common import mean
-from .methods import linear_flags, merge, method_specs, scaled, selected
+
+
+def merge(models: dict, method: str, params: dict):
+    """(merged state dict, seconds) of a registered mergekit method; ``models["base"]`` is the base."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    t0 = time.perf_counter()
+    out = merge_state_dicts(models, method, base="base", parameters=params)
+    return out, time.perf_counter() - t0
+
+
+def linear_flags(sd0: dict):
+    """The encoder's linear weights by the package's one rule (:mod:`mergekit_wudi.linear_weights`): on a BERT
+    encoder exactly the nn.Linear weights (the embeddings, e.g. 30522x384, are NOT linear)."""
+    from mergekit.merge_methods import PerGroupValues
+
+    from mergekit_wudi.linear_weights import is_linear_weight
+
+    flags = [is_linear_weight(k, v.shape) for k, v in sd0.items()]
+    return PerGroupValues(flags), sum(flags)
+
+
+def scaled(sd0, merged, s):
+    """W0 + s * (merged - W0). For wudi with non_linear=base this equals the merge at scaling=s
+    (the kernel applies ``scaling`` to the solved task vector and keeps every other tensor at base)."""
+    return {k: (sd0[k] + s * (merged[k] - sd0[k])) if merged[k].is_floating_point() else merged[k] for k in sd0}
 
 
 @dataclass
@@ -77,15 +104,6 @@ class SubsetContext:
             return lam, sd, secs1, grid
         sd, secs = self.merge(method, {**params, "lambda": lam})
         return lam, sd, secs, grid
-
-
-def run_subset(cfg, evaluator, sd0, experts, heads, subset, held_out, expert_acc, log, specs=None) -> dict:
-    """Every selected entry of the method table on one set of merged tasks. Returns {row: record}."""
-    ctx = SubsetContext(cfg, evaluator, sd0, experts, heads, list(subset), list(held_out), expert_acc, log)
-    for spec in method_specs() if specs is None else specs:
-        if selected(spec, ctx):
-            spec.run(ctx)
-    return ctx.res
 
 
 def reference_rows(rec: dict, subset, held_out, ood) -> dict:
