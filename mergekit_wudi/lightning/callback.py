@@ -133,6 +133,7 @@ class WUDIMergeCallback(Callback):
         self._head_paths: List[str] = []
         self._merged_path: Optional[str] = None
         self._task_heads: Optional[List[StateDict]] = None
+        self._saved_this_fit = False  # not state: per fit (see on_fit_end)
 
     @property
     def state_key(self) -> str:
@@ -211,11 +212,18 @@ class WUDIMergeCallback(Callback):
             raise MergeInputError(f"base file not found: {self.base}")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Sequential mode, first fit: snapshot the pretrained weights as the base (all ranks call)."""
+        """Sequential mode, first fit: snapshot the pretrained weights as the base (all ranks call).
+
+        A fit after the round is finished is refused here, before its first step: the checkpoint a
+        resumed fit starts from has been restored by now (except under FSDP & co.), so the state
+        checked is the one the fit runs with."""
         if is_overridden("configure_model", pl_module):
             self._check_module(trainer, pl_module)
         if not self.sequential:
             return
+        self._saved_this_fit = False
+        if trainer.ckpt_path is None or not trainer.strategy.restore_checkpoint_after_setup:
+            self._refuse_fit_after_round()
         if self._base_path is not None:
             if self.reset_to_base and self._expert_paths and trainer.ckpt_path is None:
                 self._reset_to_base(trainer, pl_module)
@@ -244,6 +252,10 @@ class WUDIMergeCallback(Callback):
             return
         if self._base_path is None:
             raise MergeInputError("no base snapshot: the callback did not see the start of this fit")
+        self._save_expert(trainer, pl_module)
+
+    def _save_expert(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Validate the module's weights against the base and save them as the next expert."""
         index = len(self._expert_paths)
         state = module_state.trained_weights(trainer, pl_module)  # full on rank 0 only, under FSDP
         problem = None
@@ -260,13 +272,24 @@ class WUDIMergeCallback(Callback):
         if self.lora_output == "adapter":
             lora_adapters.save_factors(self._store(), trainer, pl_module, path)
         self._expert_paths.append(path)
+        self._saved_this_fit = True
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Merge when all experts are known (explicit mode, or ``num_tasks`` reached)."""
+        """Merge when all experts are known (explicit mode, or ``num_tasks`` reached).
+
+        Sequential mode first catches up with a crashed run: a resumed fit whose checkpoint was saved
+        at its last step runs no step (Lightning then skips ``on_train_end``), so the expert that run
+        saved after its checkpoint is found on disk (labelled with the run id), or, if the crash came
+        before it was written, saved now from the restored weights."""
         if self._merged_path is not None:
             return
-        if not self.sequential or (self.num_tasks is not None and len(self._expert_paths) >= self.num_tasks):
-            self.merge(trainer, pl_module)
+        if self.sequential:
+            self._recover()
+            if not self._saved_this_fit and not self._all_experts_saved():
+                self._save_expert_without_training(trainer, pl_module)
+            if not self._all_experts_saved():
+                return
+        self.merge(trainer, pl_module)
 
     def state_dict(self) -> Dict[str, Any]:
         return {
@@ -345,6 +368,43 @@ class WUDIMergeCallback(Callback):
         self._merged_path = store.save(trainer, merged, store.merged_path, metadata=metadata)
 
     # ------------------------------------------------------------------ helpers
+
+    def _all_experts_saved(self) -> bool:
+        return self.num_tasks is not None and len(self._expert_paths) >= self.num_tasks
+
+    def _refuse_fit_after_round(self) -> None:
+        """Another fit after the merge (or after the last expert) would train from the base and its
+        weights would be dropped: an error before it starts, saying how to go on."""
+        name = type(self).__name__
+        if self._merged_path is not None:
+            raise MergeInputError(
+                f"{name}: this callback already merged its {len(self._expert_paths)} experts into "
+                f"{self._merged_path}; a further fit with it would start from the base weights and its result "
+                "would not be merged. To fine-tune the merged model, fit without this callback; to merge a new "
+                f"set of tasks, use a new {name} (with another output= to keep this round's files)"
+            )
+        if self._all_experts_saved():
+            raise MergeInputError(
+                f"{name}: all {self.num_tasks} experts are saved but not merged (did the merge at the end of the "
+                "last fit fail?); a further fit would not be used. Call callback.merge(trainer, model) to merge "
+                "them, or resume the interrupted fit with fit(..., ckpt_path=<its last checkpoint>)"
+            )
+
+    def _save_expert_without_training(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """This fit saved no expert because it ran no training step. Resumed from a checkpoint taken at
+        the end of training, the module holds this task's trained weights: save them. Otherwise
+        (``limit_train_batches=0``, ``max_steps`` already reached) there is nothing to save: warn."""
+        task = expert_id(len(self._expert_paths))
+        if trainer.ckpt_path is None:
+            rank_zero_warn(f"{type(self).__name__}: this fit ran no training step; no expert saved for {task}")
+            return
+        if is_sharded_module(trainer):
+            raise MergeInputError(
+                f"resumed from {trainer.ckpt_path} at the end of training, but {task}'s expert was not saved "
+                "before the crash and an FSDP-sharded module cannot be snapshotted after the fit: resume from "
+                "an earlier checkpoint (the fit then saves it at its end)"
+            )
+        self._save_expert(trainer, pl_module)
 
     def _merge_names(self, reference) -> List[str]:
         return select_names(list(reference), self.include, self.exclude)
