@@ -25,10 +25,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from mergekit_wudi.io import load_state_dict
+from mergekit_wudi.io import load_state_dict, tensor_shapes
 from mergekit_wudi.lightning.checks import (
     MergeInputError,
     StateDict,
+    check_expert_paths,
     check_finite_results,
     check_num_tasks,
     check_patterns,
@@ -64,7 +65,7 @@ class WUDIMergeCallback(Callback):
             or ``"mudsc"`` for experts from different inits (``mergekit_wudi.mudsc.mudsc_merge``).
         parameters: the method's parameters, as in a mergekit YAML (``{"solver": "closed_form"}``);
             per-expert values as a list in task order or a mapping keyed ``task_0``, ``task_1``, ...
-        experts: explicit mode: paths of the experts.
+        experts: explicit mode: paths of the experts (a single path is one expert).
         base: the pretrained weights (path or state dict); default: the module at the first fit.
         include: name patterns (glob; a plain name matches as a prefix) of tensors to merge.
         exclude: name patterns of tensors to keep out of the merge (e.g. ``["heads"]``).
@@ -92,7 +93,7 @@ class WUDIMergeCallback(Callback):
         self,
         method: str = "wudi",
         parameters: Optional[Dict[str, Any]] = None,
-        experts: Optional[List[str]] = None,
+        experts: Optional[Union[str, List[str]]] = None,
         base: Optional[Union[str, Dict[str, torch.Tensor]]] = None,
         include: Optional[List[str]] = None,
         exclude: Optional[List[str]] = None,
@@ -107,12 +108,11 @@ class WUDIMergeCallback(Callback):
         lora_output: str = "full",
     ) -> None:
         super().__init__()
-        if experts is not None and len(experts) == 0:
-            raise ValueError("experts=[] given: pass at least one expert path, or None for sequential mode")
+        experts = check_expert_paths(experts)
         check_num_tasks(num_tasks)
         self.method = method
         self.parameters = dict(parameters or {})
-        self.experts = [str(p) for p in experts] if experts is not None else None
+        self.experts = experts
         self.base = str(base) if isinstance(base, (str, os.PathLike)) else base
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude or [])
@@ -198,18 +198,17 @@ class WUDIMergeCallback(Callback):
         self._recover()
         strategy = self.build_strategy()
         strategy.check()
+        strategy.check_experts(self.num_tasks if self.sequential else len(self.experts))
         if not is_overridden("configure_model", pl_module):  # else its layers exist only in on_fit_start
             self._check_module(trainer, pl_module)
+        if not self.sequential and self.base is None and strategy.needs_base:
+            raise MergeInputError(
+                f"experts=... given without base=: method {self.method!r} needs the pretrained weights"
+            )
         if not self.sequential:
-            for path in self.experts:
-                if not Path(path).exists():
-                    raise MergeInputError(f"expert file not found: {path}")
-            if self.base is None and strategy.needs_base:
-                raise MergeInputError(
-                    f"experts=... given without base=: method {self.method!r} needs the pretrained weights"
-                )
-        if isinstance(self.base, str) and not Path(self.base).exists():
-            raise MergeInputError(f"base file not found: {self.base}")
+            self._check_expert_files(strategy)
+        elif isinstance(self.base, str):
+            self._read_shapes(self.base, "base")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Sequential mode, first fit: snapshot the pretrained weights as the base (all ranks call).
@@ -326,13 +325,11 @@ class WUDIMergeCallback(Callback):
         expert_paths = self.expert_paths
         if not expert_paths:
             raise MergeInputError("no experts to merge: no fit has finished yet and experts= was not given")
-        experts = [(f"expert {expert_id(i)} ({p})", load_state_dict(p)) for i, p in enumerate(expert_paths)]
+        strategy.check_experts(len(expert_paths))
+        experts = [(self._expert_label(i, p), self._read(load_state_dict, p, "expert"))
+                   for i, p in enumerate(expert_paths)]
         base = self._load_base(strategy)
-        reference = base if base is not None else experts[0][1]
-        self._check_patterns(reference, "the experts" if base is None else "the base")
-        names = self._merge_names(reference)
-        validate_merge_inputs(base, experts, names, require_change=strategy.requires_change)
-        lora_adapters.refuse_factor_states(experts)
+        names = self._check_inputs(strategy, base, experts, require_change=strategy.requires_change)
 
         merged, expert_states = strategy.merge(trainer, pl_module, base, experts, names)
         check_finite_results(merged, strategy.describe())
@@ -409,14 +406,58 @@ class WUDIMergeCallback(Callback):
     def _merge_names(self, reference) -> List[str]:
         return select_names(list(reference), self.include, self.exclude)
 
+    @staticmethod
+    def _expert_label(index: int, path: str) -> str:
+        return f"expert {expert_id(index)} ({path})"
+
+    @staticmethod
+    def _read(read, path: str, role: str):
+        """``read(path)``, with a missing or unreadable file an error naming it and its role."""
+        try:
+            return read(path)
+        except FileNotFoundError:
+            raise MergeInputError(f"{role} file not found: {path}") from None
+        except ValueError as error:
+            raise MergeInputError(f"{role} file {error}") from error
+
+    def _read_shapes(self, path: str, role: str) -> StateDict:
+        """A file's tensors as meta tensors of their shapes: its header (safetensors) or a memory map."""
+        shapes = self._read(tensor_shapes, path, role)
+        return {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+
+    def _check_inputs(self, strategy: MergeStrategy, base: Optional[StateDict], experts, *,
+                      require_change: bool) -> List[str]:
+        """The tensors to merge, after checking the experts against the reference (the base, else the
+        first expert): patterns, names, shapes, values (unless meta tensors), heads and LoRA factors."""
+        reference = base if base is not None else experts[0][1]
+        self._check_patterns(reference, "the experts" if base is None else "the base")
+        names = self._merge_names(reference)
+        validate_merge_inputs(base, experts, names, require_change=require_change)
+        lora_adapters.refuse_factor_states(experts)
+        strategy.check_kept_out([n for n in reference if n not in set(names)])
+        return names
+
+    def _check_expert_files(self, strategy: MergeStrategy) -> None:
+        """Explicit mode, in ``setup``: every expert (and the base) is readable and fits the others,
+        checked from file headers / memory maps, so a bad file is named before any training."""
+        base = None
+        if strategy.needs_base:
+            base = self._read_shapes(self.base, "base") if isinstance(self.base, str) else {
+                name: torch.empty(t.shape, device="meta") for name, t in self.base.items()}
+        experts = [(self._expert_label(i, p), self._read_shapes(p, "expert")) for i, p in enumerate(self.experts)]
+        self._check_inputs(strategy, base, experts, require_change=False)
+
     def _check_patterns(self, state, where: str) -> None:
         check_patterns(list(state), self.include, self.exclude, where)
 
     def _check_module(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The patterns and ``lora_output`` against the module (PEFT modules: in base naming)."""
         module_state.check_module(pl_module, is_sharded_module(trainer))
-        self._check_patterns(module_state.merge_view(pl_module), "the module")
-        lora_adapters.check_lora_output(self.lora_output, pl_module, self.method, self.parameters)
+        names = list(module_state.merge_view(pl_module))
+        self._check_patterns(names, "the module")
+        merged = set(self._merge_names(names))
+        self.build_strategy().check_kept_out([n for n in names if n not in merged])
+        lora_adapters.check_lora_output(self.lora_output, pl_module, self.method, self.parameters, sorted(merged))
 
     def _load_base(self, strategy: MergeStrategy) -> Optional[StateDict]:
         if self._base_path is None and isinstance(self.base, dict):
@@ -426,9 +467,7 @@ class WUDIMergeCallback(Callback):
             if strategy.needs_base:
                 raise MergeInputError(f"method {self.method!r} needs a base, and none was given or snapshotted")
             return None
-        if not Path(self._base_path).exists():
-            raise MergeInputError(f"base file not found: {self._base_path}")
-        return load_state_dict(self._base_path)
+        return self._read(load_state_dict, self._base_path, "base")
 
     def _reset_to_base(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if is_sharded_module(trainer):
