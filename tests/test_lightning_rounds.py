@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from mergekit_wudi.io import load_state_dict
 from mergekit_wudi.lightning import MergeInputError, RegistryMerge, WUDIMergeCallback
@@ -76,6 +76,29 @@ def test_resume_after_a_kill_before_the_expert_was_written_saves_it_from_the_che
     resumed, model = _resume(tmp_path, out)
     assert_same(load_state_dict(expert), load_state_dict(tmp_path / "ckpt" / "last.ckpt"))
     _assert_merged(resumed, model, out)
+
+
+class KilledAfterTrainEnd(Callback):
+    def on_train_end(self, trainer, pl_module):
+        raise SystemExit("killed")
+
+
+def test_resume_after_a_kill_after_the_expert_was_written_does_not_save_it_twice(tmp_path):
+    """num_tasks=3: after the resumed second fit, two experts, the second one the first run's."""
+    out = str(tmp_path / "merge")
+    model = TinyModel()
+    callback = WUDIMergeCallback(parameters=FAST_WUDI, output=out, num_tasks=3)
+    make_trainer(tmp_path, [callback]).fit(model, task_loader(0))
+    with pytest.raises(SystemExit):
+        make_trainer(tmp_path, [callback, _checkpointing(tmp_path), KilledAfterTrainEnd()],
+                     enable_checkpointing=True).fit(model, task_loader(1))
+    written = load_state_dict(Path(out, "experts", "task_1.safetensors"))
+    resumed = WUDIMergeCallback(parameters=FAST_WUDI, output=out, num_tasks=3)
+    make_trainer(tmp_path, [resumed, _checkpointing(tmp_path)], enable_checkpointing=True).fit(
+        TinyModel(seed=1), task_loader(1), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed.expert_paths == [str(Path(out, "experts", f"task_{i}.safetensors")) for i in range(2)]
+    assert not Path(out, "experts", "task_2.safetensors").exists() and resumed.merged_path is None
+    assert_same(load_state_dict(resumed.expert_paths[1]), written)
 
 
 def test_a_fit_after_the_merge_is_refused_before_training_and_keeps_the_merged_weights(tmp_path):

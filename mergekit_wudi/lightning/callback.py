@@ -283,8 +283,9 @@ class WUDIMergeCallback(Callback):
         if self._merged_path is not None:
             return
         if self.sequential:
+            known = len(self._expert_paths)
             self._recover()
-            if not self._saved_this_fit and not self._all_experts_saved():
+            if not self._saved_this_fit and len(self._expert_paths) == known and not self._all_experts_saved():
                 self._save_expert_without_training(trainer, pl_module)
             if not self._all_experts_saved():
                 return
