@@ -377,9 +377,10 @@ class WUDIMergeCallback(Callback):
         if self._merged_path is not None:
             raise MergeInputError(
                 f"{name}: this callback already merged its {len(self._expert_paths)} experts into "
-                f"{self._merged_path}; a further fit with it would start from the base weights and its result "
-                "would not be merged. To fine-tune the merged model, fit without this callback; to merge a new "
-                f"set of tasks, use a new {name} (with another output= to keep this round's files)"
+                f"{self._merged_path}; a further fit with it would train weights that are never merged (and with "
+                "reset_to_base it would first put the base weights back into the module). To fine-tune the merged "
+                f"model, fit without this callback; to merge a new set of tasks, use a new {name} (with another "
+                "output= to keep this round's files)"
             )
         if self._all_experts_saved():
             raise MergeInputError(
@@ -435,7 +436,8 @@ class WUDIMergeCallback(Callback):
         names = self._merge_names(reference)
         validate_merge_inputs(base, experts, names, require_change=require_change)
         lora_adapters.refuse_factor_states(experts)
-        strategy.check_kept_out([n for n in reference if n not in set(names)])
+        merged = set(names)
+        strategy.check_kept_out([n for n in reference if n not in merged])
         return names
 
     def _check_expert_files(self, strategy: MergeStrategy) -> None:

@@ -68,10 +68,11 @@ def check_lora_output(lora_output: str, pl_module: nn.Module, method: str, param
 
 
 def _not_carried(names: Sequence[str], why: str) -> str:
+    modules = sorted({n.rsplit(".", 1)[0] for n in names})
     return (
         f"lora_output='adapter': tensor(s) {list(names)[:5]} {why} but are not LoRA-wrapped weights, and a "
-        "LoRA adapter cannot carry their merged values: keep them out of the merge with exclude=[...] (each "
-        "task keeps its own, see task_heads), or use lora_output='full'"
+        f"LoRA adapter cannot carry their merged values: keep them out of the merge with exclude={modules[:5]} "
+        "(each task keeps its own, see task_heads), or use lora_output='full'"
     )
 
 
@@ -120,9 +121,8 @@ def adapter_factors(merged: StateDict, base: StateDict, expert_paths: Sequence[s
                     method: str, parameters: Mapping[str, Any]) -> Factors:
     """The merged update as exact LoRA factors; raises (before anything is written) if none exist."""
     expert_factors = [load_factors(p) for p in expert_paths]
-    wrapped = {n for factors in expert_factors for n in factors}
-    changed = [n for n in merged if n not in wrapped and n not in set(head_names)
-               and (n not in base or not torch.equal(merged[n], base[n]))]
+    kept = {n for factors in expert_factors for n in factors} | set(head_names)
+    changed = [n for n in merged if n not in kept and (n not in base or not torch.equal(merged[n], base[n]))]
     if changed:  # e.g. BatchNorm statistics: buffers, so setup's requires_grad check cannot see them
         raise MergeInputError(_not_carried(changed, "are changed by the merge"))
     try:
