@@ -284,7 +284,8 @@ def test_a_truncated_base_file_is_named_in_setup(tmp_path):
 
 def test_experts_as_one_path_is_one_expert_and_other_types_are_refused(tmp_path):
     base, experts = write_inputs(tmp_path)
-    one = WUDIMergeCallback(method="task_arithmetic", parameters={"weight": 1.0}, experts=Path(experts[0]), base=base)
+    one = WUDIMergeCallback(method="task_arithmetic", parameters={"weight": 1.0}, experts=Path(experts[0]), base=base,
+                            output=str(tmp_path / "out"))
     assert one.experts == [experts[0]]
     merged = one.merge(None, TinyModel())
     expected = load_state_dict(experts[0])  # task arithmetic of one expert with weight 1 is that expert
