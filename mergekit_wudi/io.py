@@ -9,7 +9,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, Union
+from typing import Dict, Iterator, Tuple, Union
 
 import torch
 
@@ -48,15 +48,55 @@ def save_safetensors_atomic(tensors: Dict[str, torch.Tensor], path: PathLike, me
 
 
 def load_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
-    """Weights from a ``.safetensors`` file or a Lightning/PyTorch checkpoint (``weights_only``)."""
+    """Weights from a ``.safetensors`` file or a Lightning/PyTorch checkpoint (``weights_only``).
+
+    A missing file is a ``FileNotFoundError``, one that cannot be read as weights (truncated, not a
+    checkpoint, not a state dict of tensors) a ``ValueError``; both name the file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such expert/base file: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with _named_errors(path):
+            return load_file(str(path))
+    return _checkpoint_state(path, mmap=False)
+
+
+def tensor_shapes(path: PathLike) -> Dict[str, Tuple[int, ...]]:
+    """``{name: shape}`` of a weights file, without reading its tensors: a safetensors header, or a
+    checkpoint memory-mapped. Raises like :func:`load_state_dict` for a file that is not readable."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such expert/base file: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with _named_errors(path), safe_open(str(path), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    return {name: tuple(t.shape) for name, t in _checkpoint_state(path, mmap=True).items()}
+
+
+@contextlib.contextmanager
+def _named_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except (FileNotFoundError, MemoryError):
+        raise
+    except Exception as error:  # noqa: BLE001  (safetensors, pickle and zip errors have no common base)
+        detail = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:200]  # torch's advice would mislead
+        raise ValueError(f"{path}: cannot be read as weights (truncated or not a weights file?): "
+                         f"{type(error).__name__}: {detail}") from error
+
+
+def _checkpoint_state(path: Path, mmap: bool) -> Dict[str, torch.Tensor]:
+    with _named_errors(path):
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as error:
+            if not (mmap and "mmap can only be used" in str(error)):  # a legacy (non-zip) file: no mmap
+                raise
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):

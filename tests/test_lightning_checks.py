@@ -16,12 +16,14 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from mergekit_wudi.io import load_state_dict, save_safetensors_atomic
 from mergekit_wudi.lightning import MergeInputError, MergeResultError, RegistryMerge, WUDIMergeCallback
 from mergekit_wudi.validation import MergeConfigError
 from test_lightning_callback import FAST_WUDI, TinyModel, make_trainer, task_loader, write_inputs
@@ -55,6 +57,16 @@ def test_num_tasks_must_be_a_positive_integer(num_tasks):
         ({"include": ["bdy"]}, MergeInputError, r"include pattern 'bdy' matches no tensor of the module"),
         ({"exclude": ["haed*"]}, MergeInputError, r"exclude pattern 'haed\*' matches no tensor of the module"),
         ({"exclude": ["body", "head"]}, MergeInputError, r"leave no tensor of the module to merge"),
+        ({"method": "task_arithmetic", "parameters": {"weight": [1.0, 0.5, 0.2]}}, MergeInputError,
+         r"parameter 'weight' has 3 values, but there are 2 inputs \(task_0, task_1\)"),
+        ({"method": "task_arithmetic", "parameters": {"weight": {"task_0": 1.0, "tsak_1": 0.5}}}, MergeInputError,
+         r"parameter 'weight': key 'tsak_1' is not an expert of this merge \(they are task_0, task_1.*did you mean 'task_1'"),
+        ({"method": "task_arithmetic", "parameters": {"weight": {"task_0": 1.0}}}, MergeInputError,
+         r"parameter 'weight': no value for task_1"),
+        ({"method": "mudsc", "parameters": {"weights": [1.0, 1.0, 1.0]}}, ValueError,
+         r"weights must hold one non-negative weight per model \(2\)"),
+        ({"method": "mudsc", "parameters": {"mode": "zip"}, "exclude": ["head"]}, MergeInputError,
+         r"mode='zip' cannot keep per-task tensors out of the merge \(include/exclude leave out \['head.weight'"),
     ],
 )
 def test_bad_arguments_fail_in_setup_before_the_first_step(tmp_path, kwargs, error, message):
@@ -214,3 +226,89 @@ def test_patterns_of_a_configure_model_module_are_checked_before_the_first_step(
     else:
         trainer.fit(LateModel(), task_loader(0))
         assert counter.steps == 2 and set(callback.task_heads[0]) == {"head.weight", "head.bias"}
+
+
+def test_a_mistyped_expert_key_without_num_tasks_fails_in_setup(tmp_path):
+    counter = CountSteps()
+    callback = WUDIMergeCallback(method="task_arithmetic", parameters={"weight": {"task_0": 1.0, "task-1": 1.0}},
+                                 output=str(tmp_path / "merge"))
+    with pytest.raises(MergeInputError, match=r"key 'task-1' is not an expert .*task_0, task_1, \.\.\."):
+        make_trainer(tmp_path, [callback, counter]).fit(TinyModel(), task_loader(0))
+    assert counter.steps == 0
+
+
+def _truncated(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _garbage_ckpt(path):
+    garbage = path.with_suffix(".ckpt")
+    garbage.write_bytes(b"not a checkpoint" * 8)
+    return garbage
+
+
+def _lacks_a_tensor(path):
+    state = load_state_dict(path)
+    del state["body.3.bias"]
+    save_safetensors_atomic(state, path)
+
+
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (_truncated, r"expert file .*e1.safetensors: cannot be read as weights .*SafetensorError"),
+        (_garbage_ckpt, r"expert file .*e1.ckpt: cannot be read as weights .*UnpicklingError"),
+        (_lacks_a_tensor, r"expert task_1 \(.*e1.safetensors\) lacks 1 parameter\(s\) .*body.3.bias"),
+    ],
+)
+def test_explicit_expert_files_are_read_in_setup_and_named(tmp_path, spoil, message):
+    base, experts = write_inputs(tmp_path)
+    experts[1] = str(spoil(Path(experts[1])) or experts[1])
+    counter = CountSteps()
+    callback = WUDIMergeCallback(parameters=FAST_WUDI, experts=experts, base=base, output=str(tmp_path / "out"))
+    with pytest.raises(MergeInputError, match=message):
+        make_trainer(tmp_path, [callback, counter]).fit(TinyModel(), task_loader(0))
+    assert counter.steps == 0
+
+
+def test_a_truncated_base_file_is_named_in_setup(tmp_path):
+    base, experts = write_inputs(tmp_path)
+    _truncated(Path(base))
+    counter = CountSteps()
+    callback = WUDIMergeCallback(parameters=FAST_WUDI, base=base, num_tasks=2, output=str(tmp_path / "out"))
+    with pytest.raises(MergeInputError, match=r"base file .*base.safetensors: cannot be read as weights"):
+        make_trainer(tmp_path, [callback, counter]).fit(TinyModel(), task_loader(0))
+    assert counter.steps == 0
+
+
+def test_experts_as_one_path_is_one_expert_and_other_types_are_refused(tmp_path):
+    base, experts = write_inputs(tmp_path)
+    one = WUDIMergeCallback(method="task_arithmetic", parameters={"weight": 1.0}, experts=Path(experts[0]), base=base,
+                            output=str(tmp_path / "out"))
+    assert one.experts == [experts[0]]
+    merged = one.merge(None, TinyModel())
+    expected = load_state_dict(experts[0])  # task arithmetic of one expert with weight 1 is that expert
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, expected[name], msg=name)
+    with pytest.raises(MergeInputError, match=r"experts\[1\] must be a path .*got 3"):
+        WUDIMergeCallback(experts=[experts[0], 3])
+    with pytest.raises(MergeInputError, match="experts must be a list of paths .*got int"):
+        WUDIMergeCallback(experts=3)
+
+
+def test_an_lwptv_mask_keyed_by_other_ids_fails_in_setup(tmp_path):
+    from mergekit_wudi.lwptv_masks import write_mask_file
+
+    names = list(TinyModel().state_dict())
+    mask = tmp_path / "mask.json"
+    write_mask_file(mask, {"model_a": [], "model_b": names[:1]}, names, ratio=0.2)
+    counter = CountSteps()
+    callback = WUDIMergeCallback(
+        method="preprocessed_task_arithmetic", num_tasks=2, output=str(tmp_path / "merge"),
+        parameters={"preprocess": "lwptv", "lwptv_mask_file": str(mask)},
+    )
+    with pytest.raises(MergeInputError, match=r"lwptv_mask_file '.*mask.json' has no model 'task_0' "
+                                              r"\(models there: model_a, model_b\)"):
+        make_trainer(tmp_path, [callback, counter]).fit(TinyModel(), task_loader(0))
+    assert counter.steps == 0

@@ -141,6 +141,8 @@ def test_full_output_loads_without_peft_and_agrees_with_the_module_and_the_adapt
         ({"lora_output": "adapter", "parameters": {"solver": "lowrank"}}, r"solver 'lowrank'"),
         ({"lora_output": "both"}, r"lora_output must be one of"),
         ({"exclude": ["head.weight"]}, r"exclude pattern 'head.weight' matches no tensor of the module"),
+        ({"lora_output": "adapter", "parameters": CLOSED_FORM},
+         r"tensor\(s\) \['net.head.bias', 'net.head.weight'\] are trained .*not LoRA-wrapped.*exclude=\['net.head'\]"),
     ],
 )
 def test_lora_settings_fail_in_setup(tmp_path, kwargs, message):
@@ -177,3 +179,18 @@ def test_explicit_experts_holding_lora_factors_are_refused(tmp_path):
     with pytest.raises(MergeInputError, match=r"expert task_0 .*holds LoRA factors"):
         callback.merge(None, module)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_changed_tensor_an_adapter_cannot_carry_is_named_with_the_callbacks_remedy(tmp_path):
+    """A tensor that changes without being trained (a BatchNorm statistic) is only seen after the merge."""
+    from mergekit_wudi.io import save_safetensors_atomic as save
+    from mergekit_wudi.lightning import lora_adapters
+
+    expert = str(tmp_path / "task_0.safetensors")
+    save({"net.fc1.weight.lora_A": torch.randn(2, 6), "net.fc1.weight.lora_B": torch.randn(12, 2)},
+         lora_adapters.factors_path(expert), metadata={"lora_layers": '{"net.fc1.weight": [1.0, false]}'})
+    base = {"net.fc1.weight": torch.zeros(12, 6), "net.bn.running_mean": torch.zeros(12)}
+    merged = {"net.fc1.weight": torch.zeros(12, 6), "net.bn.running_mean": torch.ones(12)}
+    with pytest.raises(MergeInputError, match=r"\['net.bn.running_mean'\] are changed by the merge .*exclude=\['net.bn'\]") as error:
+        lora_adapters.adapter_factors(merged, base, [expert], [], "wudi", CLOSED_FORM)
+    assert "skip=" not in str(error.value)

@@ -79,6 +79,38 @@ def test_bad_models_and_data_are_refused_before_any_work(no_work):
         mudsc_merge([a, make("mlp", 1)], [])
 
 
+@pytest.mark.parametrize("models, batches, message", [
+    (lambda: [make("mlp", 0), make("mlp", 1).double()], lambda: data("mlp"),
+     r"tensor 'trunk.0.weight' of model 1 is torch.float64 on cpu, of model 0 torch.float32 on cpu: put the models in one dtype"),
+    (lambda: [make("mlp", 0), make("mlp", 1)], lambda: [torch.randn(8, 7)],
+     r"model 0 cannot run on the inputs of the first batch \(\(8, 7\) torch.float32\): RuntimeError: mat1 and mat2 shapes"),
+    (lambda: [make("mlp", 0), make("mlp", 1)], lambda: [torch.randn(8, 6, dtype=torch.float64)],
+     r"model 0 cannot run on the inputs of the first batch \(\(8, 6\) torch.float64\).*check the dataloader and input_fn"),
+])
+def test_mixed_dtypes_and_inputs_the_model_cannot_take_are_named_before_tracing(models, batches, message, no_work):
+    with pytest.raises(ValueError, match=message):
+        mudsc_merge(models(), batches())
+
+
+def test_huge_weights_merge_by_their_ratio():
+    models = [make("mlp", 0), make("mlp", 1)]
+    expected = mudsc_merge(models, data("mlp")).state_dict()
+    for kwargs in (dict(weights=[1e308, 1e308]), dict(module_weights={"head_a": [1e308, 1e308]})):
+        merged = mudsc_merge(models, data("mlp"), **kwargs).state_dict()
+        for name, tensor in expected.items():
+            torch.testing.assert_close(merged[name], tensor, rtol=1e-6, atol=1e-7, msg=f"{kwargs}: {name}")
+
+
+def test_a_one_pass_iterator_gives_the_merge_of_its_batches():
+    models = [make("mlp", 0), make("mlp", 1)]
+    batches = data("mlp", n=4)
+    expected = mudsc_merge(models, batches, max_batches=3).state_dict()
+    for one_pass in (iter(batches), (b for b in batches)):
+        merged = mudsc_merge(models, one_pass, max_batches=3).state_dict()
+        for name, tensor in expected.items():
+            assert torch.equal(merged[name], tensor), name
+
+
 @pytest.mark.parametrize("model_index,tensor,value", [
     (1, "trunk.2.weight", math.nan), (0, "head_b.bias", math.inf), (1, "trunk.3.running_var", -math.inf),
 ])

@@ -25,10 +25,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from mergekit_wudi.io import load_state_dict
+from mergekit_wudi.io import load_state_dict, tensor_shapes
 from mergekit_wudi.lightning.checks import (
     MergeInputError,
     StateDict,
+    check_expert_paths,
     check_finite_results,
     check_num_tasks,
     check_patterns,
@@ -64,7 +65,7 @@ class WUDIMergeCallback(Callback):
             or ``"mudsc"`` for experts from different inits (``mergekit_wudi.mudsc.mudsc_merge``).
         parameters: the method's parameters, as in a mergekit YAML (``{"solver": "closed_form"}``);
             per-expert values as a list in task order or a mapping keyed ``task_0``, ``task_1``, ...
-        experts: explicit mode: paths of the experts.
+        experts: explicit mode: paths of the experts (a single path is one expert).
         base: the pretrained weights (path or state dict); default: the module at the first fit.
         include: name patterns (glob; a plain name matches as a prefix) of tensors to merge.
         exclude: name patterns of tensors to keep out of the merge (e.g. ``["heads"]``).
@@ -92,7 +93,7 @@ class WUDIMergeCallback(Callback):
         self,
         method: str = "wudi",
         parameters: Optional[Dict[str, Any]] = None,
-        experts: Optional[List[str]] = None,
+        experts: Optional[Union[str, List[str]]] = None,
         base: Optional[Union[str, Dict[str, torch.Tensor]]] = None,
         include: Optional[List[str]] = None,
         exclude: Optional[List[str]] = None,
@@ -107,12 +108,11 @@ class WUDIMergeCallback(Callback):
         lora_output: str = "full",
     ) -> None:
         super().__init__()
-        if experts is not None and len(experts) == 0:
-            raise ValueError("experts=[] given: pass at least one expert path, or None for sequential mode")
+        experts = check_expert_paths(experts)
         check_num_tasks(num_tasks)
         self.method = method
         self.parameters = dict(parameters or {})
-        self.experts = [str(p) for p in experts] if experts is not None else None
+        self.experts = experts
         self.base = str(base) if isinstance(base, (str, os.PathLike)) else base
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude or [])
@@ -133,6 +133,7 @@ class WUDIMergeCallback(Callback):
         self._head_paths: List[str] = []
         self._merged_path: Optional[str] = None
         self._task_heads: Optional[List[StateDict]] = None
+        self._saved_this_fit = False  # not state: per fit (see on_fit_end)
 
     @property
     def state_key(self) -> str:
@@ -197,25 +198,31 @@ class WUDIMergeCallback(Callback):
         self._recover()
         strategy = self.build_strategy()
         strategy.check()
+        strategy.check_experts(self.num_tasks if self.sequential else len(self.experts))
         if not is_overridden("configure_model", pl_module):  # else its layers exist only in on_fit_start
             self._check_module(trainer, pl_module)
+        if not self.sequential and self.base is None and strategy.needs_base:
+            raise MergeInputError(
+                f"experts=... given without base=: method {self.method!r} needs the pretrained weights"
+            )
         if not self.sequential:
-            for path in self.experts:
-                if not Path(path).exists():
-                    raise MergeInputError(f"expert file not found: {path}")
-            if self.base is None and strategy.needs_base:
-                raise MergeInputError(
-                    f"experts=... given without base=: method {self.method!r} needs the pretrained weights"
-                )
-        if isinstance(self.base, str) and not Path(self.base).exists():
-            raise MergeInputError(f"base file not found: {self.base}")
+            self._check_expert_files(strategy)
+        elif isinstance(self.base, str):
+            self._read_shapes(self.base, "base")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Sequential mode, first fit: snapshot the pretrained weights as the base (all ranks call)."""
+        """Sequential mode, first fit: snapshot the pretrained weights as the base (all ranks call).
+
+        A fit after the round is finished is refused here, before its first step: the checkpoint a
+        resumed fit starts from has been restored by now (except under FSDP & co.), so the state
+        checked is the one the fit runs with."""
         if is_overridden("configure_model", pl_module):
             self._check_module(trainer, pl_module)
         if not self.sequential:
             return
+        self._saved_this_fit = False
+        if trainer.ckpt_path is None or not trainer.strategy.restore_checkpoint_after_setup:
+            self._refuse_fit_after_round()
         if self._base_path is not None:
             if self.reset_to_base and self._expert_paths and trainer.ckpt_path is None:
                 self._reset_to_base(trainer, pl_module)
@@ -244,6 +251,10 @@ class WUDIMergeCallback(Callback):
             return
         if self._base_path is None:
             raise MergeInputError("no base snapshot: the callback did not see the start of this fit")
+        self._save_expert(trainer, pl_module)
+
+    def _save_expert(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Validate the module's weights against the base and save them as the next expert."""
         index = len(self._expert_paths)
         state = module_state.trained_weights(trainer, pl_module)  # full on rank 0 only, under FSDP
         problem = None
@@ -260,13 +271,25 @@ class WUDIMergeCallback(Callback):
         if self.lora_output == "adapter":
             lora_adapters.save_factors(self._store(), trainer, pl_module, path)
         self._expert_paths.append(path)
+        self._saved_this_fit = True
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Merge when all experts are known (explicit mode, or ``num_tasks`` reached)."""
+        """Merge when all experts are known (explicit mode, or ``num_tasks`` reached).
+
+        Sequential mode first catches up with a crashed run: a resumed fit whose checkpoint was saved
+        at its last step runs no step (Lightning then skips ``on_train_end``), so the expert that run
+        saved after its checkpoint is found on disk (labelled with the run id), or, if the crash came
+        before it was written, saved now from the restored weights."""
         if self._merged_path is not None:
             return
-        if not self.sequential or (self.num_tasks is not None and len(self._expert_paths) >= self.num_tasks):
-            self.merge(trainer, pl_module)
+        if self.sequential:
+            known = len(self._expert_paths)
+            self._recover()
+            if not self._saved_this_fit and len(self._expert_paths) == known and not self._all_experts_saved():
+                self._save_expert_without_training(trainer, pl_module)
+            if not self._all_experts_saved():
+                return
+        self.merge(trainer, pl_module)
 
     def state_dict(self) -> Dict[str, Any]:
         return {
@@ -303,13 +326,11 @@ class WUDIMergeCallback(Callback):
         expert_paths = self.expert_paths
         if not expert_paths:
             raise MergeInputError("no experts to merge: no fit has finished yet and experts= was not given")
-        experts = [(f"expert {expert_id(i)} ({p})", load_state_dict(p)) for i, p in enumerate(expert_paths)]
+        strategy.check_experts(len(expert_paths))
+        experts = [(self._expert_label(i, p), self._read(load_state_dict, p, "expert"))
+                   for i, p in enumerate(expert_paths)]
         base = self._load_base(strategy)
-        reference = base if base is not None else experts[0][1]
-        self._check_patterns(reference, "the experts" if base is None else "the base")
-        names = self._merge_names(reference)
-        validate_merge_inputs(base, experts, names, require_change=strategy.requires_change)
-        lora_adapters.refuse_factor_states(experts)
+        names = self._check_inputs(strategy, base, experts, require_change=strategy.requires_change)
 
         merged, expert_states = strategy.merge(trainer, pl_module, base, experts, names)
         check_finite_results(merged, strategy.describe())
@@ -346,8 +367,88 @@ class WUDIMergeCallback(Callback):
 
     # ------------------------------------------------------------------ helpers
 
+    def _all_experts_saved(self) -> bool:
+        return self.num_tasks is not None and len(self._expert_paths) >= self.num_tasks
+
+    def _refuse_fit_after_round(self) -> None:
+        """Another fit after the merge (or after the last expert) would train from the base and its
+        weights would be dropped: an error before it starts, saying how to go on."""
+        name = type(self).__name__
+        if self._merged_path is not None:
+            raise MergeInputError(
+                f"{name}: this callback already merged its {len(self._expert_paths)} experts into "
+                f"{self._merged_path}; a further fit with it would train weights that are never merged (and with "
+                "reset_to_base it would first put the base weights back into the module). To fine-tune the merged "
+                f"model, fit without this callback; to merge a new set of tasks, use a new {name} (with another "
+                "output= to keep this round's files)"
+            )
+        if self._all_experts_saved():
+            raise MergeInputError(
+                f"{name}: all {self.num_tasks} experts are saved but not merged (did the merge at the end of the "
+                "last fit fail?); a further fit would not be used. Call callback.merge(trainer, model) to merge "
+                "them, or resume the interrupted fit with fit(..., ckpt_path=<its last checkpoint>)"
+            )
+
+    def _save_expert_without_training(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """This fit saved no expert because it ran no training step. Resumed from a checkpoint taken at
+        the end of training, the module holds this task's trained weights: save them. Otherwise
+        (``limit_train_batches=0``, ``max_steps`` already reached) there is nothing to save: warn."""
+        task = expert_id(len(self._expert_paths))
+        if trainer.ckpt_path is None:
+            rank_zero_warn(f"{type(self).__name__}: this fit ran no training step; no expert saved for {task}")
+            return
+        if is_sharded_module(trainer):
+            raise MergeInputError(
+                f"resumed from {trainer.ckpt_path} at the end of training, but {task}'s expert was not saved "
+                "before the crash and an FSDP-sharded module cannot be snapshotted after the fit: resume from "
+                "an earlier checkpoint (the fit then saves it at its end)"
+            )
+        self._save_expert(trainer, pl_module)
+
     def _merge_names(self, reference) -> List[str]:
         return select_names(list(reference), self.include, self.exclude)
+
+    @staticmethod
+    def _expert_label(index: int, path: str) -> str:
+        return f"expert {expert_id(index)} ({path})"
+
+    @staticmethod
+    def _read(read, path: str, role: str):
+        """``read(path)``, with a missing or unreadable file an error naming it and its role."""
+        try:
+            return read(path)
+        except FileNotFoundError:
+            raise MergeInputError(f"{role} file not found: {path}") from None
+        except ValueError as error:
+            raise MergeInputError(f"{role} file {error}") from error
+
+    def _read_shapes(self, path: str, role: str) -> StateDict:
+        """A file's tensors as meta tensors of their shapes: its header (safetensors) or a memory map."""
+        shapes = self._read(tensor_shapes, path, role)
+        return {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+
+    def _check_inputs(self, strategy: MergeStrategy, base: Optional[StateDict], experts, *,
+                      require_change: bool) -> List[str]:
+        """The tensors to merge, after checking the experts against the reference (the base, else the
+        first expert): patterns, names, shapes, values (unless meta tensors), heads and LoRA factors."""
+        reference = base if base is not None else experts[0][1]
+        self._check_patterns(reference, "the experts" if base is None else "the base")
+        names = self._merge_names(reference)
+        validate_merge_inputs(base, experts, names, require_change=require_change)
+        lora_adapters.refuse_factor_states(experts)
+        merged = set(names)
+        strategy.check_kept_out([n for n in reference if n not in merged])
+        return names
+
+    def _check_expert_files(self, strategy: MergeStrategy) -> None:
+        """Explicit mode, in ``setup``: every expert (and the base) is readable and fits the others,
+        checked from file headers / memory maps, so a bad file is named before any training."""
+        base = None
+        if strategy.needs_base:
+            base = self._read_shapes(self.base, "base") if isinstance(self.base, str) else {
+                name: torch.empty(t.shape, device="meta") for name, t in self.base.items()}
+        experts = [(self._expert_label(i, p), self._read_shapes(p, "expert")) for i, p in enumerate(self.experts)]
+        self._check_inputs(strategy, base, experts, require_change=False)
 
     def _check_patterns(self, state, where: str) -> None:
         check_patterns(list(state), self.include, self.exclude, where)
@@ -355,8 +456,11 @@ class WUDIMergeCallback(Callback):
     def _check_module(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The patterns and ``lora_output`` against the module (PEFT modules: in base naming)."""
         module_state.check_module(pl_module, is_sharded_module(trainer))
-        self._check_patterns(module_state.merge_view(pl_module), "the module")
-        lora_adapters.check_lora_output(self.lora_output, pl_module, self.method, self.parameters)
+        names = list(module_state.merge_view(pl_module))
+        self._check_patterns(names, "the module")
+        merged = set(self._merge_names(names))
+        self.build_strategy().check_kept_out([n for n in names if n not in merged])
+        lora_adapters.check_lora_output(self.lora_output, pl_module, self.method, self.parameters, sorted(merged))
 
     def _load_base(self, strategy: MergeStrategy) -> Optional[StateDict]:
         if self._base_path is None and isinstance(self.base, dict):
@@ -366,9 +470,7 @@ class WUDIMergeCallback(Callback):
             if strategy.needs_base:
                 raise MergeInputError(f"method {self.method!r} needs a base, and none was given or snapshotted")
             return None
-        if not Path(self._base_path).exists():
-            raise MergeInputError(f"base file not found: {self._base_path}")
-        return load_state_dict(self._base_path)
+        return self._read(load_state_dict, self._base_path, "base")
 
     def _reset_to_base(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if is_sharded_module(trainer):

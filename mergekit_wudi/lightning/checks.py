@@ -1,8 +1,10 @@
 """Input checks of the callback: its arguments (before training) and the tensors it merges.
 
 Everything a user writes is checked in ``setup``, before the first training step (issue #10): the
-method and its parameters (:func:`mergekit_wudi.validation.check_parameters`), ``num_tasks``, and
-``include`` / ``exclude`` patterns against the module's tensor names. Tensors are checked when
+method and its parameters (:func:`mergekit_wudi.validation.check_parameters`), ``num_tasks``,
+``experts``, ``include`` / ``exclude`` patterns against the module's tensor names, per-expert values
+against the number of experts, and explicit-mode files (readable, matching names and shapes, from
+their headers). Tensors are checked when
 they are read (:func:`validate_merge_inputs`) and again after the merge (:func:`check_finite_results`):
 nothing non-finite is written or loaded into a module.
 """
@@ -10,7 +12,8 @@ nothing non-finite is written or loaded into a module.
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+import os
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -49,6 +52,23 @@ def check_num_tasks(num_tasks: Any) -> None:
         raise MergeInputError(f"num_tasks must be a positive integer (or None), got {num_tasks!r}")
 
 
+def check_expert_paths(experts: Any) -> Optional[List[str]]:
+    """``experts=``: ``None`` (sequential mode), one path, or a non-empty list of paths; as strings."""
+    if experts is None:
+        return None
+    if isinstance(experts, (str, os.PathLike)):
+        return [os.fspath(experts)]
+    if not isinstance(experts, Iterable) or isinstance(experts, (bytes, Mapping)):
+        raise MergeInputError(f"experts must be a list of paths (or one path), got {type(experts).__name__}")
+    paths = list(experts)
+    if not paths:
+        raise MergeInputError("experts=[] given: pass at least one expert path, or None for sequential mode")
+    for index, path in enumerate(paths):
+        if not isinstance(path, (str, os.PathLike)):
+            raise MergeInputError(f"experts[{index}] must be a path (str or os.PathLike), got {path!r}")
+    return [os.fspath(p) for p in paths]
+
+
 def check_patterns(names: Sequence[str], include: Optional[Sequence[str]], exclude: Sequence[str], where: str) -> None:
     """Every ``include`` / ``exclude`` pattern matches at least one of ``names`` (a typo would
     otherwise silently merge everything, or a head), and something is left to merge."""
@@ -75,7 +95,8 @@ def validate_merge_inputs(
     Checks, for the tensors in ``names``: every expert has them with the reference's shape (the
     reference is ``base``, else the first expert), every value is finite, and -- when ``base`` is
     given and ``require_change`` -- no expert is identical to the base on all of them (an expert
-    equal to the base was never trained; the wudi kernel would silently drop it).
+    equal to the base was never trained; the wudi kernel would silently drop it). Meta tensors (shapes
+    read from file headers, in ``setup``) get the name and shape checks only.
     """
     reference_label, reference = ("the base", base) if base is not None else experts[0]
     for label, state in ([("the base", base)] if base is not None else []) + list(experts):
@@ -91,7 +112,7 @@ def validate_merge_inputs(
                     f"tensor {name!r} of {label} has shape {tuple(tensor.shape)}, "
                     f"but {reference_label} has {tuple(reference[name].shape)}"
                 )
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if tensor.is_floating_point() and not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
                 raise MergeInputError(f"tensor {name!r} of {label} has non-finite values (NaN or Inf)")
     if base is not None and require_change:
         floating = [n for n in names if base[n].is_floating_point()]

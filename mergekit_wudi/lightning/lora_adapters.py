@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from mergekit_wudi import lora, lora_adapter
+from mergekit_wudi.lightning import module_state
 from mergekit_wudi.lightning.checks import MergeInputError, StateDict
 from mergekit_wudi.lightning.distributed import barrier, is_global_zero
 from mergekit_wudi.lightning.storage import SnapshotStore, expert_id
@@ -37,9 +38,11 @@ def wudi_solver(method: str, parameters: Mapping[str, Any]) -> Optional[str]:
     return parameters.get("solver", default)
 
 
-def check_lora_output(lora_output: str, pl_module: nn.Module, method: str, parameters: Mapping[str, Any]) -> None:
-    """``lora_output`` is known; ``"adapter"`` needs a PEFT LoRA module on linear layers and a
-    merge that keeps the low-rank structure."""
+def check_lora_output(lora_output: str, pl_module: nn.Module, method: str, parameters: Mapping[str, Any],
+                      merge_names: Sequence[str]) -> None:
+    """``lora_output`` is known; ``"adapter"`` needs a PEFT LoRA module on linear layers, a merge that
+    keeps the low-rank structure, and every trained tensor of the merge (``merge_names``) LoRA-wrapped:
+    an adapter cannot carry a merged head (``modules_to_save``), so heads must be excluded."""
     if lora_output not in LORA_OUTPUTS:
         raise MergeInputError(f"lora_output must be one of {LORA_OUTPUTS}, got {lora_output!r}")
     if lora_output == "full":
@@ -54,9 +57,23 @@ def check_lora_output(lora_output: str, pl_module: nn.Module, method: str, param
             "or lora_output='full' (the merged full weights)"
         )
     try:
-        lora.lora_factors(pl_module)
+        wrapped = set(lora.lora_factors(pl_module))
     except lora.UnsupportedLoraError as error:
         raise MergeInputError(f"lora_output='adapter': {error}") from error
+    merge_name = module_state.tensor_names(pl_module)
+    trained = {merge_name[key] for key, p in pl_module.named_parameters() if p.requires_grad and key in merge_name}
+    carried = sorted(n for n in set(merge_names) & trained if n not in wrapped)
+    if carried:
+        raise MergeInputError(_not_carried(carried, "are trained (requires_grad)"))
+
+
+def _not_carried(names: Sequence[str], why: str) -> str:
+    modules = sorted({n.rsplit(".", 1)[0] for n in names})
+    return (
+        f"lora_output='adapter': tensor(s) {list(names)[:5]} {why} but are not LoRA-wrapped weights, and a "
+        f"LoRA adapter cannot carry their merged values: keep them out of the merge with exclude={modules[:5]} "
+        "(each task keeps its own, see task_heads), or use lora_output='full'"
+    )
 
 
 def refuse_factor_states(experts: Sequence[Tuple[str, StateDict]]) -> None:
@@ -103,10 +120,14 @@ def load_factors(expert_path: str) -> Dict[str, lora.LoraFactors]:
 def adapter_factors(merged: StateDict, base: StateDict, expert_paths: Sequence[str], head_names: Sequence[str],
                     method: str, parameters: Mapping[str, Any]) -> Factors:
     """The merged update as exact LoRA factors; raises (before anything is written) if none exist."""
+    expert_factors = [load_factors(p) for p in expert_paths]
+    kept = {n for factors in expert_factors for n in factors} | set(head_names)
+    changed = [n for n in merged if n not in kept and (n not in base or not torch.equal(merged[n], base[n]))]
+    if changed:  # e.g. BatchNorm statistics: buffers, so setup's requires_grad check cannot see them
+        raise MergeInputError(_not_carried(changed, "are changed by the merge"))
     try:
         return lora_adapter.merged_adapter_factors(
-            merged, base, [load_factors(p) for p in expert_paths], skip=head_names,
-            solver=wudi_solver(method, parameters),
+            merged, base, expert_factors, skip=head_names, solver=wudi_solver(method, parameters),
         )
     except lora.UnsupportedLoraError as error:
         raise MergeInputError(f"lora_output='adapter': {error}") from error

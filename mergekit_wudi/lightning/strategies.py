@@ -10,17 +10,18 @@ from :meth:`WUDIMergeCallback.build_strategy <mergekit_wudi.lightning.WUDIMergeC
 
 from __future__ import annotations
 
-import importlib
-
 import copy
 import dataclasses
+import difflib
+import importlib
+import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from lightning.pytorch import Trainer
 from torch import nn
 
-from mergekit_wudi.lightning.checks import StateDict
+from mergekit_wudi.lightning.checks import MergeInputError, StateDict
 from mergekit_wudi.lightning.distributed import (
     broadcast,
     distributed_world,
@@ -50,6 +51,14 @@ class MergeStrategy:
     def check(self) -> None:
         """Validate the strategy's settings; raise naming the one at fault. Called in ``setup``."""
 
+    def check_experts(self, count: Optional[int]) -> None:
+        """Validate per-expert settings against the number of experts (``None``: not known yet, in
+        sequential mode without ``num_tasks``). Called in ``setup`` and again before the merge."""
+
+    def check_kept_out(self, kept_out: Sequence[str]) -> None:
+        """Validate that tensors ``kept_out`` (per-task heads: outside ``include`` or inside ``exclude``)
+        can be kept out of this merge. Called in ``setup`` (the module's names) and before the merge."""
+
     def describe(self) -> str:
         """Method and parameters, for logs and error messages."""
         return repr(self.name)
@@ -65,6 +74,34 @@ class MergeStrategy:
         """Merge tensors ``names``; return the merged tensors and, per expert, the state its kept-out
         tensors (heads) are taken from. Every rank calls it; every rank gets the same result."""
         raise NotImplementedError
+
+
+def expert_ids(count: int, with_base: bool = False) -> List[str]:
+    """The input ids of a merge of ``count`` experts (``base`` first when it is an input)."""
+    return ([BASE_ID] if with_base else []) + [expert_id(i) for i in range(count)]
+
+
+def _is_expert_key(key: Any, with_base: bool) -> bool:
+    if with_base and key == BASE_ID:
+        return True
+    return isinstance(key, str) and re.fullmatch(r"task_(0|[1-9][0-9]*)", key) is not None
+
+
+def check_expert_keys(values: Mapping[Any, Any], count: Optional[int], where: str, with_base: bool = False) -> None:
+    """A per-expert mapping is keyed by exactly the experts' ids (``task_<i>``; ``base`` when it is an
+    input); with ``count`` unknown (sequential mode without ``num_tasks``) every key must be such an id."""
+    ids = expert_ids(count if count is not None else max(2, len(values)), with_base)
+    listed = ", ".join(ids) if count is not None else ", ".join(ids[:2]) + ", ..."
+    for key in values:
+        if not _is_expert_key(key, with_base) or (count is not None and key not in ids):
+            close = difflib.get_close_matches(str(key), ids, n=1)
+            raise MergeInputError(
+                f"{where}: key {key!r} is not an expert of this merge (they are {listed}, in the order of the "
+                f"fits or of experts=){f'; did you mean {close[0]!r}?' if close else ''}"
+            )
+    missing = [i for i in ids if i not in values] if count is not None else []
+    if missing:
+        raise MergeInputError(f"{where}: no value for {', '.join(missing)} (one per input: {listed})")
 
 
 def linear_flags(module: Optional[nn.Module], reference: StateDict, names: Sequence[str]) -> List[bool]:
@@ -140,6 +177,41 @@ class RegistryMerge(MergeStrategy):
         from mergekit.merge_methods.base import BasePolicy
 
         return self._method().spec.contract.base in (BasePolicy.REQUIRED, BasePolicy.OPTIONAL)
+
+    def check_experts(self, count: Optional[int]) -> None:
+        """Per-expert values (a list in task order, or a mapping keyed ``task_0``, ``task_1``, ...)
+        match the experts, and an LwPTV mask file names them: a wrong length or a mistyped key is an
+        error naming the parameter and the key, not a late error of mergekit's."""
+        from mergekit.merge_methods.base import ParameterScope, PerGroupValues
+
+        for parameter in self._method().spec.input_parameters:
+            value = self.parameters.get(parameter.name)
+            if value is None or isinstance(value, PerGroupValues):
+                continue
+            with_base = parameter.scope == ParameterScope.INPUT and self.needs_base
+            if isinstance(value, Mapping):
+                check_expert_keys(value, count, f"{WHERE}: parameter {parameter.name!r}", with_base)
+            elif isinstance(value, (list, tuple)) and count is not None:
+                ids = expert_ids(count, with_base)
+                if len(value) != len(ids):
+                    raise MergeInputError(
+                        f"{WHERE}: parameter {parameter.name!r} has {len(value)} values, but there are {len(ids)} "
+                        f"inputs ({', '.join(ids)}): one value per input, in that order"
+                    )
+        mask_file = self.parameters.get("lwptv_mask_file")
+        preprocess = self.parameters.get("preprocess")
+        if mask_file is not None and isinstance(preprocess, str) and "lwptv" in preprocess:
+            from mergekit_wudi.lwptv_masks import load_mask_file
+
+            models = load_mask_file(mask_file)["drop"]
+            missing = [i for i in expert_ids(count if count is not None else 1) if i not in models]
+            if missing:
+                raise MergeInputError(
+                    f"{WHERE}: lwptv_mask_file {str(mask_file)!r} has no model {missing[0]!r} (models there: "
+                    f"{', '.join(sorted(models)) or 'none'}); the callback's experts are task_0, task_1, ... in "
+                    "the order of the fits (or of experts=): key the mask by these ids "
+                    "(mergekit_wudi.lwptv_masks.build_mask_file_from_state_dicts)"
+                )
 
     def describe(self) -> str:
         return f"method {self.name!r} with parameters {self.parameters}"
@@ -254,6 +326,19 @@ class MudscMerge(MergeStrategy):
     def check(self) -> None:
         self._mudsc().check_parameters(self.parameters)
 
+    def check_experts(self, count: Optional[int]) -> None:
+        if count is not None:
+            self._mudsc().check_parameters(self.parameters, n_models=count)
+
+    def check_kept_out(self, kept_out: Sequence[str]) -> None:
+        mode = self.parameters.get("mode", "align")
+        if kept_out and mode != "align":
+            raise MergeInputError(
+                f"method='mudsc' with mode={mode!r} cannot keep per-task tensors out of the merge (include/"
+                f"exclude leave out {list(kept_out)[:5]}): zip merges units within a model, so no expert's own "
+                "head fits the merged body. Use mode='align', or merge the heads too"
+            )
+
     def describe(self) -> str:
         return f"method 'mudsc' with parameters {self.parameters}"
 
@@ -264,14 +349,9 @@ class MudscMerge(MergeStrategy):
         dataloader = self.dataloader if self.dataloader is not None else getattr(trainer, "train_dataloader", None)
         if dataloader is None:
             raise ValueError("method='mudsc' needs data: pass dataloader= or merge inside a fit")
-        keeps_heads = any(n not in set(names) for n in experts[0][1])
-        mode = self.parameters.get("mode", "align")
-        if keeps_heads and mode != "align":
-            raise ValueError(
-                f"method='mudsc' with mode={mode!r} cannot keep per-task tensors out of the merge (include/"
-                "exclude): zip merges units within a model, so no expert's own head fits the merged body. "
-                "Use mode='align', or merge the heads too"
-            )
+        kept_out = [n for n in experts[0][1] if n not in set(names)]
+        self.check_kept_out(kept_out)
+        keeps_heads = bool(kept_out)
         merged: Optional[StateDict] = None
         aligned: Optional[List[StateDict]] = None
         if is_global_zero(trainer):

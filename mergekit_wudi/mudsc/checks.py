@@ -19,7 +19,7 @@ from mergekit_wudi.solvers.numerics import check_finite
 import torch.nn as nn
 
 __all__ = ["MODES", "require_finite", "check_result", "check_models", "check_alpha", "check_options",
-           "check_dataloader", "check_weights", "check_module_weights"]
+           "check_dataloader", "check_inputs", "check_weights", "check_module_weights"]
 
 MODES = ("align", "zip", "average")
 
@@ -37,7 +37,8 @@ def check_result(state: Mapping[str, torch.Tensor], produced_by: str) -> None:
 
 
 def check_models(models: Sequence[nn.Module]) -> list[dict]:
-    """Two or more modules of one class with the same tensors, all finite; returns their state dicts."""
+    """Two or more modules of one class with the same tensors (names, shapes, dtypes, devices), all
+    finite; returns their state dicts."""
     if len(models) < 2:
         raise ValueError("mudsc: need at least two models")
     for i, m in enumerate(models):
@@ -50,6 +51,14 @@ def check_models(models: Sequence[nn.Module]) -> list[dict]:
             raise ValueError(f"mudsc: model {i} is a {type(m).__name__}, model 0 a {c0.__name__}")
         if list(st) != list(states[0]) or any(st[k].shape != states[0][k].shape for k in st):
             raise ValueError(f"mudsc: model {i} does not have the same tensors as model 0")
+        for name, tensor in st.items():
+            first = states[0][name]
+            if (tensor.dtype, tensor.device) != (first.dtype, first.device):
+                raise ValueError(
+                    f"mudsc: tensor {name!r} of model {i} is {tensor.dtype} on {tensor.device}, of model 0 "
+                    f"{first.dtype} on {first.device}: put the models in one dtype and on one device "
+                    "(e.g. model.float().cpu())"
+                )
         for name, tensor in st.items():
             if torch.is_floating_point(tensor):
                 require_finite(tensor, f"model {i}, tensor {name!r}")
@@ -104,26 +113,50 @@ def check_options(*, mode: Any, sweeps: Any, tol: Any, max_batches: Any, bn_batc
             raise TypeError(f"mudsc: {name} must be True or False, got {value!r}")
 
 
+def check_inputs(model: nn.Module, example: tuple) -> None:
+    """``model`` runs on the first batch's inputs (in eval mode, without gradients); otherwise an
+    error naming their shapes and dtypes, before the model is traced."""
+    was = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*example)
+    except Exception as error:  # noqa: BLE001  (any failure of the user's forward on these inputs)
+        shown = ", ".join(f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+                          for x in example)
+        detail = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"mudsc: model 0 cannot run on the inputs of the first batch ({shown}): {type(error).__name__}: "
+            f"{detail}; check the dataloader and input_fn (batch -> model inputs)"
+        ) from error
+    finally:
+        for m, training in was:
+            m.train(training)
+
+
 def check_dataloader(dataloader: Any) -> None:
     if not isinstance(dataloader, IterableABC):
         raise TypeError(f"mudsc: dataloader must be an iterable of batches, got {type(dataloader).__name__}")
 
 
 def _model_weights(what: str, values: Any, n: int) -> list[float]:
-    """One finite, non-negative weight per model, not all zero; returned normalised to sum 1."""
+    """One finite, non-negative weight per model, not all zero; returned scaled to a largest weight
+    of 1 (the same ratios; the sum of huge weights such as ``1e308`` would overflow to Inf)."""
     if isinstance(values, (str, bytes)) or not isinstance(values, IterableABC):
         raise TypeError(f"mudsc: {what} must be a sequence of {n} numbers, got {values!r}")
     values = [_number(what, v) for v in values]
-    if len(values) != n or min(values) < 0 or sum(values) <= 0:
+    if len(values) != n or min(values) < 0 or max(values) <= 0:
         raise ValueError(f"mudsc: {what} must hold one non-negative weight per model ({n}), not all zero; "
                          f"got {values}")
-    total = sum(values)
-    return [v / total for v in values]
+    largest = max(values)
+    return [v / largest for v in values]
 
 
 def check_weights(weights: Optional[Sequence[float]], n: int) -> list[float]:
     """Per-model averaging weights (default uniform), normalised to sum 1."""
-    return _model_weights("weights", [1.0 / n] * n if weights is None else weights, n)
+    scaled = _model_weights("weights", [1.0] * n if weights is None else weights, n)
+    total = sum(scaled)
+    return [v / total for v in scaled]
 
 
 def check_module_weights(module_weights: Optional[Mapping[str, Sequence[float]]], n: int,
@@ -131,7 +164,8 @@ def check_module_weights(module_weights: Optional[Mapping[str, Sequence[float]]]
     """``{module prefix: per-model weights}``; every prefix must name a module that holds tensors
     (checked when ``tensor_names`` is given).
 
-    The weights are returned as given (as floats): the merge normalises them per tensor."""
+    The weights are returned with the same ratios, scaled to a largest weight of 1: the merge
+    normalises them per tensor."""
     if not module_weights:
         return None
     if not isinstance(module_weights, Mapping):
@@ -140,8 +174,8 @@ def check_module_weights(module_weights: Optional[Mapping[str, Sequence[float]]]
     for prefix, values in module_weights.items():
         if not isinstance(prefix, str):
             raise TypeError(f"mudsc: module_weights keys must be module names, got {prefix!r}")
-        _model_weights(f"module_weights[{prefix!r}]", values, n)
+        scaled = _model_weights(f"module_weights[{prefix!r}]", values, n)
         if tensor_names is not None and not any(name == prefix or name.startswith(prefix + ".") for name in tensor_names):
             raise ValueError(f"mudsc: module_weights[{prefix!r}] names no tensor of the model")
-        checked[prefix] = [float(v) for v in values]
+        checked[prefix] = scaled
     return checked

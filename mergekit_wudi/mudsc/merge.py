@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from .checks import (MODES, check_alpha, check_dataloader, check_models, check_module_weights, check_options,
-                     check_result, check_weights)
+from .checks import (MODES, check_alpha, check_dataloader, check_inputs, check_models, check_module_weights,
+                     check_options, check_result, check_weights)
 from .data import as_args, default_input_fn, modes_restored, reset_batchnorm, take_batches
 from .graph import FeatureRecorder, Group, MergeSpec, build_spec
 from .matching import match_align, match_zip
@@ -199,9 +199,11 @@ def mudsc_merge(models: Sequence[nn.Module], dataloader: Iterable, *, mode: str 
     """Merge N models of one architecture that share no base (MuDSC, arXiv 2403.01753).
 
     Args:
-        models: the models (same class, same tensors, all finite). They are not modified.
+        models: the models (same class, same tensors in one dtype, all finite). They are not modified.
         dataloader: iterable of batches of *unlabeled* inputs; labels in ``(x, y)`` batches are ignored
-            (``input_fn`` picks the inputs). Used for activations and the BatchNorm reset.
+            (``input_fn`` picks the inputs). Used for activations and the BatchNorm reset. A one-pass
+            iterator (a generator, ``iter(loader)``) is read once into a list of its first
+            ``max(max_batches, bn_batches)`` batches.
         mode: ``"align"`` (Hungarian: every model is permuted onto ``models[0]``, then averaged),
             ``"zip"`` (ZipIt greedy: units may merge within one model; N > 2 models are zipped one at a
             time into the running merge), or ``"average"`` (no matching: plain weight averaging, a baseline).
@@ -242,11 +244,14 @@ def mudsc_merge(models: Sequence[nn.Module], dataloader: Iterable, *, mode: str 
     weights = check_weights(weights, n)
     module_weights = check_module_weights(module_weights, n, list(states[0]))
     input_fn = input_fn or default_input_fn
+    if isinstance(dataloader, Iterator):  # one pass only, and the merge reads the data up to three times
+        dataloader = list(take_batches(dataloader, max(max_batches, bn_batches or max_batches)))
     example = None
     for batch in take_batches(dataloader, 1):
         example = as_args(input_fn(batch))
     if example is None:
         raise ValueError("mudsc: the dataloader yielded no batch")
+    check_inputs(models[0], example)
     spec = build_spec(models[0], example)
     kw = dict(mode=mode, alpha=alpha, sweeps=sweeps, tol=tol, max_batches=max_batches, input_fn=input_fn,
               allow_same_model=allow_same_model)
