@@ -93,6 +93,10 @@ def test_relative_link_resolves(path, target):
         assert anchor in anchors, f"{relative(path)}: link {target!r}: no heading with that anchor; {sorted(anchors)}"
 
 
+def test_the_readme_is_read_in_five_minutes():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250, "README.md: move detail into docs/"
+
+
 def test_every_docs_page_is_linked_from_the_readme():
     readme = (ROOT / "README.md").read_text()
     for page in (ROOT / "docs").glob("*.md"):
