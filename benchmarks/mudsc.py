@@ -133,6 +133,22 @@ METHODS = {
 }
 
 
+ARCH_TITLES = {"mlp": "MLP 64-128-128-128", "rescnn": "ResNet-style CNN with BN"}
+
+
+def render_table(results: dict) -> list:
+    """Markdown lines: one row per method, per architecture its test accuracy on task A / task B / their mean,
+    mean over seed pairs (docs/mudsc.md; ``python benchmarks/update_docs.py``)."""
+    archs = list(results["archs"])
+    lines = ["| method | " + " | ".join(f"{ARCH_TITLES.get(a, a)}: A / B / mean" for a in archs) + " |",
+             "|---|" + "---|" * len(archs)]
+    for name in results["archs"][archs[0]]:
+        cells = [results["archs"][a].get(name) for a in archs]
+        lines.append(f"| {name} | " + " | ".join(
+            f"{c['task_A']:.3f} / {c['task_B']:.3f} / {c['mean']:.3f}" if c else "" for c in cells) + " |")
+    return lines + [""]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
@@ -170,10 +186,7 @@ def main(argv=None) -> dict:
                            "merge_seconds": float(np.mean(timing[name])) if name in timing else None}
         results["archs"][arch] = table
         print(f"\n{arch} (mean over {args.seeds} seed pairs)")
-        print(f"| method | task A (0-4) | task B (5-9) | mean |")
-        print("|---|---|---|---|")
-        for name, r in table.items():
-            print(f"| {name} | {r['task_A']:.3f} | {r['task_B']:.3f} | {r['mean']:.3f} |")
+        print("\n".join(render_table({"archs": {arch: table}})))
     results["wall_seconds"] = time.time() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

@@ -126,21 +126,39 @@ def _ranking_table(summary: dict) -> list:
     return lines + [""]
 
 
-def overview_table(summary: dict) -> list:
+def overview_table(summary: dict, only=None, extra_columns=()) -> list:
     """One line per row, sorted by normalized accuracy at the largest subset: normalized at every subset, the
-    paired difference from WUDI's default at the largest one, and the merge time there (README's table)."""
+    paired difference from WUDI's default at the largest one (left out where no row has it: the LoRA rows omit
+    adam) and the merge time there. ``only``: the rows to show (default all); ``extra_columns``: (header,
+    function of the row name -> cell) pairs appended to each line (README's headline table adds speed)."""
     if not summary:
         return []
     ks = sorted(summary, key=int)
     big = summary[ks[-1]]
+    with_default = any(_delta_default(r) for r in big.values())
     lines = ["| method | family | " + " | ".join(f"{k} tasks" for k in ks)
-             + f" | Δ vs WUDI default at {ks[-1]} [95% CI] | merge s at {ks[-1]} | seeds at {ks[-1]} |",
-             "|---|---|" + "---|" * len(ks) + "---|---|---|"]
+             + (f" | Δ vs WUDI default at {ks[-1]} [95% CI]" if with_default else "")
+             + f" | merge s at {ks[-1]} | seeds at {ks[-1]} |" + "".join(f" {h} |" for h, _ in extra_columns),
+             "|---|---|" + "---|" * len(ks) + ("---|" if with_default else "") + "---|---|"
+             + "---|" * len(extra_columns)]
     for m, r in sorted(big.items(), key=lambda kv: -kv[1]["normalized"]):
+        if only is not None and m not in only:
+            continue
         cells = [f"{100 * summary[k][m]['normalized']:.1f}" if m in summary[k] else "" for k in ks]
         lines.append(f"| {m} | {r['family']} | " + " | ".join(cells)
-                     + f" | {_delta_default(r)} | {r['merge_seconds']:.1f} | {r['n_seeds']} |")
+                     + (f" | {_delta_default(r)}" if with_default else "")
+                     + f" | {r['merge_seconds']:.1f} | {r['n_seeds']} |" + "".join(f" {fn(m)} |" for _, fn in extra_columns))
     return lines + [""]
+
+
+def row_cells(summary: dict, row: str, k: str | None = None) -> dict:
+    """Display strings of one row at subset ``k`` (default the largest): normalized accuracy (%), the paired
+    difference from tuned task arithmetic and from WUDI's default (points), merge seconds, seeds."""
+    k = k or max(summary, key=int)
+    r = summary[k][row]
+    ta = f"{100 * r['delta_norm_vs_ta']:+.1f}" if "delta_norm_vs_ta" in r else ""
+    return {"normalized": f"{100 * r['normalized']:.1f}", "vs_ta": ta, "vs_default": _delta_default(r),
+            "merge_seconds": f"{r['merge_seconds']:.1f}", "seeds": str(r["n_seeds"]), "tasks": k}
 
 
 def _summary_tables(summary: dict) -> list:

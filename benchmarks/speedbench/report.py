@@ -106,6 +106,14 @@ def render_sweep_md(r: dict) -> str:
              "Floor: float32 Gram products + Cholesky (closed_form) or + eigh (spectral) of every linear weight, "
              "no I/O. Solver: the exact closed_form solver itself on in-memory float32 task vectors (Gram, "
              "right-hand side, Cholesky, solve), no I/O.", ""]
+    lines += sweep_tables(r)
+    return "\n".join(lines)
+
+
+def sweep_tables(r: dict) -> list:
+    """One markdown table per size of a size-sweep result (``speed_sweep*.json``), smallest size first: wall, CPU,
+    anonymous and file-backed memory with their ratios to task_arithmetic of the same run (docs/benchmarks.md)."""
+    lines = []
     with_floor = any("ratio_vs_io_plus_floor" in row for e in r["sizes"].values() for row in e["rows"].values())
     for size, e in sorted(r["sizes"].items(), key=lambda kv: kv[1]["parameters"]):
         lines += [f"**{size}** ({e['parameters'] / 1e9:.2f} B parameters)", "",
@@ -127,4 +135,26 @@ def render_sweep_md(r: dict) -> str:
                           f"+ eigh {f.get('gram_plus_eigh_total_s', float('nan')):.1f} s; closed_form solver "
                           f"{f.get('closed_form_solver_total_s', float('nan')):.1f} s."]
         lines.append("")
-    return "\n".join(lines)
+    return lines
+
+
+def sweep_wall_ratios(*sweeps: dict) -> dict:
+    """{method: {size: wall time / task_arithmetic's of the same run}} over several size-sweep results; a later
+    result's (size, method) replaces an earlier one's (pass the older run first)."""
+    ratios: dict = {}
+    for r in sweeps:
+        for size, e in r["sizes"].items():
+            for name, row in e["rows"].items():
+                if row.get("ok") and row.get("wall_s_ratio_vs_ta") is not None:
+                    ratios.setdefault(name, {})[size] = row["wall_s_ratio_vs_ta"]
+    return ratios
+
+
+def whole_model_table(r: dict) -> list:
+    """The whole-model merge table of ``speed.json`` (wall, CPU, peak RSS, ratios to task_arithmetic)."""
+    return _merge_table(r["merges"])
+
+
+def micro_table(r: dict) -> list:
+    """The per-weight table of ``speed.json``: the ``adam`` solver against the authors' literal loop."""
+    return _micro_table(r["micro"]) if r.get("micro") else []

@@ -1,0 +1,158 @@
+"""Rewrite the generated regions of README.md and docs/*.md from the committed benchmark results.
+
+    python benchmarks/update_docs.py            # rewrite every region in place
+    python benchmarks/update_docs.py --check    # exit 1 (and name the regions) if any is out of date
+
+A region is the text between ``<!-- generated: NAME -->`` and ``<!-- end generated -->``; NAME is one of
+:data:`REGIONS`. Every table in them is rendered by the benchmarks' own report code
+(``qualitybench/report.py``, ``speedbench/report.py``, ``mudsc.py``) from ``benchmarks/results/*.json``, so the
+documentation cannot drift from the results (``tests/test_docs.py`` checks it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import REPO, RESULTS  # noqa: E402
+from benchmarks.qualitybench import report as quality_report  # noqa: E402
+from benchmarks.speedbench import report as speed_report  # noqa: E402
+from mergekit_wudi.io import atomic_file  # noqa: E402
+
+REGION = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- end generated -->)", re.S)
+SIZES = ("0.5B", "1.5B", "3B", "7B")
+# Size sweeps whose wall-time ratios the tables quote; a later file's (size, method) replaces an earlier one's.
+SWEEPS = ("speed_sweep.json", "speed_sweep_fastpath.json")
+# quality row -> the size sweep's method of the same configuration
+SWEEP_METHOD = {
+    "task_arithmetic (val lambda)": "task_arithmetic",
+    "ties (d=0.2, val lambda)": "ties",
+    "wudi closed_form (ridge 0.01)": "closed_form",
+    "wudi spectral (flow_time 8)": "spectral",
+    "wudi spectral (val flow_time)": "spectral",
+    "wudi closed_form (rank auto, energy 0.9)": "closed_form_rank_auto",
+    "wudi spectral (rank auto, energy 0.9)": "spectral_rank_auto",
+}
+HEADLINE_ROWS = (
+    "expert (own task, upper bound)", "wudi spectral (val flow_time)", "wudi closed_form (ridge 0.01)",
+    "iso_c (val grid)", "tsv_merge (val grid)", "wudi spectral (rank auto, energy 0.9)", "wudi adam (scaling 1.0)",
+    "ties (d=0.2, val lambda)", "dare_ties (val grid)", "task_arithmetic (val lambda)", "pretrained encoder",
+)
+# README's "what to use": (your experts, hardware, data at hand, configuration, results ("full" or "lora"), row).
+# Every number in the table is read from quality.json and the size sweeps; add a situation by adding a line.
+WHAT_TO_USE = [
+    ("full fine-tunes", "CPU, LLM-sized", "none", "`solver: spectral`, `rank: auto`", "full",
+     "wudi spectral (rank auto, energy 0.9)"),
+    ("full fine-tunes", "GPU, or a small model on CPU", "none", "`solver: closed_form` (exact)", "full",
+     "wudi closed_form (ridge 0.01)"),
+    ("full fine-tunes", "GPU, or a small model on CPU", "validation split",
+     "`solver: spectral`, `flow_time` chosen on it from 0.5 / 2 / 8 / 32", "full", "wudi spectral (val flow_time)"),
+    ("full fine-tunes", "GPU", "none", "no parameters: `solver: adam`, the authors' algorithm", "full",
+     "wudi adam (scaling 1.0)"),
+    ("LoRA adapters", "any", "none", "`solver: closed_form`, `rank:` the sum of the adapters' ranks", "lora",
+     "wudi closed_form (rank 56 = total LoRA rank)"),
+    ("LoRA adapters", "any", "validation split", "`solver: closed_form`, `scaling` chosen on it", "lora",
+     "wudi closed_form (val scaling)"),
+    # Further situations (e.g. training data seen by the Lightning callback) go here, as rows of quality.json.
+]
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _sizes_cell(ratios: Dict[str, float]) -> str:
+    return " / ".join(f"{ratios[s]:.2f}" if s in ratios else "–" for s in SIZES)
+
+
+def what_to_use(quality: dict, wall_ratios: dict) -> List[str]:
+    """README's table: situation -> configuration, with its measured quality and cost (from the JSON)."""
+    summaries = {"full": quality["summary"], "lora": quality["lora"]["summary"]}
+    lines = ["| your experts | hardware | data at hand | configuration (`merge_method: wudi`) "
+             "| normalized acc at 7 tasks (%) | Δ vs tuned task arithmetic (pts) | merge s (TA) at 7 tasks "
+             f"| wall x TA, {' / '.join(SIZES)} |", "|---|---|---|---|---|---|---|---|"]
+    for experts, hardware, data, configuration, kind, row in WHAT_TO_USE:
+        summary = summaries[kind]
+        cells = quality_report.row_cells(summary, row)
+        ta = quality_report.row_cells(summary, quality_report.TA_ROW)
+        ratios = wall_ratios.get(SWEEP_METHOD.get(row, ""), {})
+        lines.append(f"| {experts} | {hardware} | {data} | {configuration} | {cells['normalized']} | {cells['vs_ta']} "
+                     f"| {cells['merge_seconds']} ({ta['merge_seconds']}) | {_sizes_cell(ratios) if ratios else '–'} |")
+    return lines + [""]
+
+
+def render_regions() -> Dict[str, str]:
+    """{region name: its generated text} from the committed results."""
+    quality, speed = _load("quality.json"), _load("speed.json")
+    sweeps = {name: _load(name) for name in SWEEPS}
+    wall_ratios = speed_report.sweep_wall_ratios(*sweeps.values())
+
+    def wall_cell(row: str) -> str:
+        ratios = wall_ratios.get(SWEEP_METHOD.get(row, ""), {})
+        return _sizes_cell(ratios) if ratios else ""
+
+    from benchmarks.mudsc import render_table as mudsc_table
+
+    builders: Dict[str, Callable[[], List[str]]] = {
+        "headline": lambda: quality_report.overview_table(
+            quality["summary"], only=HEADLINE_ROWS,
+            extra_columns=[(f"wall x TA, {' / '.join(SIZES)}", wall_cell)]),
+        "what-to-use": lambda: what_to_use(quality, wall_ratios),
+        "quality-overview": lambda: quality_report.overview_table(quality["summary"]),
+        "quality-lora": lambda: quality_report.overview_table(quality["lora"]["summary"]),
+        "speed-whole-model": lambda: speed_report.whole_model_table(speed),
+        "speed-micro": lambda: speed_report.micro_table(speed),
+        "speed-sweep-all": lambda: speed_report.sweep_tables(sweeps["speed_sweep.json"]),
+        "speed-sweep-fastpath": lambda: speed_report.sweep_tables(sweeps["speed_sweep_fastpath.json"]),
+        "mudsc": lambda: mudsc_table(_load("mudsc.json")),
+    }
+    return {name: "\n".join(build()).rstrip("\n") + "\n" for name, build in builders.items()}
+
+
+def doc_files(repo: Path = REPO) -> List[Path]:
+    return [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]
+
+
+def regions_in(text: str) -> Dict[str, str]:
+    """{name: current text} of the generated regions of a document."""
+    return {m.group(2): m.group(3) for m in REGION.finditer(text)}
+
+
+def rewrite(text: str, rendered: Dict[str, str], where: str = "") -> str:
+    """``text`` with every generated region replaced by its rendering; an unknown region name is an error."""
+    def replace(m: re.Match) -> str:
+        if m.group(2) not in rendered:
+            raise KeyError(f"{where}: unknown generated region {m.group(2)!r}; known: {', '.join(sorted(rendered))}")
+        return m.group(1) + rendered[m.group(2)] + m.group(4)
+
+    return REGION.sub(replace, text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="only report out-of-date regions (exit 1 if any)")
+    args = ap.parse_args(argv)
+    rendered = render_regions()
+    stale = []
+    for path in doc_files():
+        text = path.read_text()
+        new = rewrite(text, rendered, str(path))
+        if new != text:
+            stale.append(path.relative_to(REPO))
+            if not args.check:
+                with atomic_file(path) as tmp:
+                    Path(tmp).write_text(new)
+    verb = "out of date" if args.check else "rewritten"
+    print(f"{verb}: {', '.join(map(str, stale))}" if stale else "generated regions up to date")
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
