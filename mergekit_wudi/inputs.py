@@ -100,7 +100,7 @@ def check_model_shapes(merge_config, *, vocabularies_may_differ: bool = False) -
                 hint = ("; models with different vocabularies need 'tokenizer_source' (mergekit then aligns "
                         "embeddings and LM heads)" if one_axis and is_vocabulary_name(name) else "")
                 raise ModelFileError(
-                    f"model {model}: tensor {name!r} (in {path}) has shape {list(shape)} but the base model {base} has "
+                    f"model {model}: tensor {name!r} has shape {list(shape)} in {path}, but the base model {base} has "
                     f"{list(expected)}; the models must share one architecture and size{hint}"
                 )
     return files
