@@ -1,10 +1,15 @@
 """Early checks of what a user writes for our merge methods: every name and value, before any tensor.
 
-mergekit 0.1.5 silently ignores unknown parameter names in a YAML (``iteratons: 20`` merges with the
-default), ignores a global parameter written under one model, and reports a badly typed value only
-while planning, without naming it. For the methods of this package these are errors here, raised by
-:func:`check_merge_config` (called before a ``mergekit-yaml`` run does any work) and
-:func:`check_parameters` (the in-memory API and the Lightning callback).
+mergekit 0.1.5 silently ignores unknown keys in a YAML (``iteratons: 20`` merges with the default,
+``paramters:`` drops a whole block), ignores a global parameter written under one model, buries a
+null value in pages of pydantic output and reports a badly typed value only while planning, without
+naming it. For the methods of this package these are errors here, raised by
+:func:`check_config_text` (run by ``MergeConfiguration.model_validate`` itself, :func:`install`),
+:func:`check_merge_config` (called before a ``mergekit-yaml`` run does any work),
+:func:`check_tensor_settings` (per tensor of the base, from its headers) and
+:func:`check_parameters` (the in-memory API and the Lightning callback). Settings that have no
+effect (``rank_energy`` without ``rank: auto``, ``awd_*`` without AWD, ``lwptv_*`` without LwPTV)
+are named in a warning.
 """
 
 from __future__ import annotations
