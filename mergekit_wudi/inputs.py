@@ -9,6 +9,7 @@ experts and only tensors the base has. Models given by hub name are left to merg
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -145,19 +146,16 @@ def _same_weights(files: Dict, base_files: Dict) -> bool:
 
     if files.keys() != base_files.keys() or any(files[n][0] != base_files[n][0] for n in files):
         return False
-    handles = {}
-    try:
+    with contextlib.ExitStack() as stack:
+        handles = {}
         for name, (_, path) in sorted(files.items(), key=_comparison_order):
             base_path = base_files[name][1]
             for file in (path, base_path):
                 if file not in handles:
-                    handles[file] = safe_open(str(file), framework="pt").__enter__()
+                    handles[file] = stack.enter_context(safe_open(str(file), framework="pt"))
             tensor, base_tensor = handles[path].get_tensor(name), handles[base_path].get_tensor(name)
             if tensor.dtype != base_tensor.dtype or not torch.equal(tensor, base_tensor):
                 return False
-    finally:
-        for handle in handles.values():
-            handle.__exit__(None, None, None)
     return True
 
 
