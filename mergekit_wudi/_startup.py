@@ -10,6 +10,11 @@ imports this module at every interpreter start. It imports nothing heavy: it onl
   import mergekit), registration waits until they have finished loading. No import cycle.
 - ``mergekit.merge``: its ``run_merge`` gets the safe-output wrapper
   (:func:`mergekit_wudi.output.install`), before ``mergekit-yaml`` imports the name.
+- ``mergekit.io.tasks``: its writer tasks check our methods' results after the ``out_dtype`` cast
+  (:func:`mergekit_wudi.final_cast.install`).
+- ``mergekit.config``: ``MergeConfiguration.model_validate`` checks a config for our methods before
+  pydantic parses it (:func:`mergekit_wudi.validation.install`): unknown keys, null values and bad
+  ``{filter, value}`` entries are one named error, not pages of pydantic output or a silent drop.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from __future__ import annotations
 import sys
 
 _REGISTRY, _KERNELS, _MERGE = "mergekit.merge_methods", "mergekit_wudi.methods", "mergekit.merge"
-_TARGETS = (_REGISTRY, _KERNELS, _MERGE)
+_TASKS, _CONFIG = "mergekit.io.tasks", "mergekit.config"
+_TARGETS = (_REGISTRY, _KERNELS, _MERGE, _TASKS, _CONFIG)
 _loading: set = set()
 
 
@@ -35,6 +41,14 @@ def _after_import(name: str) -> None:
         from mergekit_wudi import output
 
         output.install(sys.modules[_MERGE])
+    elif name == _TASKS:
+        from mergekit_wudi import final_cast
+
+        final_cast.install(sys.modules[_TASKS])
+    elif name == _CONFIG:
+        from mergekit_wudi import validation
+
+        validation.install(sys.modules[_CONFIG])
 
 
 class _PostImportFinder:

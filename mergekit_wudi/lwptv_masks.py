@@ -23,6 +23,7 @@ import functools
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -95,6 +96,9 @@ def load_mask_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
         stat = resolved.stat()
     except FileNotFoundError:
         raise FileNotFoundError(f"lwptv_mask_file not found: {str(path)!r} (resolved to {resolved})") from None
+    if resolved.is_dir():
+        raise ValueError(f"lwptv_mask_file {str(path)!r} is a folder, not a mask file (the JSON file that "
+                         "python -m mergekit_wudi.lwptv_masks writes)")
     return _load(str(resolved), stat.st_mtime_ns, stat.st_size)
 
 
@@ -130,6 +134,7 @@ def build_mask_file(
     from mergekit.common import ModelReference
     from mergekit.config import MergeConfiguration
 
+    from mergekit_wudi.inputs import check_model_shapes
     from mergekit_wudi.solvers import lwptv
 
     check_rule(ratio, threshold)
@@ -141,6 +146,7 @@ def build_mask_file(
         raise ValueError("LwPTV masks need a config with base_model and models (slices are not supported)")
     base_ref: ModelReference = config.base_model
     expert_refs = [m.model for m in config.models if m.model != base_ref]
+    check_model_shapes(config)  # unreadable files and models of another size, named, before any tensor
     loaders = {ref: ref.lazy_loader() for ref in [base_ref, *expert_refs]}
     names = [n for n in loaders[base_ref].index.tensor_paths]
     for ref in expert_refs:
@@ -148,8 +154,8 @@ def build_mask_file(
         if missing:
             raise ValueError(f"model {str(ref)!r} lacks tensors of the base: {missing[:5]}")
     drop = lwptv.layer_masks(
-        lambda n: loaders[base_ref].get_tensor(n),
-        {str(ref): functools.partial(_get, loaders[ref]) for ref in expert_refs},
+        functools.partial(_get, loaders[base_ref], base_ref),
+        {str(ref): functools.partial(_get, loaders[ref], ref) for ref in expert_refs},
         names,
         threshold=threshold,
         ratio=ratio,
@@ -194,8 +200,13 @@ def check_rule(ratio: Optional[float], threshold: Optional[float]) -> None:
         raise ValueError(f"LwPTV threshold must be a finite number >= 0, got {threshold!r}")
 
 
-def _get(loader, name):
-    return loader.get_tensor(name)
+def _get(loader, model, name):
+    """One tensor of a model, checked finite: a NaN/Inf is an error naming the tensor, model and file."""
+    from mergekit_wudi.solvers.numerics import check_finite
+
+    tensor = loader.get_tensor(name)
+    check_finite(tensor, f"tensor {name!r} of model {model} (file {loader.index.tensor_paths.get(name)})")
+    return tensor
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -214,7 +225,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_rule(args.ratio, args.threshold)
     except ValueError as error:
         parser.error(str(error))
-    content = build_mask_file(args.config, args.out, ratio=args.ratio, threshold=args.threshold, unit=args.unit)
+    try:
+        content = build_mask_file(args.config, args.out, ratio=args.ratio, threshold=args.threshold, unit=args.unit)
+    except (ValueError, OSError) as error:  # every such error names its model / file / tensor
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
     total = len(content["tensors"])
     for model, names in content["drop"].items():
         print(f"{model}: drops {len(names)} of {total} tensors")

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from mergekit.merge_methods.base import (
     BasePolicy,
+    FunctionalGroupMergeMethod,
     GroupMergeMethod,
     InputContract,
     MergeMethodSpec,
@@ -30,6 +31,7 @@ from mergekit.merge_methods.easy_define import merge_method
 from pydantic import AfterValidator
 from typing_extensions import Annotated
 
+from mergekit_wudi.final_cast import ChecksOutDtype, cast_checked, check_cast_finite
 from mergekit_wudi.linear_weights import is_linear_weight
 from mergekit_wudi.solvers import awd as awd_solvers
 from mergekit_wudi.solvers import subspace_merging
@@ -77,6 +79,10 @@ def _rank_value(value):
     return value
 
 
+# A per-model weight multiplies the expert's task vector, and Eq. 1 divides by its squared norm: in
+# float32 that overflows near |weight| * ||tau|| = 1.8e19. Weights are relative importances (~0.1-10).
+MAX_WEIGHT = 1e6
+
 RankArg = Annotated[Optional[Union[int, str]], AfterValidator(_rank_value)]
 
 # ---------------------------------------------------------------------------------------------
@@ -102,16 +108,41 @@ PREPROCESS_PARAMETERS: tuple[ParameterSpec, ...] = (
 PREPROCESS_NAMES: tuple[str, ...] = tuple(p.name for p in PREPROCESS_PARAMETERS)
 
 
-def check_group_finite(group: TensorGroup) -> None:
-    """NaN/Inf in any input is an error naming the tensor and the model."""
+class MergeSettingError(ValueError):
+    """A setting that cannot work for one tensor (found while merging it); the message names it."""
+
+
+def checked_inputs(group: TensorGroup) -> TensorGroup:
+    """The group with its tensors detached from autograd (same storage, no copy), after checking
+    them finite (NaN/Inf in any input is an error naming the tensor and the model).
+
+    ``merge_state_dicts`` passes ``nn.Module`` parameters as they are (``requires_grad=True``):
+    a kernel must neither record a graph on them nor write into them. Detached, the solvers' own
+    autograd (AWD, the Adam solver) sees only its own variables."""
     for entry in group.entries:
         check_finite(entry.tensor, f"tensor {group.metadata.name!r} of model {entry.id}")
+    if not any(entry.tensor.requires_grad for entry in group.entries):
+        return group
+    entries = tuple(dataclasses.replace(entry, tensor=entry.tensor.detach()) for entry in group.entries)
+    return dataclasses.replace(group, entries=entries)
 
 
 def check_result_finite(result: torch.Tensor, group: TensorGroup, method: str, parameters: Mapping[str, Any]) -> None:
-    """A non-finite merge result is an error naming the tensor and the parameters that produced it."""
+    """A non-finite merge result is an error naming the tensor and the parameters that produced it
+    (and, for a float16/bfloat16 result, the dtype's range and the fix)."""
+    if result.dtype in (torch.float16, torch.bfloat16):
+        return check_cast_finite(result, group.metadata.name, method, parameters, " (the models' dtype)")
     shown = {k: v for k, v in parameters.items() if not isinstance(v, Mapping) and v is not None}
     check_finite(result, f"the {method} result for tensor {group.metadata.name!r}", hint=f"parameters {shown}")
+
+
+def _out_dtype_checked(method: FunctionalGroupMergeMethod) -> FunctionalGroupMergeMethod:
+    """``@merge_method``'s result, with the in-memory API's ``out_dtype=`` cast checked finite."""
+    return _CheckedFunctionalMethod(method.spec, method.implementation)
+
+
+class _CheckedFunctionalMethod(ChecksOutDtype, FunctionalGroupMergeMethod):
+    pass
 
 
 def preprocessed_task_vectors(group: TensorGroup, options: Mapping[str, Any]):
@@ -133,6 +164,7 @@ def preprocessed_task_vectors(group: TensorGroup, options: Mapping[str, Any]):
     return tvs, preprocess_task_vectors(base, tvs, drop=drop, **options)
 
 
+@_out_dtype_checked
 @merge_method(
     name="wudi",
     pretty_name="WUDI-Merging",
@@ -141,7 +173,7 @@ def preprocessed_task_vectors(group: TensorGroup, options: Mapping[str, Any]):
 )
 def wudi_kernel(
     group: TensorGroup,
-    weight: PerNonBase[Annotated[float, _checked("weight")]] = 1.0,
+    weight: PerNonBase[Annotated[float, _checked("weight", minimum=-MAX_WEIGHT, maximum=MAX_WEIGHT)]] = 1.0,
     solver: Annotated[str, _checked("solver", choices=wudi_solvers.SOLVERS)] = "adam",
     iterations: Annotated[int, _checked("iterations", minimum=0)] = wudi_solvers.ITERATIONS,
     learning_rate: Annotated[float, _checked("learning_rate", minimum=0, inclusive=False)] = wudi_solvers.LEARNING_RATE,
@@ -172,7 +204,7 @@ def wudi_kernel(
     truncated task vectors in the span of their row spaces (:mod:`mergekit_wudi.solvers.wudi_lowrank`). ``preprocess`` (``awd``, ``lwptv``, ``awd+lwptv``)
     refines the task vectors first (:func:`mergekit_wudi.solvers.task_vectors.preprocess_task_vectors`).
     """
-    check_group_finite(group)
+    group = checked_inputs(group)
     base = group.base.tensor
     meta = group.metadata
     is_linear = is_linear_weight(meta.name, base.shape, meta.vocabulary_axis, linear)
@@ -182,18 +214,25 @@ def wudi_kernel(
     options = dict(preprocess=preprocess, awd_alpha=awd_alpha, awd_steps=awd_steps, awd_lr=awd_lr,
                    awd_scope=awd_scope, lwptv_threshold=lwptv_threshold, lwptv_mask_file=lwptv_mask_file)
     _, tvs = preprocessed_task_vectors(group, options)
-    if is_linear:
-        merged = wudi_solvers.merge_task_vectors(
-            base, tvs, solver=solver, scaling=scaling, weights=weights, iterations=iterations,
-            learning_rate=learning_rate, ridge=ridge, time=flow_time, keep_fraction=keep_fraction,
-            rank=rank, rank_energy=rank_energy, overwrite_task_vectors=True,  # tvs are this call's own
-        )
-    else:
-        merged = combine_task_vectors(base, tvs, weights, rule=non_linear, scaling=scaling)
+    try:
+        if is_linear:
+            if base.ndim != 2:
+                raise MergeSettingError(f"'linear' is true, but WUDI solves 2-D weights only and this one has "
+                                        f"shape {list(base.shape)}: restrict 'linear' with a filter")
+            merged = wudi_solvers.merge_task_vectors(
+                base, tvs, solver=solver, scaling=scaling, weights=weights, iterations=iterations,
+                learning_rate=learning_rate, ridge=ridge, time=flow_time, keep_fraction=keep_fraction,
+                rank=rank, rank_energy=rank_energy, overwrite_task_vectors=True,  # tvs are this call's own
+            )
+        else:
+            merged = combine_task_vectors(base, tvs, weights, rule=non_linear, scaling=scaling)
+    except ValueError as error:  # a solver's error knows neither the tensor nor the models
+        weights_by_model = {str(entry.id): w for entry, w in zip(group.non_base, weights)}
+        raise type(error)(f"wudi, tensor {meta.name!r} (weights {weights_by_model}): {error}") from None
     parameters = dict(solver=solver, iterations=iterations, learning_rate=learning_rate, scaling=scaling,
                       ridge=ridge, flow_time=flow_time, keep_fraction=keep_fraction, rank=rank, **options)
     check_result_finite(merged, group, "wudi", parameters)
-    return merged.to(base.dtype)
+    return cast_checked(merged, base.dtype, meta.name, "wudi", parameters)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +334,7 @@ def iso_cts_kernel(
 
 
 @dataclasses.dataclass(frozen=True)
-class PreprocessedMerge(GroupMergeMethod):
+class PreprocessedMerge(ChecksOutDtype, GroupMergeMethod):
     """A mergekit built-in (``task_arithmetic``, ``ties``, ...) with AWD / LwPTV pre-processing.
 
     Accepts ALL of the built-in's parameters plus :data:`PREPROCESS_PARAMETERS`; replaces each
@@ -324,15 +363,17 @@ class PreprocessedMerge(GroupMergeMethod):
         )
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
-        check_group_finite(group)
+        group = checked_inputs(group)
         options = {name: parameters.pop(name) for name in PREPROCESS_NAMES if name in parameters}
         processed = group
         if options.get("preprocess", "none") != "none":
             base = group.base.tensor.to(compute_dtype(group.base.tensor.dtype))
             processed = self._with_task_vectors(group, base, *preprocessed_task_vectors(group, options))
         merged = self.inner.merge_group(processed, **parameters)
-        check_result_finite(merged, group, self.method_name, {**parameters, **options})
-        return merged if processed is group else merged.to(group.base.tensor.dtype)
+        shown = {**parameters, **options}
+        check_result_finite(merged, group, self.method_name, shown)
+        # pre-processing computed in float32: the cast back can overflow float16
+        return cast_checked(merged, group.base.tensor.dtype, group.metadata.name, self.method_name, shown)
 
     @staticmethod
     def _with_task_vectors(group: TensorGroup, base: torch.Tensor, tvs: torch.Tensor, processed: torch.Tensor):

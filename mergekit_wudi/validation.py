@@ -1,18 +1,25 @@
 """Early checks of what a user writes for our merge methods: every name and value, before any tensor.
 
-mergekit 0.1.5 silently ignores unknown parameter names in a YAML (``iteratons: 20`` merges with the
-default), ignores a global parameter written under one model, and reports a badly typed value only
-while planning, without naming it. For the methods of this package these are errors here, raised by
-:func:`check_merge_config` (called before a ``mergekit-yaml`` run does any work) and
-:func:`check_parameters` (the in-memory API and the Lightning callback).
+mergekit 0.1.5 silently ignores unknown keys in a YAML (``iteratons: 20`` merges with the default,
+``paramters:`` drops a whole block), ignores a global parameter written under one model, buries a
+null value in pages of pydantic output and reports a badly typed value only while planning, without
+naming it. For the methods of this package these are errors here, raised by
+:func:`check_config_text` (run by ``MergeConfiguration.model_validate`` itself, :func:`install`),
+:func:`check_merge_config` (called before a ``mergekit-yaml`` run does any work),
+:func:`check_tensor_settings` (per tensor of the base, from its headers) and
+:func:`check_parameters` (the in-memory API and the Lightning callback). Settings that have no
+effect (``rank_energy`` without ``rank: auto``, ``awd_*`` without AWD, ``lwptv_*`` without LwPTV)
+are named in a warning.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import math
-from typing import Any, Iterator, Mapping, Optional, Tuple
+import os
+from typing import Any, Iterator, Mapping, Optional, Tuple, Union, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -40,9 +47,10 @@ def _leaves(setting: Any, where: str) -> Iterator[Tuple[Any, str]]:
     if isinstance(setting, Mapping):
         unknown = set(setting) - {"filter", "value"}
         if unknown or "value" not in setting:
+            problem = f"unknown key(s) {sorted(map(str, unknown))}" if unknown else "'value' is missing"
             raise MergeConfigError(
-                f"{where}: a filtered setting is {{filter: <tensor name part>, value: ...}}; "
-                f"got keys {sorted(map(str, setting))}"
+                f"{where}: a filtered setting is {{filter: <tensor name part>, value: ...}}; {problem} "
+                f"(got keys {sorted(map(str, setting))})"
             )
         yield from _leaves(setting["value"], f"{where} (filter {setting.get('filter')!r})")
     elif isinstance(setting, (list, tuple)):
@@ -136,21 +144,175 @@ def _parameter_blocks(raw: Mapping[str, Any]) -> Iterator[Tuple[Optional[Mapping
             yield from slice_blocks(module.get("slices"), f"modules.{name}.slices")
 
 
+def install(config_module) -> None:
+    """Make ``MergeConfiguration.model_validate`` run :func:`check_config_text` first on a config
+    (a dict) for one of our methods (idempotent). Called by :mod:`mergekit_wudi._startup` when
+    ``mergekit.config`` loads: ``mergekit-yaml`` parses the YAML before anything else, and pydantic
+    would drop unknown keys or bury a null value in 47-68 lines of union errors."""
+    configuration = config_module.MergeConfiguration
+    original = configuration.model_validate
+    if getattr(original, "_mergekit_wudi_checked", False):
+        return
+
+    @functools.wraps(original)
+    def model_validate(obj, *args, **kwargs):
+        if isinstance(obj, Mapping) and _is_ours(obj.get("merge_method")):
+            check_config_text(obj)
+        return original(obj, *args, **kwargs)
+
+    model_validate._mergekit_wudi_checked = True
+    configuration.model_validate = staticmethod(model_validate)
+
+
+def _is_ours(method: Any) -> bool:
+    from mergekit_wudi.registration import method_names
+
+    return isinstance(method, str) and method in method_names()
+
+
+def check_config_text(raw: Mapping[str, Any]) -> None:
+    """What mergekit's parsing of a config (the YAML as a dict) would drop silently or report as
+    pages of pydantic output: unknown keys anywhere (:func:`check_config_keys`), parameter blocks
+    that are not mappings, null parameter values, malformed ``{filter, value}`` entries, and every
+    parameter name and value (:func:`check_parameters`). Raises only, never warns."""
+    check_config_keys(raw)
+    method = raw["merge_method"]
+    for block, where, per_model in _parameter_blocks(raw):
+        if block is None:
+            continue
+        if not isinstance(block, Mapping):
+            raise MergeConfigError(f"{where}: 'parameters' must be a mapping of names to values, got {block!r}")
+        where = where if where == "parameters" else f"{where}.parameters"
+        for name, setting in block.items():
+            for value, location in _leaves(setting, f"{where}.{name}"):
+                if value is None:
+                    raise MergeConfigError(
+                        f"{location}: parameter {name!r} has no value (null, or nothing after the colon); "
+                        "mergekit's config accepts no null parameter values: write a value, or leave the key "
+                        "out for the default"
+                    )
+        check_parameters(method, block, where=where, per_model=per_model, cross_checks=False)
+
+
 def check_merge_config(raw: Mapping[str, Any]) -> None:
-    """Check every parameter block of a mergekit config (the YAML as a dict) for its ``merge_method``,
-    then the method's cross-parameter rules (:func:`check_preprocess_settings`)."""
+    """:func:`check_config_text`, then the method's cross-parameter rules over all blocks
+    (:func:`check_preprocess_settings`, :func:`check_rank_settings`) and the models' list
+    (:func:`check_model_list`)."""
+    check_config_text(raw)
     method = raw["merge_method"]
     blocks = list(_parameter_blocks(raw))
-    for block, where, per_model in blocks:
-        if block is not None and not isinstance(block, Mapping):
-            raise MergeConfigError(f"{where}: 'parameters' must be a mapping of names to values, got {block!r}")
-        check_parameters(method, block, where=where if where == "parameters" else f"{where}.parameters",
-                         per_model=per_model, cross_checks=False)
+    check_model_list(raw)
     names = {p.name for p in _spec(method).parameters}
     if "preprocess" in names:
         check_preprocess_settings([b for b, _, _ in blocks if b], method)
     if "rank" in names:
         check_rank_settings([b for b, _, _ in blocks if b], method)
+
+
+def _pydantic_models(annotation) -> list:
+    """The pydantic model classes an annotation admits (through Optional/Union)."""
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if get_origin(annotation) is Union:
+        return [model for arg in get_args(annotation) for model in _pydantic_models(arg)]
+    return []
+
+
+def _containers(annotation, kind) -> list:
+    """The item annotations of the ``list`` / ``dict`` forms (``kind``) an annotation admits."""
+    origin = get_origin(annotation)
+    if origin is Union:
+        return [item for arg in get_args(annotation) for item in _containers(arg, kind)]
+    if kind is list and origin in (list, tuple) and get_args(annotation):
+        return [get_args(annotation)[0]]
+    if kind is dict and origin is dict and len(get_args(annotation)) == 2:
+        return [get_args(annotation)[1]]
+    return []
+
+
+def _check_keys(value: Any, annotation, where: str) -> None:
+    """Every mapping in ``value`` has only keys of the mergekit pydantic model its place in the config
+    admits (``annotation``, a field type of ``MergeConfiguration`` or a nested model); recursive.
+    Parameter blocks are left to :func:`check_parameters` (their names depend on the method)."""
+    if isinstance(value, Mapping):
+        models = _pydantic_models(annotation)
+        if models:
+            keys = {str(k) for k in value}
+            fitting = [m for m in models if keys <= _field_names(m)]
+            if not fitting:
+                valid = set().union(*(_field_names(m) for m in models))
+                name = sorted(keys - valid)[0]
+                raise MergeConfigError(
+                    f"{where}: unknown key {name!r}{_suggest(name, valid)} (mergekit would silently ignore it)"
+                )
+            for field, field_info in fitting[0].model_fields.items():
+                if field in value and field != "parameters":
+                    _check_keys(value[field], field_info.annotation, f"{where}.{field}" if where else field)
+            return
+        for item_annotation in _containers(annotation, dict)[:1]:
+            for key, item in value.items():
+                _check_keys(item, item_annotation, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for item_annotation in _containers(annotation, list)[:1]:
+            for index, item in enumerate(value):
+                named = f" ({item['model']})" if isinstance(item, Mapping) and isinstance(item.get("model"), str) else ""
+                _check_keys(item, item_annotation, f"{where}[{index}]{named}")
+
+
+def _field_names(model) -> set:
+    return {name for name, info in model.model_fields.items()} | {
+        info.alias for info in model.model_fields.values() if info.alias}
+
+
+def check_config_keys(raw: Mapping[str, Any]) -> None:
+    """Unknown keys anywhere in a mergekit config (the YAML as a dict) are an error with the closest
+    valid key: mergekit's pydantic models ignore them (``paramters:`` would merge with defaults)."""
+    from mergekit.config import MergeConfiguration
+
+    top = set(_field_names(MergeConfiguration))
+    unknown = sorted(str(k) for k in raw if str(k) not in top)
+    if unknown:
+        raise MergeConfigError(
+            f"unknown top-level key {unknown[0]!r}{_suggest(unknown[0], top)} (mergekit would silently ignore it)"
+        )
+    for field, info in MergeConfiguration.model_fields.items():
+        if field in raw and field != "parameters":
+            _check_keys(raw[field], info.annotation, field)
+
+
+def _model_key(model: Any) -> Any:
+    """A model as mergekit identifies it, with local paths resolved (``./a`` and ``a`` are one model)."""
+    if isinstance(model, str):
+        path, _, lora = model.partition("+")
+        if os.path.exists(os.path.expanduser(path)):
+            path = os.path.realpath(os.path.expanduser(path))
+        return path, lora
+    return repr(model)
+
+
+def check_model_list(raw: Mapping[str, Any]) -> None:
+    """One model listed twice among the inputs of one merge (``models``, or a slice's ``sources``) is
+    an error naming it: mergekit fails on it only while merging ("Duplicate tensor input IDs")."""
+
+    def check(entries, where):
+        seen = {}
+        for index, entry in enumerate(entries or ()):
+            if not isinstance(entry, Mapping) or "model" not in entry:
+                continue
+            key = _model_key(entry["model"])
+            if key in seen:
+                raise MergeConfigError(
+                    f"{where}[{index}]: model {entry['model']!r} is listed twice (also {where}[{seen[key]}]); "
+                    "a merge takes each model once: give it a larger 'weight' instead"
+                )
+            seen[key] = index
+
+    check(raw.get("models"), "models")
+    for index, slice_ in enumerate(raw.get("slices") or ()):
+        if isinstance(slice_, Mapping):
+            check(slice_.get("sources"), f"slices[{index}].sources")
 
 
 def _all_values(blocks, name: str) -> list:
@@ -174,6 +336,13 @@ def check_preprocess_settings(blocks, method: str) -> None:
         logging.getLogger(__name__).warning(
             "lwptv_threshold / lwptv_mask_file are ignored: no 'preprocess' setting of %r uses lwptv", method
         )
+    awd = [v for v in _all_values(blocks, "preprocess") if isinstance(v, str) and "awd" in v]
+    awd_options = sorted({name for block in blocks for name in block if name.startswith("awd_")})
+    if awd_options and not awd:
+        logging.getLogger(__name__).warning(
+            "%s ignored: no 'preprocess' setting of %r uses awd (preprocess: awd or awd+lwptv turns AWD on)",
+            ", ".join(awd_options), method,
+        )
     if thresholds and mask_files:
         raise MergeConfigError(f"merge_method {method!r}: give 'lwptv_threshold' or 'lwptv_mask_file', not both")
     for path in mask_files:
@@ -184,9 +353,58 @@ def check_rank_settings(blocks, method: str) -> None:
     """``rank`` is for the ``closed_form`` and ``spectral`` solvers: an error when it is set and no
     setting of ``solver`` picks one of them (the default solver is ``adam``)."""
     ranks = [v for v in _all_values(blocks, "rank") if v is not None]
+    if any(name == "rank_energy" for block in blocks for name in block) and "auto" not in ranks:
+        logging.getLogger(__name__).warning(
+            "rank_energy is ignored: it sets the rank only where rank is 'auto', and no 'rank' setting of %r is",
+            method,
+        )
     solvers = _all_values(blocks, "solver") or ["adam"]
     if ranks and not {"closed_form", "spectral"} & set(solvers):
         raise MergeConfigError(
             f"merge_method {method!r}: 'rank' is for solver closed_form or spectral; the solver here is "
             f"{', '.join(map(repr, sorted(set(solvers))))}"
         )
+
+
+def _setting_for(setting: Any, tensor: str) -> list:
+    """The values a raw YAML setting can take for one tensor: the first ``{filter, value}`` entry
+    whose filter is in the tensor name (mergekit's rule), every point of a gradient."""
+    if isinstance(setting, Mapping):
+        setting = [setting]
+    if isinstance(setting, list) and setting and all(isinstance(e, Mapping) for e in setting):
+        for entry in setting:
+            pattern = entry.get("filter")
+            if pattern is None or pattern == "*" or pattern in tensor:
+                return _setting_for(entry.get("value"), tensor)
+        return []
+    return list(setting) if isinstance(setting, list) else [setting]
+
+
+def check_tensor_settings(method: str, parameters: Optional[Mapping[str, Any]], shapes: Mapping[str, Tuple[int, ...]]) -> None:
+    """The global ``linear``, ``solver`` and ``rank`` settings, resolved for each tensor of the base
+    model (``shapes`` from its headers), before anything is read: ``linear: true`` on a tensor that
+    is not 2-D, and ``rank`` where the solver is not ``closed_form``/``spectral``, are errors naming
+    the tensor (with filters, both can be right for some tensors and wrong for others)."""
+    from mergekit_wudi.linear_weights import is_linear_weight
+
+    parameters = parameters or {}
+    if not {"linear", "rank"} & set(parameters) or not {"linear", "rank"} <= {p.name for p in _spec(method).parameters}:
+        return
+    for tensor, shape in shapes.items():
+        linear = [v for v in _setting_for(parameters.get("linear"), tensor) if v is not None]
+        if len(shape) != 2 and any(v is True for v in linear):
+            raise MergeConfigError(
+                f"parameters.linear is true for tensor {tensor!r} of shape {list(shape)}, but WUDI solves 2-D "
+                "weights only: restrict it with a filter, e.g. linear: [{filter: proj, value: true}]"
+            )
+        if not any(is_linear_weight(tensor, shape, None, v) for v in (linear or [None])):
+            continue
+        ranks = [v for v in _setting_for(parameters.get("rank"), tensor) if v is not None]
+        solvers = _setting_for(parameters["solver"], tensor) if "solver" in parameters else ["adam"]
+        wrong = sorted({str(v) for v in solvers} - {"closed_form", "spectral"})
+        if ranks and wrong:
+            raise MergeConfigError(
+                f"parameters.rank is {ranks[0]!r} for tensor {tensor!r}, where the solver is {wrong[0]!r}: rank "
+                "works with solver closed_form or spectral only; give rank the same filters as solver, e.g. "
+                "rank: [{filter: mlp, value: 8}]"
+            )

@@ -56,3 +56,45 @@ def test_in_memory_merge_with_mask_file_like_the_lightning_callback(tmp_path):
     )
     torch.testing.assert_close(merged["layers.0.w"], experts["task_0"]["layers.0.w"])
     torch.testing.assert_close(merged["layers.1.w"], experts["task_1"]["layers.1.w"])
+
+
+def _broken_experts(family, root):
+    """An expert of another hidden size, one with a truncated weight file and one holding a NaN."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mergekit_wudi.toy import make_llama_family
+
+    wide = make_llama_family(root / "wide", num_experts=1, hidden_size=48)[1]
+    truncated = root / "truncated"
+    shutil.copytree(family[1], truncated)
+    (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:-1000])
+    nan = root / "nan"
+    shutil.copytree(family[1], nan)
+    state = load_file(str(nan / "model.safetensors"))
+    state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(state, str(nan / "model.safetensors"), metadata={"format": "pt"})
+    return {
+        "hidden-size mismatch": (wide, rf"model {wide}: tensor '.*' has shape \[.*48.*\] in {wide / 'model.safetensors'}, "
+                                       "but the base model .* has"),
+        "truncated file": (truncated, rf"model {truncated}: cannot read {truncated / 'model.safetensors'}.*truncated"),
+        "NaN expert": (nan, rf"non-finite values \(NaN or Inf\) in tensor 'model.layers.1.mlp.up_proj.weight' of model "
+                            rf"{nan} \(file .*model.safetensors\)"),
+    }
+
+
+def test_mask_prepass_cli_names_the_model_and_file_of_a_bad_expert(llama_family, tmp_path, capsys):
+    """Issue 20: the pre-pass's errors named neither the model nor the file."""
+    import re
+
+    import yaml
+
+    for case, (expert, message) in _broken_experts(llama_family, tmp_path).items():
+        config = {"merge_method": "wudi", "base_model": str(llama_family[0]),
+                  "models": [{"model": str(llama_family[2])}, {"model": str(expert)}]}
+        (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
+        assert lwptv_masks.main([str(tmp_path / "c.yml"), str(tmp_path / "m.json"), "--ratio", "0.2"]) == 1, case
+        error = capsys.readouterr().err
+        assert re.search(message, error), (case, error)
+        assert not (tmp_path / "m.json").exists(), case

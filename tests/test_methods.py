@@ -222,3 +222,39 @@ def test_rank_fast_path_from_yaml(llama_family, tmp_path):
     assert not torch.allclose(fast[name], exact["closed_form"][name], atol=1e-6)
     other = "model.layers.0.mlp.down_proj.weight"
     assert torch.equal(fast[other], exact["closed_form"][other])
+
+
+class _TinyNet(torch.nn.Module):
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.proj = torch.nn.Linear(5, 6)
+        self.norm = torch.nn.LayerNorm(6)
+
+
+@pytest.mark.parametrize("method,parameters", [
+    ("wudi", {}),
+    ("wudi", {"solver": "closed_form", "non_linear": "mean"}),
+    ("wudi", {"preprocess": "awd", "awd_steps": 5, "awd_alpha": 0.0}),
+    ("preprocessed_task_arithmetic", {"weight": 1.0, "preprocess": "awd", "awd_steps": 5, "awd_alpha": 0.0}),
+    ("preprocessed_ties", {"weight": 1.0, "density": 0.5, "preprocess": "awd", "awd_steps": 5, "awd_alpha": 0.0}),
+])
+@pytest.mark.parametrize("as_modules", [True, False])
+def test_merge_state_dicts_of_modules_and_grad_tensors(method, parameters, as_modules):
+    """Issue 20 item 8: nn.Module inputs (parameters with requires_grad) crashed with an autograd
+    in-place error. The merge equals the one of plain tensors and leaves the caller's tensors as they were."""
+    nets = [_TinyNet(seed) for seed in range(3)]
+    inputs = nets if as_modules else [{k: v.detach().clone().requires_grad_(True) for k, v in n.state_dict().items()}
+                                      for n in nets]
+    before = [{k: v.detach().clone() for k, v in n.state_dict(keep_vars=True).items()} if as_modules
+              else {k: v.detach().clone() for k, v in n.items()} for n in inputs]
+    merged = merge_state_dicts(inputs, method, base=0, parameters=parameters)
+    plain = merge_state_dicts(before, method, base=0, parameters=parameters)
+    for name, tensor in merged.items():
+        assert not tensor.requires_grad, name
+        torch.testing.assert_close(tensor, plain[name], rtol=0, atol=0)
+    after = [n.state_dict() if as_modules else n for n in inputs]
+    for old, new in zip(before, after):
+        for name in old:
+            assert torch.equal(old[name], new[name].detach()), name
+    assert not torch.equal(merged["proj.weight"], before[0]["proj.weight"])

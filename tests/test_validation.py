@@ -6,6 +6,15 @@ passing row proves the error came BEFORE any tensor was read. The in-memory rows
 
 | case                                       | expected error names            | when             |
 |--------------------------------------------|---------------------------------|------------------|
+| misspelled block key anywhere (`paramters:` at top level, per model, slice, source, tokenizer) | the key + where + closest valid key | config parsing |
+| null parameter value / filter entry without value | the parameter + its place | config parsing   |
+| same expert listed twice                   | the model + both places         | before loading   |
+| per-model weight beyond +-1e6              | the model + weight              | before loading   |
+| rank where a filter picks adam; linear: true on 1-D tensors | the tensor + parameter | before loading |
+| mask file path is a folder                 | the file                        | before loading   |
+| LoRA adapter of another model size         | adapter + module + shapes       | before loading   |
+| different vocabularies without tokenizer_source | the model + tensor + hint  | before loading   |
+| result overflows out_dtype / the models' float16 | tensor + dtype + parameters + fix | while merging |
 | unknown global / per-model / slice key     | the key + closest valid name    | before loading   |
 | global parameter written per model         | the key + where to put it       | before loading   |
 | non-numeric / non-finite / out-of-range    | the parameter                   | before loading   |
@@ -89,7 +98,55 @@ def _mask_with_a_stranger(config, tensor=None):
     return {"format": "mergekit-wudi/lwptv-mask", "version": 1, "tensors": names, "drop": drop}
 
 
+def _top_level(**keys):
+    def mutate(config):
+        config.update(keys)
+    return mutate
+
+
+def _model_entry(**keys):
+    def mutate(config):
+        config["models"][1].update(keys)
+    return mutate
+
+
+def _as_slices(source_keys):
+    """The config as one slice of all layers, the second source with ``source_keys`` added."""
+    def mutate(config):
+        sources = [{"model": m, "layer_range": [0, 2]} for m in [config["base_model"]] +
+                   [entry["model"] for entry in config.pop("models")]]
+        sources[1].update(source_keys)
+        config["slices"] = [{"sources": sources}]
+    return mutate
+
+
+def _listed_twice(config):
+    config["models"].append(dict(config["models"][0]))
+
+
 YAML_CASES = {
+    # issue 20, item 5: a misspelled block key is an error, wherever it is (mergekit drops it silently)
+    "misspelled top-level block key": (_top_level(paramters={"solver": "closed_form"}),
+                                       "unknown top-level key 'paramters'; did you mean 'parameters'"),
+    "misspelled per-model block key": (_model_entry(paramters={"weight": 0.0}),
+                                       r"models\[1\] \(.*expert_2\): unknown key 'paramters'; did you mean 'parameters'"),
+    "misspelled slice source key": (_as_slices({"paramters": {"weight": 0.0}}),
+                                    r"slices\[0\]\.sources\[1\] \(.*\): unknown key 'paramters'; did you mean 'parameters'"),
+    "misspelled slice key": (lambda c: (_as_slices({})(c), c["slices"][0].update(base_modle=c["base_model"])),
+                             r"slices\[0\]: unknown key 'base_modle'; did you mean 'base_model'"),
+    "misspelled tokenizer key": (_top_level(tokenizer={"sourse": "base"}),
+                                 "tokenizer: unknown key 'sourse'; did you mean 'source'"),
+    "misspelled tokens entry key": (_top_level(tokenizer={"tokens": {"<x>": {"sorce": "base"}}}),
+                                    r"tokenizer\.tokens\['<x>'\]: unknown key 'sorce'; did you mean 'source'"),
+    # YAML weak spots of issue 20: one named paragraph instead of 47-68 lines of pydantic, or a late error
+    "null parameter value": (_global(solver=None), r"parameters.solver: parameter 'solver' has no value \(null"),
+    "filter entry without value": (_global(solver=[{"filter": "mlp"}]), r"parameters.solver\[0\]: .*'value' is missing"),
+    "same expert listed twice": (_listed_twice, r"models\[3\]: model '.*expert_1' is listed twice \(also models\[0\]\)"),
+    "huge per-model weight": (_per_model(weight=1e30), r"'weight' must be >= -1000000.0 and <= 1000000.0, got 1e\+30"),
+    "rank where a filter picks adam": (_global(solver=[{"filter": "mlp", "value": "closed_form"}, {"value": "adam"}], rank=4),
+                                       "parameters.rank is 4 for tensor 'model.layers.0.self_attn.*', where the solver is 'adam'"),
+    "linear true on 1-D tensors": (_global(linear=True),
+                                   r"parameters.linear is true for tensor '.*norm.weight' of shape \[32\], but WUDI solves 2-D"),
     "unknown global key": (_global(iteratons=20), "unknown parameter 'iteratons' for merge_method 'wudi'; did you mean 'iterations'"),
     "unknown global key 2": (_global(learning_rat=1e-2), "did you mean 'learning_rate'"),
     "unknown per-model key": (_per_model(wieght=0.5), r"models\[1\] .*unknown parameter 'wieght'.*did you mean 'weight'"),
@@ -115,6 +172,8 @@ YAML_CASES = {
 }
 
 MASK_CASES = {
+    "mask file is a folder": (lambda c, t: c["parameters"].update(preprocess="lwptv", lwptv_mask_file=str(t)),
+                              "lwptv_mask_file '.*' is a folder, not a mask file"),
     "mask file missing": (lambda c, t: c["parameters"].update(preprocess="lwptv", lwptv_mask_file=str(t / "nope.json")),
                           "lwptv_mask_file not found"),
     "mask file bad JSON": (_mask_file("{not json"), "is not valid JSON"),
@@ -163,13 +222,16 @@ def test_mask_files_are_checked_before_loading(case, llama_family, tmp_path, no_
 
 @pytest.mark.parametrize("parameters,message", [
     ({"iteratons": 20}, "did you mean 'iterations'"),
+    # issue 20 item 5: mergekit-yaml parses the YAML first; a misspelled block key must not vanish there
+    ({"paramters": {"solver": "closed_form"}}, "unknown top-level key 'paramters'; did you mean 'parameters'"),
     # a key pydantic drops from a parsed config: only the YAML text shows it (mergekit-yaml passes it on)
     ({"scaling": [{"filtr": "mlp", "value": 0.5}]}, "got keys ['filtr', 'value']"),
 ])
 def test_typos_through_the_command_line_exit_nonzero_with_the_name(parameters, message, llama_family, tmp_path):
     from mergekit_wudi.toy import mergekit_yaml_executable
 
-    config = _config(llama_family, **parameters)
+    config = _config(llama_family, **{k: v for k, v in parameters.items() if k != "paramters"})
+    config.update({k: v for k, v in parameters.items() if k == "paramters"})
     (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
     done = subprocess.run([mergekit_yaml_executable(), str(tmp_path / "c.yml"), str(tmp_path / "out"), "--quiet"],
                           capture_output=True, text=True)
@@ -291,3 +353,156 @@ def test_non_finite_input_names_tensor_and_model_and_leaves_no_output(llama_fami
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 20: NaN/Inf is checked in the dtype a merge result is written in (after the last cast).
+
+
+@pytest.mark.parametrize("method,parameters,model_parameters,knob", [
+    ("wudi", {"scaling": 1e7, "solver": "closed_form"}, {}, "scaling"),
+    ("wudi", {"scaling": 1e7, "non_linear": "sum"}, {}, "scaling"),
+    ("preprocessed_task_arithmetic", {"lambda": 1e7}, {"weight": 1.0}, "lambda"),
+])
+def test_out_dtype_overflow_is_an_error_naming_tensor_dtype_and_fix(method, parameters, model_parameters, knob,
+                                                                     llama_family, tmp_path):
+    """`out_dtype: float16` with a large scale factor: the float32 result is finite, the written one
+    would be Inf (exit code 0 before)."""
+    config = _config(llama_family, method, **parameters)
+    config["out_dtype"] = "float16"
+    for entry in config["models"]:
+        entry["parameters"] = dict(model_parameters)
+    with pytest.raises(ValueError, match=rf"the {method} result for tensor '.*' once cast to float16 \(out_dtype\); "
+                                         rf"parameters .*'{knob}': 10000000.0.*use a smaller {knob}.*wider dtype"):
+        _plan(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    config["parameters"][knob] = 1.0  # a result that fits float16 is written as before
+    _plan(config, tmp_path / "out")
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert {t.dtype for t in merged.values()} == {torch.float16}
+    assert all(bool(torch.isfinite(t).all()) for t in merged.values())
+
+
+@pytest.mark.parametrize("method,parameters", [
+    ("wudi", {"scaling": 1e7, "solver": "closed_form"}),
+    ("preprocessed_task_arithmetic", {"weight": 1.0, "lambda": 1e7}),
+])
+def test_in_memory_out_dtype_overflow_is_named(method, parameters):
+    with pytest.raises(ValueError, match=r"result for tensor 'w' once cast to float16 \(out_dtype\)"):
+        merge_tensors(_tensors(), method, base_index=0, parameters=parameters, name="w", out_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("method,extra", [("preprocessed_task_arithmetic", {}), ("preprocessed_ties", {"density": 1.0})])
+def test_awd_on_float16_inputs_checks_after_the_cast_back(method, extra):
+    """AWD computes in float32; the cast back to the models' float16 overflowed unchecked (21 of 21
+    tensors Inf, exit code 0)."""
+    tensors = [t.half() for t in _tensors()]
+    parameters = {"weight": 1.0, "lambda": 1e7, "preprocess": "awd", "awd_steps": 5, "awd_alpha": 0.0, **extra}
+    with pytest.raises(ValueError, match=rf"the {method} result for tensor 'w' once cast to float16 \(the models' "
+                                         r"dtype\); parameters .*'lambda': 10000000.0.*'preprocess': 'awd'"):
+        merge_tensors(tensors, method, base_index=0, parameters=parameters, name="w")
+    merged = merge_tensors(tensors, method, base_index=0, parameters={**parameters, "lambda": 1.0}, name="w")
+    assert merged.dtype == torch.float16 and bool(torch.isfinite(merged).all())
+
+
+def test_awd_on_float16_models_through_yaml(llama_family, tmp_path):
+    config = _config(llama_family, "preprocessed_task_arithmetic", **{"lambda": 1e7, "preprocess": "awd", "awd_steps": 2})
+    config["dtype"] = "float16"
+    for entry in config["models"]:
+        entry["parameters"] = {"weight": 1.0}
+    with pytest.raises(ValueError, match="once cast to float16 \\(the models' dtype\\)"):
+        _plan(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_linear_on_a_vector_in_memory_names_the_tensor():
+    tensors = _tensors(shape=(6,))
+    with pytest.raises(ValueError, match=r"wudi, tensor 'model.norm.weight' .*'linear' is true, but WUDI solves 2-D "
+                                         r"weights only and this one has shape \[6\]"):
+        merge_tensors(tensors, "wudi", base_index=0, parameters={"linear": True}, name="model.norm.weight")
+
+
+def test_solver_errors_name_the_tensor_and_weights(monkeypatch):
+    tensors = _tensors()
+    with pytest.raises(ValueError, match=r"wudi, tensor 'w' \(weights \{'1': 1.0, '2': 1.0, '3': 1.0\}\): "
+                                         r"parameter 'rank' works with solver"):
+        merge_tensors(tensors, "wudi", base_index=0, parameters={"rank": 2}, name="w")
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 20: settings that do nothing, experts that add nothing, vocabularies, LoRA adapters.
+
+
+def test_options_whose_switch_is_off_are_named_in_a_warning(caplog):
+    from mergekit_wudi.validation import check_merge_config
+
+    base = {"merge_method": "wudi", "base_model": "b", "models": [{"model": "e"}]}
+    with caplog.at_level("WARNING"):
+        check_merge_config({**base, "parameters": {"solver": "closed_form", "rank": 4, "rank_energy": 0.5}})
+    assert "rank_energy is ignored" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_merge_config({**base, "parameters": {"awd_alpha": 0.5, "awd_steps": 3, "preprocess": "none"}})
+    assert "awd_alpha, awd_steps ignored: no 'preprocess' setting of 'wudi' uses awd" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_merge_config({**base, "parameters": {"solver": "spectral", "rank": "auto", "rank_energy": 0.5,
+                                                   "preprocess": "awd", "awd_alpha": 0.5}})
+    assert caplog.text == ""
+
+
+def test_experts_equal_to_the_base_are_named_in_a_warning(llama_family, tmp_path, caplog):
+    from mergekit_wudi.inputs import check_model_files
+
+    copies = []
+    for name in ("copy_a", "copy_b"):
+        shutil.copytree(llama_family[0], tmp_path / name)
+        copies.append(tmp_path / name)
+    with caplog.at_level("WARNING"):
+        check_model_files(MergeConfiguration.model_validate(_config([llama_family[0], *copies])))
+    assert f"every expert ({copies[0]}, {copies[1]}) holds the same weights as the base model" in caplog.text
+    assert "the merge is a copy of the base" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_model_files(MergeConfiguration.model_validate(_config([llama_family[0], llama_family[1], copies[0]])))
+    assert f"model(s) {copies[0]} hold the same weights as the base model" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_model_files(MergeConfiguration.model_validate(_config(llama_family)))
+    assert "same weights" not in caplog.text
+
+
+def _wider_vocabulary(expert, folder, extra=16):
+    shutil.copytree(expert, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[name] = torch.cat([state[name], torch.zeros(extra, state[name].shape[1])])
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_different_vocabularies_are_allowed_with_tokenizer_source(llama_family, tmp_path, no_loading):
+    from mergekit_wudi.inputs import check_model_files
+
+    wider = _wider_vocabulary(llama_family[1], tmp_path / "wider")
+    config = _config([llama_family[0], wider, llama_family[2]])
+    with pytest.raises(ValueError, match="has shape \\[80, 32\\] .*models with different vocabularies need 'tokenizer_source'"):
+        check_model_files(MergeConfiguration.model_validate(config))
+    for tokenizer in ({"tokenizer_source": "base"}, {"tokenizer_source": "union"}, {"tokenizer": {"source": "union"}}):
+        check_model_files(MergeConfiguration.model_validate({**config, **tokenizer}))  # mergekit aligns them
+
+
+def test_lora_adapter_for_another_model_size_is_named(llama_family, tmp_path, no_loading):
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wide = LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=72, num_attention_heads=4, num_key_value_heads=2,
+                                        num_hidden_layers=2, vocab_size=64))
+    adapter = tmp_path / "adapter_48"
+    peft.get_peft_model(wide, peft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")).save_pretrained(adapter)
+    config = _config(llama_family)
+    config["models"][0]["model"] = f"{llama_family[0]}+{adapter}"
+    with pytest.raises(ValueError, match=rf"LoRA adapter {adapter} \(model .*\) does not fit the model {llama_family[0]}: "
+                                         r"for 'model.layers.0.self_attn.q_proj' its factors are A \[2, 48\] and B \[48, 2\], "
+                                         r"the weight is \[32, 32\]"):
+        _plan(config, tmp_path / "out")
