@@ -20,7 +20,7 @@ import torch
 from mergekit_wudi.solvers.numerics import NonFiniteError, all_finite
 
 # Parameters that scale a merge result, named in the suggestion when the config sets them.
-_SCALE_KNOBS = ("scaling", "lambda", "weight")
+_SCALE_KNOBS = ("scaling", "lambda", "alpha", "weight")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

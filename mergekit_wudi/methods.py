@@ -255,7 +255,7 @@ def subspace_merge(group: TensorGroup, method: str, alpha: float, non_linear: st
     :func:`mergekit_wudi.solvers.subspace_merging.merge_task_vectors`; every other tensor
     ``non_linear`` (default ``mean``: ``W0 + alpha * mean_i tau_i``, what both authors' codes do with
     the tensors they do not decompose)."""
-    check_group_finite(group)
+    group = checked_inputs(group)
     base = group.base.tensor
     meta = group.metadata
     is_linear = is_linear_weight(meta.name, base.shape, meta.vocabulary_axis, linear)
@@ -273,6 +273,7 @@ def subspace_merge(group: TensorGroup, method: str, alpha: float, non_linear: st
     return merged.to(base.dtype)
 
 
+@_out_dtype_checked
 @merge_method(
     name="tsv_merge",
     pretty_name="TSV-Merge",
@@ -294,6 +295,7 @@ def tsv_merge_kernel(
     return subspace_merge(group, "tsv_merge", alpha, non_linear, linear, sv_reduction=sv_reduction)
 
 
+@_out_dtype_checked
 @merge_method(
     name="iso_c",
     pretty_name="Iso-C",
@@ -312,6 +314,7 @@ def iso_c_kernel(
     return subspace_merge(group, "iso_c", alpha, non_linear, linear)
 
 
+@_out_dtype_checked
 @merge_method(
     name="iso_cts",
     pretty_name="Iso-CTS",

@@ -238,6 +238,9 @@ class _TinyNet(torch.nn.Module):
     ("wudi", {"preprocess": "awd", "awd_steps": 5, "awd_alpha": 0.0}),
     ("preprocessed_task_arithmetic", {"weight": 1.0, "preprocess": "awd", "awd_steps": 5, "awd_alpha": 0.0}),
     ("preprocessed_ties", {"weight": 1.0, "density": 0.5, "preprocess": "awd", "awd_steps": 5, "awd_alpha": 0.0}),
+    ("tsv_merge", {}),
+    ("iso_c", {}),
+    ("iso_cts", {}),
 ])
 @pytest.mark.parametrize("as_modules", [True, False])
 def test_merge_state_dicts_of_modules_and_grad_tensors(method, parameters, as_modules):

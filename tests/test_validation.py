@@ -363,6 +363,7 @@ def test_non_finite_input_names_tensor_and_model_and_leaves_no_output(llama_fami
     ("wudi", {"scaling": 1e7, "solver": "closed_form"}, {}, "scaling"),
     ("wudi", {"scaling": 1e7, "non_linear": "sum"}, {}, "scaling"),
     ("preprocessed_task_arithmetic", {"lambda": 1e7}, {"weight": 1.0}, "lambda"),
+    ("iso_c", {"alpha": 1e7}, {}, "alpha"),
 ])
 def test_out_dtype_overflow_is_an_error_naming_tensor_dtype_and_fix(method, parameters, model_parameters, knob,
                                                                      llama_family, tmp_path):
