@@ -486,7 +486,11 @@ def recover(out_path) -> List[str]:
 def _candidates(folder: Path, tag: str) -> List[Path]:
     """Staging folders in ``folder``: any inside ``OUT`` (``tag`` empty), else exactly those named for ``tag``."""
     found = []
-    for name in sorted(os.listdir(folder)):
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:  # e.g. a parent folder we may enter but not list
+        return []
+    for name in names:
         for prefix in (STAGING_PREFIX, _FRESH_PREFIX):
             if name.startswith(prefix + tag) and (not tag or _RANDOM.fullmatch(name[len(prefix + tag):])):
                 found.append(folder / name)

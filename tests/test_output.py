@@ -25,14 +25,14 @@ def _config(family, **parameters):
             "parameters": parameters or {"solver": "closed_form"}, "dtype": "float32"}
 
 
-def _command(config, out, where):
+def _command(config, out, where, extra=()):
     cfg = Path(where) / f"cfg-{hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]}.yml"
     cfg.write_text(yaml.safe_dump(config))
-    return [mergekit_yaml_executable(), str(cfg), str(out), "--no-copy-tokenizer", "--quiet"]
+    return [mergekit_yaml_executable(), str(cfg), str(out), "--no-copy-tokenizer", "--quiet", *extra]
 
 
-def _run(config, out, where, cwd=None):
-    return subprocess.run(_command(config, out, where), capture_output=True, text=True, cwd=cwd,
+def _run(config, out, where, cwd=None, extra=()):
+    return subprocess.run(_command(config, out, where, extra), capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
@@ -527,14 +527,52 @@ def _state(out: Path, previous: dict, new: dict) -> str:
     return "mix"
 
 
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+
+out, after, mode = os.path.realpath(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+real_replace, renames = os.replace, [0]
+
+
+def replace(source, target, **kwargs):  # SIGKILL before the rename number `after` into OUT
+    if os.path.dirname(os.path.realpath(target)) == out:
+        if renames[0] == after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        renames[0] += 1
+    return real_replace(source, target, **kwargs)
+
+
+os.replace = replace
+if mode == "recover":
+    from mergekit_wudi import output
+    output.recover(out)
+else:
+    from mergekit.scripts.run_yaml import main
+    sys.argv = ["mergekit-yaml", *sys.argv[4:]]
+    main()
+"""
+
+
 @pytest.mark.slow
 def test_kill_at_many_points_leaves_previous_or_new_model(llama_family, tmp_path):
-    out, reference = tmp_path / "out", tmp_path / "reference"
+    """SIGKILL/SIGTERM/SIGINT at random points of a merge, then SIGKILL between chosen renames of the
+    commit and of the recovery that follows, then a merge of a different config (other sharding) into
+    the same OUT. OUT is always the previous or a new model once recovered; nothing beside OUT changes."""
+    parent = tmp_path / "parent"
+    out, reference = parent / "out", tmp_path / "reference"
+    (parent / "victim").mkdir(parents=True)
+    (parent / "victim" / "data.txt").write_text("a sibling folder")
+
+    def outside() -> dict:
+        return {k: v for k, v in snapshot(parent).items() if not k.startswith("out/")}
+
     previous_config = _config(llama_family, solver="closed_form")
     new_config = _config(llama_family, solver="adam", iterations=300)
     assert _run(previous_config, out, tmp_path).returncode == 0
     (out / "notes.txt").write_text("mine")
-    previous = {k: v for k, v in snapshot(out).items() if k != "notes.txt"}
+    beside = outside()
+    previous = {k: v for k, v in snapshot(out).items() if k != "notes.txt" and not k.startswith(".")}
     saved = tmp_path / "saved-previous"
     shutil.copytree(out, saved)
     start = time.perf_counter()
@@ -543,8 +581,12 @@ def test_kill_at_many_points_leaves_previous_or_new_model(llama_family, tmp_path
     # the new model's files under OUT's name (the model card names the folder): merge into a twin folder
     twin = tmp_path / "twin" / "out"
     assert _run(new_config, twin, tmp_path).returncode == 0
-    new = snapshot(twin)
+    new = {k: v for k, v in snapshot(twin).items() if not k.startswith(".")}
     assert new != previous
+
+    def reset() -> None:  # OUT back to the previous model (as the user had it)
+        shutil.rmtree(out)
+        shutil.copytree(saved, out)
 
     points = 24
     seen = {"previous": 0, "new": 0, "completed": 0}
@@ -568,17 +610,40 @@ def test_kill_at_many_points_leaves_previous_or_new_model(llama_family, tmp_path
             assert state == "new"
             seen["completed"] += 1
         seen[state] += 1
-        assert (out / "notes.txt").read_text() == "mine"
+        assert (out / "notes.txt").read_text() == "mine" and outside() == beside
         if state == "new":  # start the next point from the previous model again
-            for name in new:
-                (out / name).unlink()
-            for name in previous:
-                shutil.copy2(saved / name, out / name)
+            reset()
     print(f"kill points: {points}, outcomes: {seen}")
     assert seen["previous"] > 0 and seen["new"] > 0, seen  # the kills did span the whole merge
+
+    # SIGKILL before rename k of the commit, then SIGKILL during the recovery of that commit, then another
+    # config with other sharding: it completes the killed commit, then replaces it whole (old weights ours: removed)
+    other_config, sharded = _config(llama_family, solver="spectral"), ["--out-shard-size", "8K"]
+    other_twin = tmp_path / "twin-other" / "out"
+    assert _run(other_config, other_twin, tmp_path, extra=sharded).returncode == 0
+    other = {k: v for k, v in snapshot(other_twin).items() if not k.startswith(".")}
+    assert len([name for name in other if name.endswith(".safetensors")]) > 1
+    (tmp_path / "killer.py").write_text(KILLER)
+    python = str(Path(mergekit_yaml_executable()).parent / "python")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for k in (0, 1, 3):
+        reset()
+        killed = subprocess.run([python, str(tmp_path / "killer.py"), str(out), str(k), "merge",
+                                 *_command(new_config, out, tmp_path)[1:]], capture_output=True, text=True, env=env)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        assert _state(out, previous, new) == ("previous" if k == 0 else "mix")
+        killed = subprocess.run([python, str(tmp_path / "killer.py"), str(out), "1", "recover"],
+                                capture_output=True, text=True, env=env)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        assert outside() == beside
+        done = _run(other_config, out, tmp_path, extra=sharded)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "completed the interrupted commit" in done.stderr
+        assert _state(out, previous, other) == "new", k  # exactly the other model: no file of the earlier ones left
+        assert (out / "notes.txt").read_text() == "mine" and outside() == beside
+        assert staging_leftovers(out) == [] and not list(out.glob(output.REJECTED_PREFIX + "*"))
+    reset()
     done = _run(new_config, out, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert _state(out, previous, new) == "new" and (out / "notes.txt").read_text() == "mine"
-    assert staging_leftovers(out) == [] and staging_leftovers(tmp_path) == []
-
-
+    assert staging_leftovers(out) == [] and staging_leftovers(parent) == [] and outside() == beside
