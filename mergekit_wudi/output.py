@@ -18,13 +18,14 @@ writes every output file: shards, config, model card, tokenizer). The guarantees
    into the same ``OUT`` waits for it): the files about to be replaced are first kept (hard links)
    in the staging folder, a journal lists the new files, then each one replaces its namesake by an
    atomic rename, and weight files that an earlier merge of ours wrote and this one does not (old
-   shards; ``.mergekit-wudi-manifest.json`` records what we wrote) are removed. An exception or
-   SIGINT/SIGTERM during the renames (those signals wait for them) puts every replaced file back:
-   ``OUT`` is exactly as it was. A SIGKILL between two renames leaves ``OUT`` partly new until the
-   next merge into ``OUT`` (or :func:`recover`) rolls the journal forward: ``OUT`` is then the new
-   model. Files this merge does not write are kept; replaced files that no earlier merge of ours
-   wrote (your own README.md / config.json) and weight files we did not write that could shadow the
-   new model are named in a warning. ``OUT`` may be ``.``; a symlink ``OUT`` is written through.
+   shards; ``.mergekit-wudi-manifest.json`` records what we wrote) are removed. SIGINT/SIGTERM wait
+   for the renames. An exception during them (a full disk) puts every replaced file back: ``OUT`` is
+   exactly as it was, but for an empty lock file (if putting back fails too, the journal stays and
+   the error says so). A SIGKILL between two renames leaves ``OUT`` partly new until the next merge
+   into ``OUT`` (or :func:`recover`) rolls the journal forward: ``OUT`` is then the new model.
+   Files this merge does not write are kept; replaced files that no earlier merge of ours wrote
+   (your own README.md / config.json) and weight files we did not write that could shadow the new
+   model are named in a warning. ``OUT`` may be ``.``; a symlink ``OUT`` is written through.
 4. **Recovery trusts nothing it did not make.** Before a merge, :func:`recover` looks at staging
    folders inside ``OUT`` and at those beside it named for ``OUT`` only. It never writes outside
    ``OUT`` (beside ``OUT`` it only removes its own dead staging folders, without following links),
@@ -269,6 +270,7 @@ def _open_lock(path: Path):
 
 
 def _commit(staging: _Staging, payload: Path, out: Path) -> None:
+    """Point 3 of the module docstring."""
     _write_manifest(payload)
     if not os.path.lexists(out):
         try:

@@ -492,26 +492,38 @@ def test_a_second_commit_into_out_waits_for_the_first(tmp_path):
     assert result == [None] and (out / "a.bin").read_bytes() == (out / "b.bin").read_bytes() == b"second"
 
 
-def test_a_failure_during_the_renames_puts_every_file_back(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure", ["once", "also while undoing"])
+def test_a_failure_during_the_renames_puts_every_file_back(tmp_path, monkeypatch, failure, caplog):
     out = tmp_path / "out"
     _commit_files(out, {"config.json": b"old", "model-00001-of-00002.safetensors": b"s1",
                         "model-00002-of-00002.safetensors": b"s2", "model.safetensors.index.json": b"{}"})
     (out / "notes.txt").write_text("mine")
     before = snapshot(out)
-    real_replace, moved = os.replace, []
+    real_replace, renames = os.replace, []
 
     def failing_replace(source, target):
         if Path(target).parent == out:
-            if len(moved) == 2:
+            renames.append(Path(target).name)
+            if len(renames) == 3 or (failure != "once" and len(renames) > 3):  # the third rename of the commit on
                 raise OSError(28, "No space left on device (injected)")
-            moved.append(target)
         return real_replace(source, target)
 
     monkeypatch.setattr(os, "replace", failing_replace)
+    new = {"config.json": b"new", "model.safetensors": b"new weights", "README.md": b"card"}
     with pytest.raises(OSError, match="injected"):
-        _commit_files(out, {"config.json": b"new", "model.safetensors": b"new weights", "README.md": b"card"})
+        _commit_files(out, new)
     monkeypatch.setattr(os, "replace", real_replace)
-    assert len(moved) == 2 and snapshot(out) == before and staging_leftovers(out) == []
+    if failure == "once":
+        after = snapshot(out)
+        assert after.pop(output.COMMIT_LOCK) == hashlib.sha256(b"").hexdigest()  # the one trace: an empty lock file
+        assert renames[:3] == ["README.md", "config.json", "model.safetensors"] and after == before
+        assert staging_leftovers(out) == []
+        return
+    # the undo failed too: the journal stays, the error says so, and the next run completes the commit
+    assert "failed and could not be undone; its journal stays in" in caplog.text
+    output.recover(out)
+    assert {name: (out / name).read_bytes() for name in new} == new and (out / "notes.txt").read_text() == "mine"
+    assert not [p for p in out.iterdir() if p.name.startswith("model-")] and staging_leftovers(out) == []
 
 
 # ---------------------------------------------------------------------------------------------
