@@ -1,24 +1,40 @@
-"""What a ``mergekit-yaml`` merge with our methods does to its output folder, in one place.
+"""What a ``mergekit-yaml`` merge with our methods does to its output folder ``OUT``, in one place.
 
-mergekit writes straight into ``OUT``: files it does not write are kept, but a failed run leaves a
-half-written model. For merges that use this package's methods, :func:`install` wraps
-``mergekit.merge.run_merge`` (the one function that writes every output file: shards, config,
-model card, tokenizer) so that
+mergekit writes straight into ``OUT``: a failed run leaves a half-written model. For merges that use
+this package's methods, :func:`install` wraps ``mergekit.merge.run_merge`` (the one function that
+writes every output file: shards, config, model card, tokenizer). The guarantees:
 
-1. the config is checked first (:func:`mergekit_wudi.validation.check_merge_config`,
-   :func:`mergekit_wudi.inputs.check_model_files`): a typo or a broken input file is an error
-   before any tensor is read;
-2. mergekit writes into a staging folder (:func:`staged_output`); ``OUT`` is untouched until the
-   merge has succeeded;
-3. the finished files are committed: if ``OUT`` did not exist, the staging folder is renamed to it
-   (one atomic step); otherwise each written file replaces its namesake in ``OUT`` by an atomic
-   rename, after a journal listing them was written. Files in ``OUT`` that the merge does not write
-   are never touched (weight files of an earlier merge that could shadow the new one are named in
-   a warning). SIGINT/SIGTERM wait until the renames are done. ``OUT`` may be ``.``; a symlink
-   ``OUT`` is written through to its target; a regular file ``OUT`` is an error.
-4. a staging folder left by a killed run (its lock is free) is removed by the next run, and a commit
-   that was interrupted by SIGKILL (journal present) is completed by it. A live run's folder is
-   locked (``flock``) and never touched.
+1. **Checked first.** Before any tensor is read: ``OUT`` must not be empty (``""`` is an error,
+   never the current folder), not a regular file, and neither equal to, inside, nor containing a
+   local model folder of the config (:func:`check_output_path`; every model reference counts:
+   ``base_model``, ``models``, ``slices`` sources, tokenizer sources, LoRA ``base+adapter`` paths;
+   hub ids are skipped); then the config and the input files
+   (:func:`mergekit_wudi.validation.check_merge_config`, :func:`mergekit_wudi.inputs.check_model_files`).
+2. **Staged.** mergekit writes into a staging folder made by ``mkdtemp`` (mode 0700, locked with
+   ``flock`` for the run's whole life): inside ``OUT`` when it exists, else beside it, named
+   ``.mergekit-wudi-staging-<OUT's name>-XXXXXXXX``. ``OUT`` is untouched until the merge succeeded.
+3. **Committed all or nothing.** A new ``OUT`` appears by one atomic rename of the finished folder.
+   Into an existing ``OUT``, under ``OUT``'s commit lock (``.mergekit-wudi.lock``; a second merge
+   into the same ``OUT`` waits for it): the files about to be replaced are first kept (hard links)
+   in the staging folder, a journal lists the new files, then each one replaces its namesake by an
+   atomic rename, and weight files that an earlier merge of ours wrote and this one does not (old
+   shards; ``.mergekit-wudi-manifest.json`` records what we wrote) are removed. SIGINT/SIGTERM wait
+   for the renames. An exception during them (a full disk) puts every replaced file back: ``OUT`` is
+   exactly as it was, but for an empty lock file (if putting back fails too, the journal stays and
+   the error says so). A SIGKILL between two renames leaves ``OUT`` partly new until the next merge
+   into ``OUT`` (or :func:`recover`) rolls the journal forward: ``OUT`` is then the new model.
+   Files this merge does not write are kept; replaced files that no earlier merge of ours wrote
+   (your own README.md / config.json) and weight files we did not write that could shadow the new
+   model are named in a warning. ``OUT`` may be ``.``; a symlink ``OUT`` is written through.
+4. **Recovery trusts nothing it did not make.** Before a merge, :func:`recover` looks at staging
+   folders inside ``OUT`` and at those beside it named for ``OUT`` only. It never writes outside
+   ``OUT`` (beside ``OUT`` it only removes its own dead staging folders, without following links),
+   and ignores, naming them in a warning, staging folders that are symlinks, owned by another user
+   or not of mode 0700. A journal holds only relative names: the target is the folder the journal
+   lies in. A journal that cannot be trusted (not valid JSON, another format, absolute or ``..``
+   names, a symlink among its files or on their way) is never replayed: its folder is renamed to
+   ``.mergekit-wudi-rejected-*`` in ``OUT`` (kept for you to inspect and delete), with a warning,
+   and the merge proceeds. A live run's folder is locked and never touched.
 
 Merges with mergekit's own methods run exactly as mergekit runs them.
 
@@ -31,23 +47,41 @@ once, here, by the start-up hook (a user calling ``mergekit.merge.run_merge`` ge
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
+import stat
 import tempfile
 import threading
-from pathlib import Path
-from typing import Iterator, List
+import time
+from pathlib import Path, PurePosixPath
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 LOG = logging.getLogger(__name__)
 STAGING_PREFIX = ".mergekit-wudi-staging-"
+REJECTED_PREFIX = ".mergekit-wudi-rejected-"  # a staging folder whose journal could not be trusted
+MANIFEST = ".mergekit-wudi-manifest.json"  # in OUT: the files our last merge wrote
+COMMIT_LOCK = ".mergekit-wudi.lock"  # in OUT: held while a commit or a replay changes OUT
 _FRESH_PREFIX = ".mergekit-wudi-new-"  # a staging folder before its lock is held
-_LOCK, _JOURNAL, _PAYLOAD = "lock", "commit.json", "payload"
+_LOCK, _JOURNAL, _PAYLOAD, _NEW, _OLD = "lock", "commit.json", "payload", "new", "old"
+_JOURNAL_VERSION = 2
+_RANDOM = re.compile(r"[a-z0-9_]{8}")  # the part tempfile.mkdtemp adds
+_FRESH_GRACE_S = 60.0  # a fresh folder is locked within microseconds; an older unlocked one is dead
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json", ".bin.index.json")
+
+
+class OutputPathError(ValueError):
+    """An output folder a merge must not write into; the message names why."""
+
+
+class _Untrusted(Exception):
+    """A staging folder or journal that recovery must not act on; the message says why."""
 
 
 def install(merge_module) -> None:
@@ -63,6 +97,7 @@ def install(merge_module) -> None:
 
         if merge_config.merge_method not in method_names():
             return original(merge_config, out_path, options, config_source=config_source)
+        check_output_path(merge_config, out_path)
         check_before_merge(merge_config, config_source)
         with staged_output(out_path) as staging:
             return original(merge_config, staging, options, config_source=config_source)
@@ -86,24 +121,109 @@ def check_before_merge(merge_config, config_source=None) -> None:
     check_model_files(merge_config)
 
 
-def _resolve_output(out_path) -> Path:
+# ---------------------------------------------------------------------------------------------
+# The output path
+
+
+def resolve_output(out_path) -> Path:
+    """``out_path`` as an absolute real path; an empty path or a regular file is an error."""
+    if out_path is None or not str(out_path).strip():
+        raise OutputPathError(
+            f"output path is empty ({str(out_path)!r}; an unset shell variable?): give the folder to write "
+            "the merged model into; nothing was merged"
+        )
     out = Path(os.path.realpath(os.path.expanduser(str(out_path))))
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output path {str(out_path)!r} is an existing file, not a folder; nothing was merged")
     return out
 
 
+def _model_paths(node, where: str) -> Iterator[Tuple[str, str]]:
+    """``(where in the config, path)`` of every model and LoRA path a mergekit config references."""
+    from mergekit.common import ModelReference
+    from pydantic import BaseModel
+
+    if isinstance(node, ModelReference):
+        yield where, node.model.path
+        if node.lora is not None:
+            yield f"{where} (LoRA adapter)", node.lora.path
+    elif isinstance(node, BaseModel):
+        for name in type(node).model_fields:
+            yield from _model_paths(getattr(node, name), f"{where}.{name}" if where else name)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _model_paths(value, f"{where}.{key}")
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _model_paths(value, f"{where}[{i}]")
+
+
+def check_output_path(merge_config, out_path) -> None:
+    """``out_path`` is usable (:func:`resolve_output`) and is neither a local model folder of
+    ``merge_config``, nor inside one, nor contains one (paths compared after ``realpath``); names
+    that are no local path (hub ids) are skipped. Nothing is read."""
+    out = resolve_output(out_path)
+    for where, path in _model_paths(merge_config, ""):
+        local = os.path.expanduser(path)
+        if not os.path.exists(local):
+            continue
+        model = Path(os.path.realpath(local))
+        relation = ("is" if out == model else "is inside" if out.is_relative_to(model)
+                    else "contains" if model.is_relative_to(out) else None)
+        if relation:
+            raise OutputPathError(
+                f"output folder {out} {relation} the model folder {model} ({where}: {path!r}); the merge would "
+                "overwrite or mix with an input model. Choose an output folder outside every model folder; "
+                "nothing was read or written"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Staging and commit
+
+
+class _Staging:
+    """A staging folder (mode 0700) and the open file whose ``flock`` says its run is alive."""
+
+    def __init__(self, path: Path, lock):
+        self.path, self.lock = path, lock
+        self.keep = False  # a commit that could neither finish nor be undone: its journal must stay
+
+    @classmethod
+    def create(cls, home: Path, tag: str) -> "_Staging":
+        """Made under a fresh name and renamed once locked, so recovery never sees it unlocked."""
+        fresh = Path(tempfile.mkdtemp(prefix=_FRESH_PREFIX + tag, dir=home))
+        lock = _open_lock(fresh / _LOCK)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = home / (STAGING_PREFIX + fresh.name[len(_FRESH_PREFIX):])
+        os.rename(fresh, path)
+        return cls(path, lock)
+
+    def move_into(self, out: Path) -> None:
+        """Into ``OUT`` (same file system), so that its journal lies in the folder it commits to."""
+        target = out / (STAGING_PREFIX + self.path.name[-8:])
+        os.rename(self.path, target)
+        self.path = target
+
+    def close(self) -> None:
+        if not self.keep:
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.lock.close()
+
+
+def _beside_tag(out: Path) -> str:
+    return out.name[:100] + "-"  # keeps the folder name within NAME_MAX
+
+
 @contextlib.contextmanager
 def staged_output(out_path) -> Iterator[str]:
     """Yield a folder to write a model into; it is committed to ``out_path`` only if the block succeeds."""
-    out = _resolve_output(out_path)
-    home = out if out.is_dir() else out.parent
-    created = _make_parents(home)
-    recover(home)
-    if home != out.parent and out.parent.is_dir():
-        recover(out.parent)
-    staging, lock = _locked_staging(home)
-    payload = staging / _PAYLOAD / out.name  # mergekit names the model card after this folder
+    out = resolve_output(out_path)
+    inside = out.is_dir()
+    created = [] if inside else _make_parents(out.parent)
+    recover(out)
+    staging = _Staging.create(out, "") if inside else _Staging.create(out.parent, _beside_tag(out))
+    payload = staging.path / _PAYLOAD / out.name  # mergekit names the model card after this folder
     payload.parent.mkdir()
     committed = False
     try:
@@ -112,32 +232,191 @@ def staged_output(out_path) -> Iterator[str]:
             _commit(staging, payload, out)
         committed = True
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        lock.close()
+        staging.close()
         for folder in [] if committed else created:  # parents made for an OUT that was never written
             with contextlib.suppress(OSError):
                 folder.rmdir()
 
 
-def _locked_staging(home: Path):
-    """A new staging folder in ``home``, visible under its final name only once its lock is held."""
-    fresh = Path(tempfile.mkdtemp(prefix=_FRESH_PREFIX, dir=home))
-    lock = open(fresh / _LOCK, "w")
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    staging = home / (STAGING_PREFIX + fresh.name[len(_FRESH_PREFIX):])
-    os.rename(fresh, staging)
-    return staging, lock
-
-
-def _make_parents(home: Path) -> List[Path]:
-    """Create ``home`` and its missing parents; return the created ones, deepest first."""
+def _make_parents(folder: Path) -> List[Path]:
+    """Create ``folder`` and its missing parents; return the created ones, deepest first."""
     missing = []
-    folder = home
     while not folder.exists():
         missing.append(folder)
         folder = folder.parent
-    home.mkdir(parents=True, exist_ok=True)
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
     return missing
+
+
+@contextlib.contextmanager
+def commit_lock(out: Path) -> Iterator[None]:
+    """Hold ``OUT``'s commit lock (waiting, with a log line, while another merge commits)."""
+    with _open_lock(Path(out) / COMMIT_LOCK) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            LOG.warning("another merge is committing into %s; waiting for it to finish", out)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _open_lock(path: Path):
+    flags = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.fdopen(os.open(path, os.O_RDWR | flags, 0o666), "r+")
+    except PermissionError:  # a shared OUT whose lock file another user made
+        return os.fdopen(os.open(path, os.O_RDONLY | flags), "r")
+
+
+def _commit(staging: _Staging, payload: Path, out: Path) -> None:
+    """Point 3 of the module docstring."""
+    _write_manifest(payload)
+    if not os.path.lexists(out):
+        try:
+            os.rename(payload, out)  # one atomic step
+            return
+        except OSError as error:
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise  # else OUT appeared meanwhile (another merge): commit into it
+    with commit_lock(out):
+        if staging.path.parent != out:
+            staging.move_into(out)
+        new = staging.path / _NEW
+        os.rename(staging.path / _PAYLOAD / out.name, new)
+        files = sorted(_files(new), key=lambda name: name == MANIFEST)  # the manifest last
+        remove = _plan_replacement(out, files)
+        _keep_old_versions(staging.path, out, [f for f in files if os.path.lexists(out / f)] + remove)
+        _write_journal(staging.path, files, remove)
+        with _signals_deferred():
+            try:
+                _roll_forward(staging.path, out, files, remove)
+            except BaseException:
+                try:
+                    _roll_back(staging.path, out, files, remove)
+                except BaseException:
+                    staging.keep = True
+                    LOG.error("the commit into %s failed and could not be undone; its journal stays in %s: the "
+                              "next merge into %s (or mergekit_wudi.output.recover) completes it", out, staging.path, out)
+                    raise
+                raise
+            (staging.path / _JOURNAL).unlink()
+
+
+def _files(folder: Path) -> List[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def _write_manifest(payload: Path) -> None:
+    record = {"written_by": "mergekit-wudi", "files": [f for f in _files(payload) if f != MANIFEST]}
+    (payload / MANIFEST).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _read_manifest(out: Path) -> List[str]:
+    """The files our last merge into ``OUT`` wrote (none when there is no readable manifest)."""
+    try:
+        files = json.loads((out / MANIFEST).read_text())["files"]
+        return [f for f in files if isinstance(f, str)]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        LOG.warning("%s is not readable (%s): every file in %s counts as not written by us", out / MANIFEST, error, out)
+        return []
+
+
+def _plan_replacement(out: Path, files: List[str]) -> List[str]:
+    """Warn about what the commit replaces or leaves that is not ours; return our stale weight files."""
+    ours = set(_read_manifest(out))
+    foreign = [f for f in files if f != MANIFEST and os.path.lexists(out / f) and f not in ours]
+    if foreign:
+        LOG.warning(
+            "%s holds files this merge replaces that no earlier mergekit-wudi merge wrote there: %s. They are "
+            "replaced by the merge's own (move your files elsewhere before merging into this folder if you need them).",
+            out, ", ".join(foreign),
+        )
+    if not any(name.endswith(WEIGHT_SUFFIXES) for name in files):
+        return []
+    stale = [p.name for p in sorted(out.iterdir()) if p.name.endswith(WEIGHT_SUFFIXES) and p.name not in files
+             and not p.is_symlink() and p.is_file()]
+    kept = [name for name in stale if name not in ours]
+    if kept:
+        LOG.warning(
+            "%s holds weight files this merge did not write: %s. They are kept (mergekit-wudi deletes only weight "
+            "files its own earlier merge wrote there), but a loader may read them instead of the new model "
+            "(transformers prefers model.safetensors over a sharded index). Delete them if they are not needed.",
+            out, ", ".join(kept),
+        )
+    return [name for name in stale if name in ours]
+
+
+def _keep_old_versions(staging: Path, out: Path, names: List[str]) -> None:
+    """Hard links (copies where links fail) of the files the commit replaces or removes."""
+    for name in names:
+        _keep(out / name, staging / _OLD / name)
+
+
+def _write_journal(staging: Path, files: List[str], remove: List[str]) -> None:
+    tmp = staging / (_JOURNAL + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump({"version": _JOURNAL_VERSION, "files": files, "remove": remove}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, staging / _JOURNAL)
+
+
+def _roll_forward(staging: Path, out: Path, files: Sequence[str], remove: Sequence[str]) -> None:
+    """Move every new file still in the staging folder into ``OUT``, then delete ``remove``.
+    Idempotent, so a replay after a SIGKILL (even one during a replay) completes the commit."""
+    for name in files:
+        source = staging / _NEW / name
+        if os.path.lexists(source):
+            os.replace(source, _inside(out, name, create=True))
+    for name in remove:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_inside(out, name))
+
+
+def _roll_back(staging: Path, out: Path, files: Sequence[str], remove: Sequence[str]) -> None:
+    """Undo a partial :func:`_roll_forward`. Each new file goes back to the staging folder before its
+    old version returns, so a SIGKILL here still leaves a journal that completes the commit."""
+    for name in [*files, *remove]:
+        target, new, old = out / name, staging / _NEW / name, staging / _OLD / name
+        if name in files and (os.path.lexists(new) or not os.path.lexists(target)):
+            continue  # never moved
+        if name in files:
+            _keep(target, new)
+        if os.path.lexists(old):
+            os.replace(old, target)
+        elif name in files:
+            os.unlink(target)
+    (staging / _JOURNAL).unlink()
+
+
+def _keep(source: Path, copy: Path) -> None:
+    """A hard link ``copy`` of ``source`` (a copy where the file system refuses links)."""
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, copy, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, copy, follow_symlinks=False)
+
+
+def _inside(root: Path, name: str, create: bool = False) -> Path:
+    """``root / name`` for a checked relative ``name``, refusing a symlink on the way (``create``:
+    make missing folders)."""
+    folder = root
+    for part in PurePosixPath(name).parts[:-1]:
+        folder = folder / part
+        try:
+            mode = os.lstat(folder).st_mode
+        except FileNotFoundError:
+            if not create:
+                return root / name
+            folder.mkdir()
+            continue
+        if not stat.S_ISDIR(mode):
+            raise _Untrusted(f"{folder} is a symlink or not a folder")
+    return root / name
 
 
 @contextlib.contextmanager
@@ -183,74 +462,165 @@ def _signals_deferred():
             signal.raise_signal(signum)
 
 
-def _files(folder: Path) -> List[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+# ---------------------------------------------------------------------------------------------
+# Recovery
 
 
-def _commit(staging: Path, payload: Path, out: Path) -> None:
-    if not out.exists():
-        with contextlib.suppress(FileExistsError, OSError):
-            os.rename(payload, out)  # one atomic step; fails if OUT appeared meanwhile
-            return
-    files = _files(payload)
-    _warn_shadowing_weights(out, files)
-    journal = staging / (_JOURNAL + ".tmp")
-    journal.write_text(json.dumps({"out": str(out), "files": files}))
-    os.replace(journal, staging / _JOURNAL)
-    with _signals_deferred():
-        _move_files(payload, out, files)
-
-
-def _move_files(payload: Path, out: Path, files: List[str]) -> None:
-    for relative in files:
-        source = payload / relative
-        if source.exists() or source.is_symlink():
-            target = out / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(source, target)
-
-
-def _warn_shadowing_weights(out: Path, written: List[str]) -> None:
-    if not any(name.endswith(WEIGHT_SUFFIXES) for name in written):
-        return
-    stale = [name for name in _files_shallow(out) if name.endswith(WEIGHT_SUFFIXES) and name not in written]
-    if stale:
-        LOG.warning(
-            "%s holds weight files this merge did not write: %s. They are kept (mergekit-wudi never deletes "
-            "files it did not write), but a loader may read them instead of the new model (transformers "
-            "prefers model.safetensors over a sharded index). Delete them if they are left from an earlier merge.",
-            out, ", ".join(stale),
-        )
-
-
-def _files_shallow(folder: Path) -> List[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_file())
-
-
-def recover(folder) -> List[str]:
-    """Clean up after killed runs in ``folder``: for each staging folder whose lock is free (its run
-    is dead), complete its commit if it had started one (journal present), then remove it. Returns
-    what was done, one line each (also logged)."""
-    done = []
-    leftovers = [p for prefix in (STAGING_PREFIX, _FRESH_PREFIX) for p in sorted(Path(folder).glob(prefix + "*"))]
-    for staging in leftovers:
-        try:
-            lock = open(staging / _LOCK)
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            continue  # a live run holds it
-        except OSError:
-            continue  # not one of ours, or unreadable: leave it
-        with lock:
-            journal = staging / _JOURNAL
-            if journal.exists():
-                record = json.loads(journal.read_text())
-                out = Path(record["out"])
-                _move_files(staging / _PAYLOAD / out.name, out, record["files"])
-                done.append(f"completed the interrupted commit of {out} ({len(record['files'])} files)")
-            shutil.rmtree(staging, ignore_errors=True)
-            done.append(f"removed the staging folder of a killed run: {staging}")
+def recover(out_path) -> List[str]:
+    """Clean up after killed runs that wrote to ``out_path``: inside it, replay each trusted journal
+    (a commit interrupted by SIGKILL) and remove dead staging folders; beside it, remove dead staging
+    folders named for it. What cannot be trusted is left alone or set aside (module docstring, 4).
+    Returns what was done, one line each (also logged as warnings)."""
+    out = Path(os.path.realpath(os.path.expanduser(str(out_path))))
+    done: List[str] = []
+    if out.is_dir():
+        for path in _candidates(out, ""):
+            done += _recover_one(path, out)
+    if out.parent.is_dir():
+        tag = _beside_tag(out)
+        for path in _candidates(out.parent, tag):
+            done += _recover_one(path, None)
     for line in done:
         LOG.warning(line)
     return done
+
+
+def _candidates(folder: Path, tag: str) -> List[Path]:
+    """Staging folders in ``folder``: any inside ``OUT`` (``tag`` empty), else exactly those named for ``tag``."""
+    found = []
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:  # e.g. a parent folder we may enter but not list
+        return []
+    for name in names:
+        for prefix in (STAGING_PREFIX, _FRESH_PREFIX):
+            if name.startswith(prefix + tag) and (not tag or _RANDOM.fullmatch(name[len(prefix + tag):])):
+                found.append(folder / name)
+    return found
+
+
+def _recover_one(path: Path, out: Optional[Path]) -> List[str]:
+    """One staging folder: ``out`` is the folder it lies in when that is ``OUT``, None when beside it."""
+    try:
+        _check_ownership(path)
+    except _Untrusted as reason:
+        return [f"ignored {path}: {reason}; it was not made by you with mergekit-wudi, so nothing in it is used "
+                "(remove it if you do not know it)"]
+    fresh = path.name.startswith(_FRESH_PREFIX)
+    if fresh and time.time() - os.lstat(path).st_mtime < _FRESH_GRACE_S:
+        return []  # perhaps a run between mkdtemp and flock
+    try:
+        lock = _open_lock_existing(path / _LOCK)
+    except _Untrusted as reason:
+        if fresh:
+            shutil.rmtree(path, ignore_errors=True)
+            return [f"removed the staging folder of a killed run: {path}"]
+        return [f"ignored {path}: {reason}"]
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return []  # a live run holds it
+        journal = path / _JOURNAL
+        if out is None or fresh or not os.path.lexists(journal):
+            shutil.rmtree(path, ignore_errors=True)  # rmtree never follows a symlink
+            return [f"removed the staging folder of a killed run: {path}"]
+        with commit_lock(out):
+            try:
+                files, remove = _read_journal(path, out)
+            except _Untrusted as reason:
+                aside = _set_aside(path, out)
+                return [f"ignored the journal of {path}: {reason}. It was never replayed; the folder is kept as "
+                        f"{aside} for you to inspect and delete (if a merge was killed while committing, {out} "
+                        "may hold a partly written model: this merge replaces it)"]
+            _roll_forward(path, out, files, remove)
+            journal.unlink()
+        shutil.rmtree(path, ignore_errors=True)
+        return [f"completed the interrupted commit of {out} ({len(files)} files) from {path}",
+                f"removed the staging folder of a killed run: {path}"]
+
+
+def _set_aside(path: Path, out: Path) -> Path:
+    """Rename a staging folder whose journal is not trusted so that no recovery looks at it again."""
+    for attempt in range(100):
+        aside = out / f"{REJECTED_PREFIX}{path.name[len(STAGING_PREFIX):]}{'-%d' % attempt if attempt else ''}"
+        try:
+            os.rename(path, aside)  # fails on an existing non-empty folder: then try the next name
+            return aside
+        except OSError as error:
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+    raise OSError(f"cannot set {path} aside: too many {REJECTED_PREFIX}* folders in {out}")
+
+
+def _check_ownership(path: Path) -> None:
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise _Untrusted("it is a symlink")
+    if not stat.S_ISDIR(info.st_mode):
+        raise _Untrusted("it is not a folder")
+    if info.st_uid != os.geteuid():
+        raise _Untrusted(f"it is owned by uid {info.st_uid}, not by you (uid {os.geteuid()})")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        raise _Untrusted(f"its mode is {oct(stat.S_IMODE(info.st_mode))}, not 0o700")
+
+
+def _open_lock_existing(path: Path):
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as error:
+        raise _Untrusted(f"its lock file cannot be opened ({error.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _Untrusted("its lock is not a regular file")
+    return os.fdopen(fd, "r+")
+
+
+def _read_journal(staging: Path, out: Path) -> Tuple[List[str], List[str]]:
+    """``(files, remove)`` of a journal, checked: format, relative names, no symlink on any path."""
+    try:
+        with os.fdopen(os.open(staging / _JOURNAL, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as handle:
+            record = json.loads(handle.read())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise _Untrusted(f"{staging / _JOURNAL} is not valid JSON ({error})") from None
+    if not isinstance(record, dict) or set(record) != {"version", "files", "remove"} or record["version"] != _JOURNAL_VERSION:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise _Untrusted(f"{staging / _JOURNAL} is not a mergekit-wudi journal of version {_JOURNAL_VERSION} "
+                         f"(it holds {keys}; a journal never names its target folder)")
+    files, remove = record["files"], record["remove"]
+    if not isinstance(files, list) or not isinstance(remove, list):
+        raise _Untrusted(f"{staging / _JOURNAL}: 'files' and 'remove' must be lists")
+    for name in files + remove:
+        _check_relative(name, staging)
+    if any("/" in name for name in remove):
+        raise _Untrusted(f"{staging / _JOURNAL}: 'remove' names a file below the top level")
+    _check_no_link(staging, _NEW)
+    for name in files:
+        source = staging / _NEW / name
+        if os.path.lexists(source):
+            _check_no_link(staging / _NEW, name)
+        _inside(out, name)
+    return files, remove
+
+
+def _check_relative(name, staging: Path) -> None:
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise _Untrusted(f"{staging / _JOURNAL} lists {name!r}, not a file name")
+    path = PurePosixPath(name)
+    if path.is_absolute() or str(path) != name or any(part in ("..", ".") for part in path.parts):
+        raise _Untrusted(f"{staging / _JOURNAL} lists {name!r}: only plain relative names are allowed")
+
+
+def _check_no_link(root: Path, name: str) -> None:
+    """Every component of ``root / name`` is a real folder and the last one a regular file or folder."""
+    path = root
+    for part in PurePosixPath(name).parts:
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(mode):
+            raise _Untrusted(f"{path} is a symlink")
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+            raise _Untrusted(f"{path} is not a regular file")
