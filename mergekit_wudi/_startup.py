@@ -42,9 +42,9 @@ def _after_import(name: str) -> None:
 
         output.install(sys.modules[_MERGE])
     elif name == _TASKS:
-        from mergekit_wudi import final_cast
+        from mergekit_wudi import final_cast, registration
 
-        final_cast.install(sys.modules[_TASKS])
+        final_cast.install(sys.modules[_TASKS], registration.method_names)
     elif name == _CONFIG:
         from mergekit_wudi import validation
 

@@ -13,7 +13,7 @@ that is finite can overflow float16 (max 65504) on either cast. So the check run
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 
@@ -68,16 +68,16 @@ class ChecksOutDtype:
         return results
 
 
-def _ours(tensor_task) -> Optional[str]:
-    from mergekit_wudi.registration import method_names
+def install(tasks_module, method_names: Callable[[], Iterable[str]]) -> None:
+    """Check ``SaveTensor`` / ``ReturnTensor`` results of our methods (``method_names()``) after their
+    ``out_dtype`` cast (idempotent). Called by :mod:`mergekit_wudi._startup` right after
+    ``mergekit.io.tasks`` loads; the names come from the caller so that this module, which the kernels
+    import, imports no kernel."""
 
-    method = getattr(tensor_task, "method_name", None)
-    return method if method in method_names() else None
+    def ours(tensor_task) -> Optional[str]:
+        method = getattr(tensor_task, "method_name", None)
+        return method if method in method_names() else None
 
-
-def install(tasks_module) -> None:
-    """Check ``SaveTensor`` / ``ReturnTensor`` results of our methods after their ``out_dtype`` cast
-    (idempotent). Called by :mod:`mergekit_wudi._startup` right after ``mergekit.io.tasks`` loads."""
     for cls_name in ("SaveTensor", "ReturnTensor"):
         cls = getattr(tasks_module, cls_name, None)
         if cls is None or getattr(cls.execute, "_mergekit_wudi_checked", False):
@@ -87,7 +87,7 @@ def install(tasks_module) -> None:
         @functools.wraps(original)
         def execute(self, *args, _original=original, **kwargs):
             tensor = kwargs.get("tensor", args[-1] if args else None)
-            method = _ours(self.tensor_task) if isinstance(tensor, torch.Tensor) else None
+            method = ours(self.tensor_task) if isinstance(tensor, torch.Tensor) else None
             target = getattr(self, "dtype", None)
             if method is not None and target:
                 from mergekit.common import dtype_from_name

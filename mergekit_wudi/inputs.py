@@ -3,8 +3,8 @@
 For every model of a mergekit config that is a local folder: its weight files exist and their
 safetensors headers parse and cover the file (a truncated download is caught here, naming the
 file); every tensor it shares with the base has the base's shape (a model of another size is
-caught here, naming the model and the tensor); an LwPTV mask file names exactly the config's
-experts and only tensors the base has. Models given by hub name are left to mergekit.
+caught here, naming the model and the tensor). Models given by hub name are left to mergekit.
+:func:`mergekit_wudi.validation.check_model_files` runs these with the config's other file checks.
 """
 
 from __future__ import annotations
@@ -107,26 +107,6 @@ def check_model_shapes(merge_config, *, vocabularies_may_differ: bool = False) -
     return files
 
 
-def check_model_files(merge_config) -> None:
-    """The checks of this module's docstring, for a ``MergeConfiguration``: :func:`check_model_shapes`,
-    the global ``linear`` / ``rank`` settings per base tensor
-    (:func:`mergekit_wudi.validation.check_tensor_settings`), a warning when experts hold the base's
-    very weights (:func:`warn_experts_equal_to_base`), and the LwPTV mask files."""
-    from mergekit_wudi.validation import check_tensor_settings
-
-    files = check_model_shapes(
-        merge_config, vocabularies_may_differ=bool(merge_config.tokenizer_source or merge_config.tokenizer))
-    base = merge_config.base_model
-    reference_files = files.get(base) if base is not None else None
-    reference_shapes = None
-    if reference_files is not None:
-        reference_shapes = {name: shape for name, (shape, _) in reference_files.items()}
-        dumped = merge_config.model_dump(mode="json", exclude_none=True)
-        check_tensor_settings(merge_config.merge_method, dumped.get("parameters"), reference_shapes)
-        warn_experts_equal_to_base(merge_config, files)
-    _check_mask_files(merge_config, reference_shapes)
-
-
 def _comparison_order(item) -> tuple:
     """Small linear weights first: a fine-tuned (even LoRA-tuned) expert differs there at once."""
     from mergekit_wudi.linear_weights import is_linear_weight
@@ -216,26 +196,3 @@ def _check_adapter_fits(reference, base_shapes: Dict[str, Tuple[int, ...]]) -> N
                 f"LoRA adapter {folder} (model {reference}) does not fit the model {reference.model}: for "
                 f"{module!r} its factors are A {list(a)} and B {list(b)}, the weight is {list(weight)}; the "
                 "adapter was trained for a model of another size")
-
-
-def _check_mask_files(merge_config, base_shapes: Optional[Dict[str, Tuple[int, ...]]]) -> None:
-    from mergekit_wudi.lwptv_masks import load_mask_file
-
-    settings = [merge_config.parameters or {}] + [m.parameters or {} for m in merge_config.models or ()]
-    paths = {s["lwptv_mask_file"] for s in settings if isinstance(s.get("lwptv_mask_file"), str)}
-    experts = {str(m.model) for m in merge_config.models or () if m.model != merge_config.base_model}
-    for path in paths:
-        content = load_mask_file(path)
-        missing = sorted(experts - set(content["drop"]))
-        if missing:
-            raise ModelFileError(
-                f"lwptv_mask_file {path!r} has no entry for model(s) {missing} (it names {sorted(content['drop'])}); "
-                "build it from this config with python -m mergekit_wudi.lwptv_masks"
-            )
-        strangers = sorted(set(content["drop"]) - experts)
-        if strangers:
-            raise ModelFileError(f"lwptv_mask_file {path!r} names model(s) {strangers} that this config does not merge")
-        if base_shapes is not None:
-            unknown = sorted(content["tensors"] - set(base_shapes))
-            if unknown:
-                raise ModelFileError(f"lwptv_mask_file {path!r} names tensors the base model lacks: {unknown[:5]}")

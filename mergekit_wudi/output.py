@@ -9,7 +9,7 @@ writes every output file: shards, config, model card, tokenizer). The guarantees
    local model folder of the config (:func:`check_output_path`; every model reference counts:
    ``base_model``, ``models``, ``slices`` sources, tokenizer sources, LoRA ``base+adapter`` paths;
    hub ids are skipped); then the config and the input files
-   (:func:`mergekit_wudi.validation.check_merge_config`, :func:`mergekit_wudi.inputs.check_model_files`).
+   (:func:`mergekit_wudi.validation.check_merge_config`, :func:`mergekit_wudi.validation.check_model_files`).
 2. **Staged.** mergekit writes into a staging folder made by ``mkdtemp`` (mode 0700, locked with
    ``flock`` for the run's whole life): inside ``OUT`` when it exists, else beside it, named
    ``.mergekit-wudi-staging-<OUT's name>-XXXXXXXX``. ``OUT`` is untouched until the merge succeeded.
@@ -111,7 +111,7 @@ def check_before_merge(merge_config, config_source=None) -> None:
     YAML text when there is one, so that keys pydantic drops are seen too) and the input files."""
     import yaml
 
-    from mergekit_wudi.inputs import check_model_files
+    from mergekit_wudi.validation import check_model_files
     from mergekit_wudi.validation import check_merge_config
 
     raw = yaml.safe_load(config_source) if config_source else None

@@ -19,9 +19,11 @@ import functools
 import logging
 import math
 import os
-from typing import Any, Iterator, Mapping, Optional, Tuple, Union, get_args, get_origin
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union, get_args, get_origin
 
 from pydantic import ValidationError
+
+from mergekit_wudi.inputs import ModelFileError, check_model_shapes, warn_experts_equal_to_base
 
 
 class MergeConfigError(ValueError):
@@ -408,3 +410,50 @@ def check_tensor_settings(method: str, parameters: Optional[Mapping[str, Any]], 
                 "works with solver closed_form or spectral only; give rank the same filters as solver, e.g. "
                 "rank: [{filter: mlp, value: 8}]"
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# Input files (headers only), after the config itself.
+
+
+def check_model_files(merge_config) -> None:
+    """The checks of the input files, for a ``MergeConfiguration``, before any tensor is read:
+    :func:`mergekit_wudi.inputs.check_model_shapes` (headers parse, shapes match the base),
+    the global ``linear`` / ``rank`` settings per base tensor
+    (:func:`check_tensor_settings`), a warning when experts hold the base's very weights
+    (:func:`mergekit_wudi.inputs.warn_experts_equal_to_base`), and the LwPTV mask files (they name exactly
+    the config's experts and only tensors the base has)."""
+    files = check_model_shapes(
+        merge_config, vocabularies_may_differ=bool(merge_config.tokenizer_source or merge_config.tokenizer))
+    base = merge_config.base_model
+    reference_files = files.get(base) if base is not None else None
+    reference_shapes = None
+    if reference_files is not None:
+        reference_shapes = {name: shape for name, (shape, _) in reference_files.items()}
+        dumped = merge_config.model_dump(mode="json", exclude_none=True)
+        check_tensor_settings(merge_config.merge_method, dumped.get("parameters"), reference_shapes)
+        warn_experts_equal_to_base(merge_config, files)
+    _check_mask_files(merge_config, reference_shapes)
+
+
+def _check_mask_files(merge_config, base_shapes: Optional[Dict[str, Tuple[int, ...]]]) -> None:
+    from mergekit_wudi.lwptv_masks import load_mask_file
+
+    settings = [merge_config.parameters or {}] + [m.parameters or {} for m in merge_config.models or ()]
+    paths = {s["lwptv_mask_file"] for s in settings if isinstance(s.get("lwptv_mask_file"), str)}
+    experts = {str(m.model) for m in merge_config.models or () if m.model != merge_config.base_model}
+    for path in paths:
+        content = load_mask_file(path)
+        missing = sorted(experts - set(content["drop"]))
+        if missing:
+            raise ModelFileError(
+                f"lwptv_mask_file {path!r} has no entry for model(s) {missing} (it names {sorted(content['drop'])}); "
+                "build it from this config with python -m mergekit_wudi.lwptv_masks"
+            )
+        strangers = sorted(set(content["drop"]) - experts)
+        if strangers:
+            raise ModelFileError(f"lwptv_mask_file {path!r} names model(s) {strangers} that this config does not merge")
+        if base_shapes is not None:
+            unknown = sorted(content["tensors"] - set(base_shapes))
+            if unknown:
+                raise ModelFileError(f"lwptv_mask_file {path!r} names tensors the base model lacks: {unknown[:5]}")

@@ -453,7 +453,7 @@ def test_options_whose_switch_is_off_are_named_in_a_warning(caplog):
 
 
 def test_experts_equal_to_the_base_are_named_in_a_warning(llama_family, tmp_path, caplog):
-    from mergekit_wudi.inputs import check_model_files
+    from mergekit_wudi.validation import check_model_files
 
     copies = []
     for name in ("copy_a", "copy_b"):
@@ -483,7 +483,7 @@ def _wider_vocabulary(expert, folder, extra=16):
 
 
 def test_different_vocabularies_are_allowed_with_tokenizer_source(llama_family, tmp_path, no_loading):
-    from mergekit_wudi.inputs import check_model_files
+    from mergekit_wudi.validation import check_model_files
 
     wider = _wider_vocabulary(llama_family[1], tmp_path / "wider")
     config = _config([llama_family[0], wider, llama_family[2]])
