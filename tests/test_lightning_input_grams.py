@@ -233,16 +233,17 @@ class Tokens(LightningModule):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.proj, self.head = nn.Linear(4, 4), nn.Linear(4, 1)
+        self.proj, self.gate, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 1)
 
     def training_step(self, batch, batch_idx):
-        return self.head(self.proj(batch["x"])).square().mean()
+        x = batch["x"]
+        return self.head(self.proj(x) * self.gate(x)).square().mean()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def test_padding_tokens_are_masked_when_the_batch_has_an_attention_mask(tmp_path):
+def test_padding_tokens_are_masked_and_a_shared_input_counts_for_each_layer(tmp_path):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 3, 4, generator=g)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
@@ -253,6 +254,7 @@ def test_padding_tokens_are_masked_when_the_batch_has_an_attention_mask(tmp_path
     grams, metadata = load_grams(gram_mode.gram_path(callback._store(), 0))
     real = x[mask.bool()]
     torch.testing.assert_close(grams["proj.weight"], real.T @ real)
+    torch.testing.assert_close(grams["gate.weight"], real.T @ real)  # same input: the Gram computed once, added twice
     assert metadata["tokens"] == "3"
 
 

@@ -278,10 +278,8 @@ class WUDIMergeCallback(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        collector = self._gram_collector
-        if collector is not None and collector.active:
-            collector.batches += 1
-            collector.active, collector.mask = False, None
+        if self._gram_collector is not None:
+            self._gram_collector.end_batch()
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Sequential mode: save this task's expert (the last hook with the model still on device)."""

@@ -253,6 +253,8 @@ class GramCollector:
         self._sums: Dict[str, Tuple[torch.Tensor, ...]] = {}
         self._tests: Dict[Tuple[int, int, Any], torch.Tensor] = {}
         self._handles: List[Any] = []
+        # Layers fed the same tensor (q/k/v, gate/up projections): its Gram is computed once per batch.
+        self._shared: Optional[Tuple[torch.Tensor, int, torch.Tensor]] = None
 
     def start(self) -> None:
         """Register the hooks (once)."""
@@ -277,21 +279,34 @@ class GramCollector:
             if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
                 x = x[mask.to(x.device)]
             x = x.reshape(-1, x.shape[-1]).float()
+            if count_tokens:
+                self.tokens += x.shape[0]
             sums = self._sums.get(layer.name)
             if layer.sketch_rank is None:
                 if sums is None:
                     sums = self._sums[layer.name] = (torch.zeros(layer.n_in, layer.n_in, device=x.device),)
-                sums[0].addmm_(x.T, x)
+                shared = self._shared
+                if shared is not None and shared[0] is args[0] and shared[1] == args[0]._version:
+                    sums[0].add_(shared[2])
+                else:
+                    gram = x.T @ x
+                    sums[0].add_(gram)
+                    # holding the input keeps its memory from being reused by another tensor while cached
+                    self._shared = (args[0], args[0]._version, gram)
             else:
                 if sums is None:
                     sums = self._sums[layer.name] = (torch.zeros(layer.n_in, layer.sketch_rank, device=x.device),
                                                      torch.zeros(layer.n_in, device=x.device))
                 sums[0].addmm_(x.T, x @ self._test_matrix(layer, x.device))
                 sums[1].add_(x.square().sum(dim=0))
-            if count_tokens:
-                self.tokens += x.shape[0]
 
         return hook
+
+    def end_batch(self) -> None:
+        """After a training batch: stop collecting, free the shared-input cache."""
+        if self.active:
+            self.batches += 1
+        self.active, self.mask, self._shared = False, None, None
 
     def finish(self, trainer: Optional[Trainer]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
         """Remove the hooks, sum over ranks (every rank calls it), and return the tensors and
@@ -323,8 +338,7 @@ class GramCollector:
         return gram_tensors(grams), metadata
 
     def close(self) -> None:
-        self.active = False
-        self.mask = None
+        self.active, self.mask, self._shared = False, None, None
         for handle in self._handles:
             handle.remove()
         self._handles = []
