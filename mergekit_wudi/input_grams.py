@@ -37,20 +37,26 @@ def gram_tensors(grams: Mapping[str, Gram]) -> StateDict:
     return tensors
 
 
+def grams_from_tensors(tensors: Mapping[str, torch.Tensor]) -> Dict[str, Gram]:
+    """The inverse of :func:`gram_tensors`."""
+    grams: Dict[str, Gram] = {}
+    for key, tensor in tensors.items():
+        if key.endswith(EXACT):
+            grams[key[: -len(EXACT)]] = tensor
+        elif key.endswith(FACTOR):
+            name = key[: -len(FACTOR)]
+            grams[name] = GramSketch(tensor, tensors[name + DIAGONAL])
+    return grams
+
+
 def load_grams(path: Union[str, os.PathLike]) -> Tuple[Dict[str, Gram], Dict[str, str]]:
     """``({weight name: Gram tensor or GramSketch}, metadata)`` of a Grams file."""
     from safetensors import safe_open
 
-    grams: Dict[str, Gram] = {}
     with safe_open(str(path), framework="pt") as handle:
         metadata = dict(handle.metadata() or {})
-        for key in handle.keys():
-            if key.endswith(EXACT):
-                grams[key[: -len(EXACT)]] = handle.get_tensor(key)
-            elif key.endswith(FACTOR):
-                name = key[: -len(FACTOR)]
-                grams[name] = GramSketch(handle.get_tensor(key), handle.get_tensor(name + DIAGONAL))
-    return grams, metadata
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    return grams_from_tensors(tensors), metadata
 
 
 def _as_grams(grams: GramsLike, index: int) -> Mapping[str, Gram]:
