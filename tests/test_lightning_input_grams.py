@@ -88,7 +88,7 @@ def test_hooks_collect_exactly_the_gram_of_the_last_n_batches(tmp_path):
     val = DataLoader(TensorDataset(torch.full((4, 4), 100.0), torch.zeros(4, 2)), batch_size=4)
     trainer.fit(Validated(), loader(0, batches=6), val)
     assert record.validated  # a validation pass ran inside the window
-    grams, metadata = load_grams(gram_mode.gram_path(callback._store(), 0))
+    grams, metadata = load_grams(callback._store().gram_path(0))
     assert set(grams) == {f"{n}.weight" for n in LINEARS}
     assert metadata["batches"] == "2" and metadata["tokens"] == "8"
     for name in LINEARS:
@@ -109,7 +109,7 @@ def test_the_merge_uses_the_grams_and_equals_the_python_entry(tmp_path, caplog):
     base = load_state_dict(os.path.join(callback.output_dir, "base.safetensors"))
     base = {n: base[n] for n in merged}
     experts = [{n: t for n, t in load_state_dict(p).items() if n in merged} for p in callback.expert_paths]
-    grams = [gram_mode.gram_path(callback._store(), i) for i in range(2)]
+    grams = [callback._store().gram_path(i) for i in range(2)]
     expected = mergekit_wudi.merge_with_input_grams(base, experts, grams, parameters={"solver": "closed_form"},
                                                     ridge=1e-3)
     for name in merged:
@@ -144,7 +144,7 @@ def test_an_expert_without_grams_is_an_error_naming_it(tmp_path):
     callback = WUDIMergeCallback(exclude=["head"], num_tasks=2, output=str(tmp_path / "m"), input_grams={"last_batches": 1})
     model = TinyModel()
     make_trainer(tmp_path, [callback], max_steps=2).fit(model, loader(0))
-    os.remove(gram_mode.gram_path(callback._store(), 0))
+    os.remove(callback._store().gram_path(0))
     with pytest.raises(MergeInputError, match=r"expert task_0 .* has no input Grams .*task_0.safetensors is missing"):
         make_trainer(tmp_path, [callback], max_steps=2).fit(model, loader(1))
 
@@ -187,7 +187,7 @@ def test_wide_layers_are_sketched_to_fit_the_budget(tmp_path, caplog):
             make_trainer(tmp_path, [callback] + ([record] if task == 0 else []), max_steps=3).fit(
                 model, loader(task, batches=3))
     assert "1 widest layers sketched at rank 8" in caplog.text
-    grams, metadata = load_grams(gram_mode.gram_path(callback._store(), 0))
+    grams, metadata = load_grams(callback._store().gram_path(0))
     assert isinstance(grams["wide.weight"], GramSketch) and grams["wide.weight"].factor.shape == (64, 8)
     assert grams["narrow.weight"].shape == (4, 4)
     assert metadata["sketched"] == '{"wide.weight": 8}'
@@ -251,7 +251,7 @@ def test_padding_tokens_are_masked_and_a_shared_input_counts_for_each_layer(tmp_
     data = [{"x": x, "attention_mask": mask}]
     callback = WUDIMergeCallback(exclude=["head"], output=str(tmp_path / "m"), input_grams={"last_batches": 1})
     make_trainer(tmp_path, [callback], max_steps=1).fit(Tokens(), DataLoader(data, batch_size=None))
-    grams, metadata = load_grams(gram_mode.gram_path(callback._store(), 0))
+    grams, metadata = load_grams(callback._store().gram_path(0))
     real = x[mask.bool()]
     torch.testing.assert_close(grams["proj.weight"], real.T @ real)
     torch.testing.assert_close(grams["gate.weight"], real.T @ real)  # same input: the Gram computed once, added twice
@@ -267,7 +267,7 @@ def test_lora_layers_are_hooked_on_their_base_layer(tmp_path):
     model = lora_module()
     for task in range(2):
         make_trainer(tmp_path, [callback], max_steps=4).fit(model, task_loader(task))
-    grams, _ = load_grams(gram_mode.gram_path(callback._store(), 1))
+    grams, _ = load_grams(callback._store().gram_path(1))
     assert set(grams) == {"net.fc1.weight", "net.fc2.weight"}  # base naming; no lora_A / lora_B / head
     x = torch.cat([b[0] for b in task_loader(1)][2:4])  # fc1's input is the batch: the last 2 of 4 batches
     torch.testing.assert_close(grams["net.fc1.weight"], x.T @ x, rtol=1e-6, atol=1e-5)

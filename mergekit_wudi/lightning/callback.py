@@ -434,7 +434,7 @@ class WUDIMergeCallback(Callback):
         if int(metadata["batches"]) < self.input_grams.last_batches * distributed_world(trainer)[0]:
             rank_zero_warn(f"{type(self).__name__}: input Grams of {expert_id(index)} cover {metadata['batches']} "
                            f"batches (over all ranks), fewer than last_batches={self.input_grams.last_batches} per rank")
-        self._store().save(trainer, tensors, gram_mode.gram_path(self._store(), index), metadata=metadata)
+        self._store().save(trainer, tensors, self._store().gram_path(index), metadata=metadata)
 
     def _close_input_grams(self) -> None:
         if self._gram_collector is not None:

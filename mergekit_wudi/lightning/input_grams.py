@@ -32,7 +32,7 @@ from mergekit_wudi.lightning.checks import MergeInputError, StateDict
 from mergekit_wudi.lightning.distributed import distributed_world, gather_results, shard_names
 from mergekit_wudi.lightning.module_state import tensor_names
 from mergekit_wudi.lightning.strategies import Experts, MergeStrategy, linear_flags
-from mergekit_wudi.lightning.storage import SnapshotStore, expert_id
+from mergekit_wudi.lightning.storage import SnapshotStore
 from mergekit_wudi.input_grams import gram_names, gram_tensors, load_grams
 from mergekit_wudi.solvers import input_grams as gram_solvers
 from mergekit_wudi.solvers.wudi import FLOW_TIME, RIDGE
@@ -350,13 +350,6 @@ def attention_mask_of(batch: Any) -> Optional[torch.Tensor]:
     return mask.bool() if isinstance(mask, torch.Tensor) else None
 
 
-# ---------------------------------------------------------------------------------------------- files
-
-
-def gram_path(store: SnapshotStore, index: int) -> str:
-    return str(store.folder / "grams" / f"{expert_id(index)}.safetensors")
-
-
 # ---------------------------------------------------------------------------------------------- the merge
 
 
@@ -396,7 +389,7 @@ class InputGramMerge(MergeStrategy):
     def merge(self, trainer, pl_module, base, experts: Experts, names):
         grams = []
         for i, (label, _) in enumerate(experts):
-            path = gram_path(self.store, i)
+            path = self.store.gram_path(i)
             try:
                 grams.append(load_grams(path)[0])
             except FileNotFoundError:
