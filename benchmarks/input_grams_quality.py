@@ -18,6 +18,8 @@ Rows, one subset of ``--tasks-merged`` tasks per seed (the quality benchmark's t
   on validation; other tensors averaged (RegMean's rule).
 
     HF_HUB_OFFLINE=1 python benchmarks/input_grams_quality.py --cache-dir /work/cache-quality --seeds 0 1 2
+    HF_HUB_OFFLINE=1 python benchmarks/input_grams_quality.py --cache-dir /work/cache-quality --lora \
+        --data-free-rows task_arithmetic ties "wudi closed_form" "wudi val scaling" --output .../input_grams_quality_lora.json
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-DATA_FREE_ROWS = ("task_arithmetic", "wudi closed_form", "tsv_merge", "iso_c", "iso_cts")
+DATA_FREE_ROWS = ("task_arithmetic", "wudi closed_form", "tsv_merge", "iso_c", "iso_cts",
+                  "ties", "wudi val scaling")  # the last two: rows of the LoRA table (--lora)
 
 
 def post_hoc_grams(cfg, data, task, seed, expert_sd, last_batches):
@@ -81,7 +84,11 @@ def main():
     parser.add_argument("--last-batches", type=int, default=16)
     parser.add_argument("--ridges", type=float, nargs="+", default=[1e-4, 1e-2, 1e-1])
     parser.add_argument("--shrinks", type=float, nargs="+", default=[1.0, 0.9, 0.6])
-    parser.add_argument("--no-data-free", action="store_true", help="skip the data-free rows")
+    parser.add_argument("--data-free-rows", nargs="*", default=list(DATA_FREE_ROWS),
+                        help="rows of the quality table to run beside (default: %(default)s)")
+    parser.add_argument("--lora", action="store_true",
+                        help="the LoRA experts of `quality.py --lora` (cached as effective weights; Grams of the "
+                             "merged layer's input = the LoRA base layer's input) and the LoRA table's rows")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "input_grams_quality.json"))
     args = parser.parse_args()
@@ -111,9 +118,18 @@ def main():
     out = {"command": "HF_HUB_OFFLINE=1 python benchmarks/input_grams_quality.py " + " ".join(sys.argv[1:]),
            "grams": f"post hoc: final expert weights, eval mode, the last {args.last_batches} of its {cfg['steps']} "
                     "training batches", "seeds": {}}
+    specs = method_specs()
+    if args.lora:
+        from benchmarks.qualitybench.lora import LORA_SPECS, lora_config, lora_experts
+
+        cfg, specs = lora_config(cfg), LORA_SPECS
+        out["lora"] = cfg["lora"]
     for seed in args.seeds:
         cfg["_seed"] = seed
-        experts, heads, *_ = seed_experts(cfg, cache, data, tasks, positions, seed, log)
+        if args.lora:
+            experts, heads, _ = lora_experts(cfg, cache, data, tasks, positions, seed, log)
+        else:
+            experts, heads, *_ = seed_experts(cfg, cache, data, tasks, positions, seed, log)
         order = list(cfg["tasks"])
         random.Random(seed).shuffle(order)
         subset = sorted(order[:args.tasks_merged], key=positions.__getitem__)
@@ -121,10 +137,9 @@ def main():
         expert_acc = {t: ev.accuracy(experts[t], {t: heads[t]}, "test", cfg["test_limit"])[t] for t in subset}
         log(f"seed {seed}: {subset}; experts {expert_acc}")
         ctx = SubsetContext(cfg, ev, sd0, experts, heads, subset, held_out, expert_acc, log)
-        if not args.no_data_free:
-            for spec in method_specs():
-                if spec.name in DATA_FREE_ROWS:
-                    spec.run(ctx)
+        for spec in specs:
+            if spec.name in args.data_free_rows:
+                spec.run(ctx)
         t0 = time.perf_counter()
         grams, meta = {}, {}
         for t in subset:
