@@ -299,3 +299,21 @@ def test_grams_are_summed_over_ranks():
     mp.spawn(_reduce_worker, args=(_free_port(), results), nprocs=2, join=True)
     for rank in range(2):
         assert results[rank] == [[[3.0, 3.0], [3.0, 3.0]], [30.0]]
+
+
+class StopAfter(Callback):
+    def __init__(self, batches):
+        self.batches = batches
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.fit_loop.epoch_loop.total_batch_idx + 1 >= self.batches:
+            trainer.should_stop = True
+
+
+def test_a_fit_stopped_before_its_gram_window_is_an_error_and_no_expert_is_saved(tmp_path):
+    """Early stopping after 2 of 6 planned batches, window = the last 2: no Gram, no expert file."""
+    callback = WUDIMergeCallback(exclude=["head"], output=str(tmp_path / "m"), input_grams={"last_batches": 2})
+    with pytest.raises(MergeInputError, match=r"expert task_0's fit ended before its Gram window \(the last 2 "):
+        make_trainer(tmp_path, [callback, StopAfter(2)], max_steps=6).fit(TinyModel(), loader(0, batches=6))
+    assert callback.expert_paths == []
+    assert not os.path.exists(callback._store().expert_path(0))
