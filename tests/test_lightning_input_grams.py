@@ -317,3 +317,17 @@ def test_a_fit_stopped_before_its_gram_window_is_an_error_and_no_expert_is_saved
         make_trainer(tmp_path, [callback, StopAfter(2)], max_steps=6).fit(TinyModel(), loader(0, batches=6))
     assert callback.expert_paths == []
     assert not os.path.exists(callback._store().expert_path(0))
+
+
+def test_a_crash_during_the_window_removes_the_hooks(tmp_path):
+    class Crash(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.fit_loop.epoch_loop.total_batch_idx == 4:
+                raise RuntimeError("boom")
+
+    model = TinyModel()
+    callback = WUDIMergeCallback(exclude=["head"], output=str(tmp_path / "m"), input_grams={"last_batches": 3})
+    with pytest.raises(RuntimeError, match="boom"):
+        make_trainer(tmp_path, [callback, Crash()], max_steps=6).fit(model, loader(0, batches=6))
+    assert callback._gram_collector is None
+    assert all(not m._forward_pre_hooks for m in model.modules())

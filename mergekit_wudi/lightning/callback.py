@@ -281,6 +281,10 @@ class WUDIMergeCallback(Callback):
         if self._gram_collector is not None:
             self._gram_collector.end_batch()
 
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """``input_grams``: a failed fit leaves no hooks on the module and no Grams on device."""
+        self._close_input_grams()
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Sequential mode: save this task's expert (the last hook with the model still on device)."""
         if not self.sequential:
