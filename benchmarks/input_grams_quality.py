@@ -124,6 +124,14 @@ def main():
 
         cfg, specs = lora_config(cfg), LORA_SPECS
         out["lora"] = cfg["lora"]
+    def save(seed, subset, expert_acc, rows):
+        out["seeds"].setdefault(str(seed), {}).update(subset=subset, expert_test=expert_acc, rows=rows)
+        names = sorted({r for s in out["seeds"].values() for r in s["rows"] if not r.startswith("_")})
+        out["summary"] = {r: {"normalized_mean": mean([s["rows"][r]["normalized"] for s in out["seeds"].values()
+                                                       if r in s["rows"]]),
+                              "seeds": [k for k, s in out["seeds"].items() if r in s["rows"]]} for r in names}
+        Path(args.output).write_text(json.dumps(out, indent=2, default=str))
+
     for seed in args.seeds:
         cfg["_seed"] = seed
         if args.lora:
@@ -137,6 +145,13 @@ def main():
         expert_acc = {t: ev.accuracy(experts[t], {t: heads[t]}, "test", cfg["test_limit"])[t] for t in subset}
         log(f"seed {seed}: {subset}; experts {expert_acc}")
         ctx = SubsetContext(cfg, ev, sd0, experts, heads, subset, held_out, expert_acc, log)
+        record = ctx.record
+
+        def record_and_save(*a, **k):  # every row on disk as soon as it is scored (long runs get cut)
+            record(*a, **k)
+            save(seed, subset, expert_acc, ctx.res)
+
+        ctx.record = record_and_save
         for spec in specs:
             if spec.name in args.data_free_rows:
                 spec.run(ctx)
@@ -175,13 +190,8 @@ def main():
                 best = (score, {"alpha": shrink}, sd, secs)
         log("    [regmean val] " + " ".join(f"{k}:{v:.3f}" for k, v in grid.items()))
         ctx.record("regmean (whole weights, val alpha, post hoc)", best[2], best[3], best[1], grid)
-        out["seeds"][str(seed)] = {"subset": subset, "expert_test": expert_acc, "gram_seconds": gram_seconds,
-                                   "gram_metadata": meta, "rows": ctx.res}
-        rows = sorted({r for s in out["seeds"].values() for r in s["rows"] if not r.startswith("_")})
-        out["summary"] = {r: {"normalized_mean": mean([s["rows"][r]["normalized"] for s in out["seeds"].values()
-                                                       if r in s["rows"]]),
-                              "seeds": [k for k, s in out["seeds"].items() if r in s["rows"]]} for r in rows}
-        Path(args.output).write_text(json.dumps(out, indent=2, default=str))
+        out["seeds"][str(seed)].update(gram_seconds=gram_seconds, gram_metadata=meta)
+        save(seed, subset, expert_acc, ctx.res)
         for r, v in sorted(out["summary"].items(), key=lambda kv: -kv[1]["normalized_mean"]):
             log(f"  {r:48s} normalized {v['normalized_mean']:.4f} (seeds {v['seeds']})")
 
