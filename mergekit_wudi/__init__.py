@@ -10,11 +10,20 @@ package installs does the same at interpreter start, so plain ``mergekit-yaml`` 
   (what a merge does to its output folder), :mod:`mergekit_wudi.validation` and
   :mod:`mergekit_wudi.inputs` (checks before any tensor is read)
 - the Lightning callback: :mod:`mergekit_wudi.lightning`
+- merging with input Grams from Python: :func:`merge_with_input_grams` (:mod:`mergekit_wudi.input_grams`)
 """
 
 from mergekit_wudi import _startup  # noqa: F401  (installs the registration hook)
 
 __version__ = "0.1.0"
+
+
+def merge_with_input_grams(base, experts, grams, **options):
+    """Merge state dicts with each expert's input Grams where they exist (RegMean's objective on task
+    vectors), mergekit's ``method`` elsewhere: :func:`mergekit_wudi.input_grams.merge_with_input_grams`."""
+    from mergekit_wudi.input_grams import merge_with_input_grams as _merge
+
+    return _merge(base, experts, grams, **options)
 
 
 def register_methods() -> None:

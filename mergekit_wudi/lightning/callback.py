@@ -38,6 +38,7 @@ from mergekit_wudi.lightning.checks import (
 )
 from mergekit_wudi.lightning import lora_adapters, module_state
 from mergekit_wudi.lightning.distributed import broadcast, distributed_world, is_sharded_module
+from mergekit_wudi.lightning import input_grams as gram_mode
 from mergekit_wudi.lightning.storage import SnapshotStore, expert_id
 from mergekit_wudi.lightning.strategies import MergeStrategy, MudscMerge, RegistryMerge
 
@@ -87,6 +88,12 @@ class WUDIMergeCallback(Callback):
             model (loadable without PEFT); ``"adapter"`` also writes one merged PEFT adapter per task
             (:attr:`adapter_paths`; exact for ``closed_form`` / ``spectral``, refused for ``adam`` /
             ``lowrank``).
+        input_grams: sequential mode, opt-in: an :class:`~mergekit_wudi.lightning.input_grams.InputGrams`
+            (or a dict of its options). Each fit accumulates the input Gram ``X^T X`` of every merged
+            ``nn.Linear`` over its last ``last_batches`` batches (saved next to the expert), and the merge
+            solves Eq. 1 with these Grams instead of the task-vector proxy (RegMean's objective on task
+            vectors, :mod:`mergekit_wudi.solvers.input_grams`); other tensors use ``method``. The memory it
+            needs is announced in ``setup`` and refused above ``max_memory``.
     """
 
     def __init__(
@@ -106,6 +113,7 @@ class WUDIMergeCallback(Callback):
         dataloader: Optional[Any] = None,
         reset_to_base: bool = True,
         lora_output: str = "full",
+        input_grams: Optional[Union[gram_mode.InputGrams, Dict[str, Any]]] = None,
     ) -> None:
         super().__init__()
         experts = check_expert_paths(experts)
@@ -125,6 +133,16 @@ class WUDIMergeCallback(Callback):
         self.dataloader = dataloader
         self.reset_to_base = reset_to_base
         self.lora_output = lora_output
+        self.input_grams = gram_mode.as_input_grams(input_grams)
+        if self.input_grams is not None and experts is not None:
+            raise ValueError("input_grams needs sequential mode (the callback sees each task's fit): "
+                             "it cannot be used with experts=[...]")
+        if self.input_grams is not None and lora_output == "adapter":
+            raise ValueError("input_grams with lora_output='adapter': the Gram merge leaves the span of the experts' "
+                             "LoRA A rows, so no exact adapter exists; use lora_output='full'")
+        self._gram_layers: Optional[List[gram_mode.HookedLayer]] = None
+        self._gram_collector: Optional[gram_mode.GramCollector] = None
+        self._gram_window_start = 0.0
         # Checkpointable state: paths only (see state_dict).
         self._run_id = uuid.uuid4().hex
         self._output_dir: Optional[str] = None
@@ -142,11 +160,15 @@ class WUDIMergeCallback(Callback):
     def build_strategy(self) -> MergeStrategy:
         """The merge strategy for ``method``; override to merge another way."""
         if self.method == MudscMerge.name:
-            return MudscMerge(parameters=self.parameters, dataloader=self.dataloader)
-        return RegistryMerge(
-            name=self.method, parameters=self.parameters, shard=self.shard,
-            merge_device=self.merge_device, progress=self.progress,
-        )
+            strategy: MergeStrategy = MudscMerge(parameters=self.parameters, dataloader=self.dataloader)
+        else:
+            strategy = RegistryMerge(
+                name=self.method, parameters=self.parameters, shard=self.shard,
+                merge_device=self.merge_device, progress=self.progress,
+            )
+        if self.input_grams is not None:
+            strategy = gram_mode.InputGramMerge(inner=strategy, options=self.input_grams, store=self._store())
+        return strategy
 
     # ------------------------------------------------------------------ public, read-only state
 
@@ -242,12 +264,41 @@ class WUDIMergeCallback(Callback):
         state = module_state.pretrained_weights(trainer, pl_module)  # a collective under FSDP
         self._base_path = self._store().save(trainer, state, self._store().base_path)
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``input_grams``: prepare this task's Gram window (the last ``last_batches`` planned batches)."""
+        if self.input_grams is None or self._merged_path is not None or (
+                self.num_tasks is not None and len(self._expert_paths) >= self.num_tasks):
+            return
+        planned = gram_mode.planned_batches(trainer)
+        if planned == float("inf"):
+            raise MergeInputError("input_grams needs a fit of known length to find its last batches: "
+                                  "set max_steps or max_epochs")
+        self._gram_window_start = planned - self.input_grams.last_batches
+        self._gram_collector = gram_mode.GramCollector(self._gram_layers or [], self.input_grams)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        collector = self._gram_collector
+        if collector is not None and trainer.fit_loop.epoch_loop.total_batch_idx >= self._gram_window_start:
+            collector.start()
+            collector.mask = gram_mode.attention_mask_of(batch)
+            collector.active = True
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._gram_collector is not None:
+            self._gram_collector.end_batch()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """``input_grams``: a failed fit leaves no hooks on the module and no Grams on device."""
+        self._close_input_grams()
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Sequential mode: save this task's expert (the last hook with the model still on device)."""
         if not self.sequential:
             return
         if self._merged_path is not None or (self.num_tasks is not None and len(self._expert_paths) >= self.num_tasks):
             rank_zero_warn(f"{type(self).__name__}: all experts are collected; this fit's weights are not saved")
+            self._close_input_grams()
             return
         if self._base_path is None:
             raise MergeInputError("no base snapshot: the callback did not see the start of this fit")
@@ -267,6 +318,7 @@ class WUDIMergeCallback(Callback):
         problem = broadcast(trainer, problem)
         if problem is not None:
             raise MergeInputError(problem)
+        self._save_input_grams(trainer, index)  # before the expert: an expert on disk has its Grams
         path = self._store().save(trainer, state, self._store().expert_path(index))
         if self.lora_output == "adapter":
             lora_adapters.save_factors(self._store(), trainer, pl_module, path)
@@ -461,6 +513,41 @@ class WUDIMergeCallback(Callback):
         merged = set(self._merge_names(names))
         self.build_strategy().check_kept_out([n for n in names if n not in merged])
         lora_adapters.check_lora_output(self.lora_output, pl_module, self.method, self.parameters, sorted(merged))
+        self._plan_input_grams(pl_module)
+
+    def _plan_input_grams(self, pl_module: LightningModule) -> None:
+        """``input_grams``: which layers get hooks and what their Grams cost; announced, refused above
+        ``max_memory`` (before the first training step)."""
+        if self.input_grams is None:
+            return
+        view = module_state.merge_view(pl_module)
+        layers = gram_mode.hooked_layers(pl_module, self._merge_names(view), view)
+        if not layers:
+            raise MergeInputError("input_grams: no merged nn.Linear in the module (check include/exclude)")
+        self._gram_layers = gram_mode.plan_memory(layers, self.input_grams)
+        rank_zero_info(gram_mode.describe_plan(self._gram_layers, self.input_grams, self.num_tasks))
+
+    def _save_input_grams(self, trainer: Trainer, index: int) -> None:
+        """Sum this fit's Grams over the ranks and write them (rank 0); free them."""
+        collector, self._gram_collector = self._gram_collector, None
+        if self.input_grams is None:
+            return
+        if collector is None:
+            raise MergeInputError("input_grams: the callback did not see the start of this fit's training")
+        tensors, metadata = collector.finish(trainer)
+        if int(metadata["batches"]) == 0:
+            raise MergeInputError(
+                f"input_grams: expert {expert_id(index)}'s fit ended before its Gram window (the last "
+                f"{self.input_grams.last_batches} of the planned batches) began (early stopping?); lower last_batches")
+        if int(metadata["batches"]) < self.input_grams.last_batches * distributed_world(trainer)[0]:
+            rank_zero_warn(f"{type(self).__name__}: input Grams of {expert_id(index)} cover {metadata['batches']} "
+                           f"batches (over all ranks), fewer than last_batches={self.input_grams.last_batches} per rank")
+        self._store().save(trainer, tensors, self._store().gram_path(index), metadata=metadata)
+
+    def _close_input_grams(self) -> None:
+        if self._gram_collector is not None:
+            self._gram_collector.close()
+            self._gram_collector = None
 
     def _load_base(self, strategy: MergeStrategy) -> Optional[StateDict]:
         if self._base_path is None and isinstance(self.base, dict):

@@ -5,6 +5,7 @@ Layout of ``<output>``::
     base.safetensors                 the pretrained weights (sequential mode)
     experts/task_<i>.safetensors     task i's weights at the end of its fit
     heads/task_<i>.safetensors       task i's tensors kept out of the merge
+    grams/task_<i>.safetensors       task i's input Grams (``input_grams`` mode), written before its expert
     merged.safetensors               the merge; written last, so its presence means a whole merge
 
 Every file is written atomically and carries ``run_id`` in its safetensors metadata. The callback's
@@ -62,6 +63,9 @@ class SnapshotStore:
 
     def expert_path(self, index: int) -> str:
         return str(self.folder / "experts" / f"{expert_id(index)}.safetensors")
+
+    def gram_path(self, index: int) -> str:
+        return str(self.folder / "grams" / f"{expert_id(index)}.safetensors")
 
     def head_path(self, index: int) -> str:
         return str(self.folder / "heads" / f"{expert_id(index)}.safetensors")
