@@ -117,8 +117,11 @@ def merge_with_input_grams(
             )
     rest = [n for n in names if n not in merged]
     if rest:
-        import mergekit_wudi  # noqa: F401  (registers our methods)
         from mergekit.merge_methods import merge_state_dicts
+
+        from mergekit_wudi.registration import register_methods
+
+        register_methods()
 
         inputs = {"base": {n: base[n] for n in rest}}
         inputs.update({f"task_{i}": {n: e[n] for n in rest} for i, e in enumerate(experts)})
