@@ -30,9 +30,11 @@ def atomic_file(path: PathLike) -> Iterator[str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; a user expects what open() would give
+    mode = 0o666 & ~umask()  # mkstemp makes 0600; a user expects what open() would give
+    os.chmod(tmp, mode)
     try:
         yield tmp
+        os.chmod(tmp, mode)  # again: a writer may have replaced the file (safetensors' save_file does)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -312,3 +312,26 @@ def test_an_lwptv_mask_keyed_by_other_ids_fails_in_setup(tmp_path):
                                               r"\(models there: model_a, model_b\)"):
         make_trainer(tmp_path, [callback, counter]).fit(TinyModel(), task_loader(0))
     assert counter.steps == 0
+
+
+def test_an_input_file_where_the_callback_writes_is_refused_and_kept(tmp_path):
+    """Merging last round's merged.safetensors with a new expert into the same output= overwrote it."""
+    base, experts = write_inputs(tmp_path)
+    first = WUDIMergeCallback(method="task_arithmetic", parameters={"weight": 1.0}, experts=experts, base=base,
+                              output=str(tmp_path / "round1"))
+    first.merge(None, TinyModel())
+    merged = tmp_path / "round1" / "merged.safetensors"
+    before = merged.read_bytes()
+    again = WUDIMergeCallback(method="task_arithmetic", parameters={"weight": 1.0}, experts=[str(merged), experts[1]],
+                              base=base, output=str(tmp_path / "round1"))
+    with pytest.raises(MergeInputError, match=r"experts\[0\] '.*round1/merged.safetensors' lies where this callback "
+                                              r"writes its results .*give another output="):
+        again.merge(None, TinyModel())
+    counter = CountSteps()
+    with pytest.raises(MergeInputError, match=r"experts\[0\] .* lies where this callback writes"):
+        make_trainer(tmp_path, [again, counter]).fit(TinyModel(), task_loader(0))
+    assert counter.steps == 0 and merged.read_bytes() == before
+    elsewhere = WUDIMergeCallback(method="task_arithmetic", parameters={"weight": 1.0},
+                                  experts=[str(merged), experts[1]], base=base, output=str(tmp_path / "round2"))
+    elsewhere.merge(None, TinyModel())  # another output= is fine
+    assert merged.read_bytes() == before

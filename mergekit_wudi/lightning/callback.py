@@ -217,6 +217,7 @@ class WUDIMergeCallback(Callback):
         if stage != "fit":
             return
         self._run_id, self._output_dir = broadcast(trainer, (self._run_id, self._resolve_output(trainer)))
+        self._refuse_inputs_in_output()
         self._recover()
         strategy = self.build_strategy()
         strategy.check()
@@ -372,6 +373,7 @@ class WUDIMergeCallback(Callback):
         """
         if trainer is not None:
             self._output_dir = self._resolve_output(trainer)
+        self._refuse_inputs_in_output()
         strategy = self.build_strategy()
         strategy.check()
         self._recover()
@@ -491,6 +493,20 @@ class WUDIMergeCallback(Callback):
         merged = set(names)
         strategy.check_kept_out([n for n in reference if n not in merged])
         return names
+
+    def _refuse_inputs_in_output(self) -> None:
+        """An expert or base file given by path must not lie where this callback writes (e.g. last
+        round's ``merged.safetensors`` merged again into the same ``output``): it would be overwritten."""
+        store = self._store()
+        given = [] if self.sequential else [(f"experts[{i}]", p) for i, p in enumerate(self.experts)]
+        given += [("base", self.base)] if isinstance(self.base, str) else []
+        for where, path in given:
+            if store.writes(path):
+                raise MergeInputError(
+                    f"{where} {path!r} lies where this callback writes its results (output={str(store.folder)!r}: "
+                    "base.safetensors, merged.safetensors, experts/, grams/, heads/, adapters/), so the merge would "
+                    "overwrite it; give another output= or copy the file elsewhere first"
+                )
 
     def _check_expert_files(self, strategy: MergeStrategy) -> None:
         """Explicit mode, in ``setup``: every expert (and the base) is readable and fits the others,

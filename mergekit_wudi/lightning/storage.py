@@ -16,6 +16,7 @@ saved (:meth:`SnapshotStore.recover`), without a second copy of the state on dis
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
@@ -69,6 +70,15 @@ class SnapshotStore:
 
     def head_path(self, index: int) -> str:
         return str(self.folder / "heads" / f"{expert_id(index)}.safetensors")
+
+    def writes(self, path: str) -> bool:
+        """Whether ``path`` (after symlinks) is, or lies in, something this store writes: the base and
+        merged files, or its ``experts`` / ``grams`` / ``heads`` / ``adapters`` folders."""
+        target = Path(os.path.realpath(path))
+        folder = Path(os.path.realpath(self.folder))
+        if target in (folder / "base.safetensors", folder / MERGED_NAME):
+            return True
+        return any(target.is_relative_to(folder / sub) for sub in ("experts", "grams", "heads", "adapters"))
 
     def save(
         self,
