@@ -18,7 +18,9 @@ writes every output file: shards, config, model card, tokenizer). The guarantees
    into the same ``OUT`` waits for it): the files about to be replaced are first kept (hard links)
    in the staging folder, a journal lists the new files, then each one replaces its namesake by an
    atomic rename, and weight files that an earlier merge of ours wrote and this one does not (old
-   shards; ``.mergekit-wudi-manifest.json`` records what we wrote) are removed. SIGINT/SIGTERM wait
+   shards; ``.mergekit-wudi-manifest.json`` records what we wrote, with each file's size, mtime and
+   inode: a file changed since, or named by a manifest that is a symlink, not yours or of the old
+   names-only format, is not ours and is kept) are removed. SIGINT/SIGTERM wait
    for the renames. An exception during them (a full disk) puts every replaced file back: ``OUT`` is
    exactly as it was, but for an empty lock file (if putting back fails too, the journal stays and
    the error says so). A SIGKILL between two renames leaves ``OUT`` partly new until the next merge
@@ -71,6 +73,7 @@ COMMIT_LOCK = ".mergekit-wudi.lock"  # in OUT: held while a commit or a replay c
 _FRESH_PREFIX = ".mergekit-wudi-new-"  # a staging folder before its lock is held
 _LOCK, _JOURNAL, _PAYLOAD, _NEW, _OLD = "lock", "commit.json", "payload", "new", "old"
 _JOURNAL_VERSION = 2
+_MANIFEST_VERSION = 2  # files: {name: [size, mtime_ns, inode]} (version 1, names only, is not trusted)
 _RANDOM = re.compile(r"[a-z0-9_]{8}")  # the part tempfile.mkdtemp adds
 _FRESH_GRACE_S = 60.0  # a fresh folder is locked within microseconds; an older unlocked one is dead
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json", ".bin.index.json")
@@ -307,21 +310,43 @@ def _files(folder: Path) -> List[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
 
 
+def _identity(path: Path) -> List[int]:
+    """``[size, mtime_ns, inode]`` of a file (not following a symlink): a rename keeps all three, a
+    file saved over it or in its place changes at least one."""
+    info = os.lstat(path)
+    return [info.st_size, info.st_mtime_ns, info.st_ino]
+
+
 def _write_manifest(payload: Path) -> None:
-    record = {"written_by": "mergekit-wudi", "files": [f for f in _files(payload) if f != MANIFEST]}
+    files = {f: _identity(payload / f) for f in _files(payload) if f != MANIFEST}
+    record = {"written_by": "mergekit-wudi", "version": _MANIFEST_VERSION, "files": files}
     (payload / MANIFEST).write_text(json.dumps(record, indent=1) + "\n")
 
 
 def _read_manifest(out: Path) -> List[str]:
-    """The files our last merge into ``OUT`` wrote (none when there is no readable manifest)."""
+    """The files our last merge into ``OUT`` wrote that are still the very files it wrote (same size,
+    mtime and inode). None when the manifest is missing, unreadable, of the old names-only format, a
+    symlink or not owned by you: a manifest anyone can copy or plant must not make a file ours."""
+    path = out / MANIFEST
     try:
-        files = json.loads((out / MANIFEST).read_text())["files"]
-        return [f for f in files if isinstance(f, str)]
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)) as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                raise ValueError(f"it is not a regular file owned by you (uid {os.geteuid()})")
+            record = json.loads(handle.read())
+        if not isinstance(record, dict) or record.get("version") != _MANIFEST_VERSION or not isinstance(record.get("files"), dict):
+            raise ValueError(f"it is not a mergekit-wudi manifest of version {_MANIFEST_VERSION}")
     except FileNotFoundError:
         return []
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        LOG.warning("%s is not readable (%s): every file in %s counts as not written by us", out / MANIFEST, error, out)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        LOG.warning("%s is not used (%s): every file in %s counts as not written by us", path, error, out)
         return []
+    ours = []
+    for name, identity in record["files"].items():  # only compared: deletion is limited to OUT's top level
+        with contextlib.suppress(OSError, ValueError):
+            if _identity(out / name) == identity:
+                ours.append(name)
+    return ours
 
 
 def _plan_replacement(out: Path, files: List[str]) -> List[str]:
@@ -342,7 +367,7 @@ def _plan_replacement(out: Path, files: List[str]) -> List[str]:
     if kept:
         LOG.warning(
             "%s holds weight files this merge did not write: %s. They are kept (mergekit-wudi deletes only weight "
-            "files its own earlier merge wrote there), but a loader may read them instead of the new model "
+            "files its own earlier merge wrote there and that are unchanged since), but a loader may read them instead of the new model "
             "(transformers prefers model.safetensors over a sharded index). Delete them if they are not needed.",
             out, ", ".join(kept),
         )

@@ -659,3 +659,47 @@ def test_kill_at_many_points_leaves_previous_or_new_model(llama_family, tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     assert _state(out, previous, new) == "new" and (out / "notes.txt").read_text() == "mine"
     assert staging_leftovers(out) == [] and staging_leftovers(parent) == [] and outside() == beside
+
+
+# ---------------------------------------------------------------------------------------------
+# Trust fixes: the manifest's file identities, user folders named like ours, unreplayable journals,
+# a folder where the merge writes a file
+
+
+@pytest.mark.parametrize("case", ["planted names-only manifest", "copied manifest", "user saved over our file",
+                                  "manifest is a symlink"])
+def test_a_weight_file_we_did_not_write_is_never_deleted(tmp_path, case, caplog):
+    out = tmp_path / "out"
+    if case == "planted names-only manifest":
+        out.mkdir()
+        (out / "user_weights.safetensors").write_bytes(b"precious")
+        (out / output.MANIFEST).write_text('{"written_by":"mergekit-wudi","files":["user_weights.safetensors"]}')
+    elif case == "copied manifest":
+        elsewhere = tmp_path / "elsewhere"
+        _commit_files(elsewhere, {"user_weights.safetensors": b"ours", "config.json": b"{}"})
+        out.mkdir()
+        (out / "user_weights.safetensors").write_bytes(b"precious")
+        shutil.copy2(elsewhere / output.MANIFEST, out / output.MANIFEST)
+    elif case == "user saved over our file":
+        _commit_files(out, {"user_weights.safetensors": b"ours", "config.json": b"{}"})
+        (out / "user_weights.safetensors").unlink()
+        (out / "user_weights.safetensors").write_bytes(b"precious")
+    else:
+        _commit_files(tmp_path / "elsewhere", {"user_weights.safetensors": b"ours"})
+        out.mkdir()
+        (out / "user_weights.safetensors").write_bytes(b"precious")
+        (out / output.MANIFEST).symlink_to(tmp_path / "elsewhere" / output.MANIFEST)
+    with caplog.at_level("WARNING", logger="mergekit_wudi.output"):
+        _commit_files(out, {"model.safetensors": b"new weights", "config.json": b"{}"})
+    assert (out / "user_weights.safetensors").read_bytes() == b"precious"
+    assert "weight files this merge did not write: user_weights.safetensors" in caplog.text
+
+
+def test_our_own_unchanged_weight_file_is_still_removed(tmp_path, caplog):
+    out = tmp_path / "out"
+    _commit_files(out, {"model-00001-of-00002.safetensors": b"a", "model.safetensors.index.json": b"{}"})
+    (out / "notes.txt").write_text("mine")
+    with caplog.at_level("WARNING", logger="mergekit_wudi.output"):
+        _commit_files(out, {"model.safetensors": b"new weights"})
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("model")) == ["model.safetensors"]
+    assert "weight files this merge did not write" not in caplog.text
