@@ -32,7 +32,8 @@ writes every output file: shards, config, model card, tokenizer). The guarantees
    folders inside ``OUT`` and at those beside it named for ``OUT`` only. It never writes outside
    ``OUT`` (beside ``OUT`` it only removes its own dead staging folders, without following links),
    and ignores, naming them in a warning, staging folders that are symlinks, owned by another user
-   or not of mode 0700. A journal holds only relative names: the target is the folder the journal
+   or not of mode 0700, and folders named like ours (the exact ``mkdtemp`` pattern is required) that
+   hold anything a staging folder never holds (your data). A journal holds only relative names: the target is the folder the journal
    lies in. A journal that cannot be trusted (not valid JSON, another format, absolute or ``..``
    names, a symlink among its files or on their way) is never replayed: its folder is renamed to
    ``.mergekit-wudi-rejected-*`` in ``OUT`` (kept for you to inspect and delete), with a warning,
@@ -72,6 +73,8 @@ MANIFEST = ".mergekit-wudi-manifest.json"  # in OUT: the files our last merge wr
 COMMIT_LOCK = ".mergekit-wudi.lock"  # in OUT: held while a commit or a replay changes OUT
 _FRESH_PREFIX = ".mergekit-wudi-new-"  # a staging folder before its lock is held
 _LOCK, _JOURNAL, _PAYLOAD, _NEW, _OLD = "lock", "commit.json", "payload", "new", "old"
+_STAGING_ENTRIES = frozenset({_LOCK, _JOURNAL, _JOURNAL + ".tmp", _PAYLOAD, _NEW, _OLD})  # all a staging folder holds
+_FRESH_ENTRIES = frozenset({_LOCK})
 _JOURNAL_VERSION = 2
 _MANIFEST_VERSION = 2  # files: {name: [size, mtime_ns, inode]} (version 1, names only, is not trusted)
 _RANDOM = re.compile(r"[a-z0-9_]{8}")  # the part tempfile.mkdtemp adds
@@ -511,7 +514,8 @@ def recover(out_path) -> List[str]:
 
 
 def _candidates(folder: Path, tag: str) -> List[Path]:
-    """Staging folders in ``folder``: any inside ``OUT`` (``tag`` empty), else exactly those named for ``tag``."""
+    """Staging folders in ``folder``: named exactly as ours are (prefix, ``tag`` (empty inside ``OUT``,
+    ``OUT``'s name beside it), then the 8 characters ``mkdtemp`` adds)."""
     found = []
     try:
         names = sorted(os.listdir(folder))
@@ -519,7 +523,7 @@ def _candidates(folder: Path, tag: str) -> List[Path]:
         return []
     for name in names:
         for prefix in (STAGING_PREFIX, _FRESH_PREFIX):
-            if name.startswith(prefix + tag) and (not tag or _RANDOM.fullmatch(name[len(prefix + tag):])):
+            if name.startswith(prefix + tag) and _RANDOM.fullmatch(name[len(prefix + tag):]):
                 found.append(folder / name)
     return found
 
@@ -534,6 +538,13 @@ def _recover_one(path: Path, out: Optional[Path]) -> List[str]:
     fresh = path.name.startswith(_FRESH_PREFIX)
     if fresh and time.time() - os.lstat(path).st_mtime < _FRESH_GRACE_S:
         return []  # perhaps a run between mkdtemp and flock
+    try:
+        foreign = sorted(set(os.listdir(path)) - (_FRESH_ENTRIES if fresh else _STAGING_ENTRIES))
+    except OSError as error:
+        foreign = [f"(unlistable: {error.strerror})"]
+    if foreign:
+        return [f"ignored {path}: it holds {', '.join(foreign[:5])}, which no mergekit-wudi staging folder holds; "
+                "it is left alone (remove it if you do not need it)"]
     try:
         lock = _open_lock_existing(path / _LOCK)
     except _Untrusted as reason:

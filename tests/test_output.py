@@ -703,3 +703,20 @@ def test_our_own_unchanged_weight_file_is_still_removed(tmp_path, caplog):
         _commit_files(out, {"model.safetensors": b"new weights"})
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("model")) == ["model.safetensors"]
     assert "weight files this merge did not write" not in caplog.text
+
+
+@pytest.mark.parametrize("name", [".mergekit-wudi-new-myrun001", ".mergekit-wudi-new-my-run", ".mergekit-wudi-staging-myrun001",
+                                  ".mergekit-wudi-staging-results"])
+def test_a_user_folder_named_like_a_staging_folder_is_left_alone(tmp_path, name, caplog):
+    out = tmp_path / "out"
+    _commit_files(out, {"config.json": b"old"})
+    mine = out / name
+    mine.mkdir()
+    (mine / "lock").write_text("")  # even with a lock file like ours, the user's data says it is not ours
+    (mine / "data.txt").write_text("user data")
+    mine.chmod(0o700)
+    os.utime(mine, (time.time() - 3600, time.time() - 3600))
+    with caplog.at_level("WARNING", logger="mergekit_wudi.output"):
+        _commit_files(out, {"config.json": b"new"})
+    assert (mine / "data.txt").read_text() == "user data" and (out / "config.json").read_bytes() == b"new"
+    assert "removed the staging folder" not in caplog.text
