@@ -37,7 +37,8 @@ writes every output file: shards, config, model card, tokenizer). The guarantees
    lies in. A journal that cannot be trusted (not valid JSON, another format, absolute or ``..``
    names, a symlink among its files or on their way) is never replayed: its folder is renamed to
    ``.mergekit-wudi-rejected-*`` in ``OUT`` (kept for you to inspect and delete), with a warning,
-   and the merge proceeds. A live run's folder is locked and never touched.
+   and the merge proceeds; so is one naming a folder of ``OUT`` as a file, or one whose replay fails
+   (an ``OSError``). A live run's folder is locked and never touched.
 
 Merges with mergekit's own methods run exactly as mergekit runs them.
 
@@ -569,7 +570,12 @@ def _recover_one(path: Path, out: Optional[Path]) -> List[str]:
                 return [f"ignored the journal of {path}: {reason}. It was never replayed; the folder is kept as "
                         f"{aside} for you to inspect and delete (if a merge was killed while committing, {out} "
                         "may hold a partly written model: this merge replaces it)"]
-            _roll_forward(path, out, files, remove)
+            try:
+                _roll_forward(path, out, files, remove)
+            except (OSError, _Untrusted) as error:
+                aside = _set_aside(path, out)
+                return [f"could not replay the journal of {path} ({error}). The folder is kept as {aside} for you "
+                        f"to inspect and delete; {out} may hold a partly written model: this merge replaces it"]
             journal.unlink()
         shutil.rmtree(path, ignore_errors=True)
         return [f"completed the interrupted commit of {out} ({len(files)} files) from {path}",
@@ -636,6 +642,10 @@ def _read_journal(staging: Path, out: Path) -> Tuple[List[str], List[str]]:
         if os.path.lexists(source):
             _check_no_link(staging / _NEW, name)
         _inside(out, name)
+    for name in files + remove:
+        with contextlib.suppress(OSError):
+            if stat.S_ISDIR(os.lstat(out / name).st_mode):
+                raise _Untrusted(f"{staging / _JOURNAL} lists {name!r}, which is a folder in {out}, not a file")
     return files, remove
 
 

@@ -720,3 +720,26 @@ def test_a_user_folder_named_like_a_staging_folder_is_left_alone(tmp_path, name,
         _commit_files(out, {"config.json": b"new"})
     assert (mine / "data.txt").read_text() == "user data" and (out / "config.json").read_bytes() == b"new"
     assert "removed the staging folder" not in caplog.text
+
+
+@pytest.mark.parametrize("case", ["files names a folder", "remove names a folder", "new entry is a folder"])
+def test_a_journal_that_cannot_be_replayed_is_set_aside_and_the_merge_proceeds(tmp_path, case, caplog):
+    out = tmp_path / "out"
+    _commit_files(out, {"config.json": b"old", "x.txt": b"old x"})
+    (out / "sub").mkdir()
+    (out / "sub" / "data.txt").write_text("user data")
+    journal = {"files names a folder": {"version": 2, "files": ["sub"], "remove": []},
+               "remove names a folder": {"version": 2, "files": [], "remove": ["sub"]},
+               "new entry is a folder": {"version": 2, "files": ["x.txt"], "remove": []}}[case]
+    staging = _own_staging(out, "abcdefgh", {"sub": b"half"} if case == "files names a folder" else {}, journal=journal)
+    if case == "new entry is a folder":
+        (staging / "new" / "x.txt" / "inner").mkdir(parents=True)  # replay: os.replace(folder, file) fails
+    with caplog.at_level("WARNING", logger="mergekit_wudi.output"):
+        _commit_files(out, {"config.json": b"new"})
+    assert (out / "config.json").read_bytes() == b"new" and (out / "sub" / "data.txt").read_text() == "user data"
+    aside = out / (output.REJECTED_PREFIX + "abcdefgh")
+    assert not staging.exists() and aside.is_dir() and str(aside) in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mergekit_wudi.output"):
+        _commit_files(out, {"config.json": b"newer"})  # and later merges too
+    assert (out / "config.json").read_bytes() == b"newer" and str(aside) not in caplog.text
