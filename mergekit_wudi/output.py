@@ -8,7 +8,7 @@ writes every output file: shards, config, model card, tokenizer). The guarantees
    never the current folder), not a regular file, and neither equal to, inside, nor containing a
    local model folder of the config (:func:`check_output_path`; every model reference counts:
    ``base_model``, ``models``, ``slices`` sources, tokenizer sources, LoRA ``base+adapter`` paths;
-   hub ids are skipped); then the config and the input files
+   hub ids are skipped), ``OUT/config.json`` is not a folder; then the config and the input files
    (:func:`mergekit_wudi.validation.check_merge_config`, :func:`mergekit_wudi.validation.check_model_files`).
 2. **Staged.** mergekit writes into a staging folder made by ``mkdtemp`` (mode 0700, locked with
    ``flock`` for the run's whole life): inside ``OUT`` when it exists, else beside it, named
@@ -23,7 +23,8 @@ writes every output file: shards, config, model card, tokenizer). The guarantees
    names-only format, is not ours and is kept) are removed. SIGINT/SIGTERM wait
    for the renames. An exception during them (a full disk) puts every replaced file back: ``OUT`` is
    exactly as it was, but for an empty lock file (if putting back fails too, the journal stays and
-   the error says so). A SIGKILL between two renames leaves ``OUT`` partly new until the next merge
+   the error says so). A folder in ``OUT`` where the merge writes a file is an error before any
+   rename (``OUT`` unchanged). A SIGKILL between two renames leaves ``OUT`` partly new until the next merge
    into ``OUT`` (or :func:`recover`) rolls the journal forward: ``OUT`` is then the new model.
    Files this merge does not write are kept; replaced files that no earlier merge of ours wrote
    (your own README.md / config.json) and weight files we did not write that could shadow the new
@@ -105,6 +106,7 @@ def install(merge_module) -> None:
         if merge_config.merge_method not in method_names():
             return original(merge_config, out_path, options, config_source=config_source)
         check_output_path(merge_config, out_path)
+        check_output_targets(resolve_output(out_path), ["config.json"])  # mergekit always writes it
         check_before_merge(merge_config, config_source)
         with staged_output(out_path) as staging:
             return original(merge_config, staging, options, config_source=config_source)
@@ -287,6 +289,7 @@ def _commit(staging: _Staging, payload: Path, out: Path) -> None:
             if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise  # else OUT appeared meanwhile (another merge): commit into it
     with commit_lock(out):
+        check_output_targets(out, _files(payload))
         if staging.path.parent != out:
             staging.move_into(out)
         new = staging.path / _NEW
@@ -308,6 +311,26 @@ def _commit(staging: _Staging, payload: Path, out: Path) -> None:
                     raise
                 raise
             (staging.path / _JOURNAL).unlink()
+
+
+def check_output_targets(out: Path, names: Sequence[str]) -> None:
+    """No file the merge writes into ``OUT`` lands where ``OUT`` holds a folder (or, on its way, a
+    non-folder): checked before any rename, so ``OUT`` is unchanged when this raises."""
+    for name in names:
+        path = out
+        for i, part in enumerate(PurePosixPath(name).parts):
+            path = path / part
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                break
+            last = i == len(PurePosixPath(name).parts) - 1
+            if last and stat.S_ISDIR(mode) or not last and not stat.S_ISDIR(mode):
+                what = "a folder" if last else "not a folder"
+                raise OutputPathError(
+                    f"{path} is {what}, but the merge writes the file {out / name}: move or rename {path} and "
+                    f"merge again; {out} was not changed"
+                )
 
 
 def _files(folder: Path) -> List[str]:

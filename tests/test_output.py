@@ -743,3 +743,28 @@ def test_a_journal_that_cannot_be_replayed_is_set_aside_and_the_merge_proceeds(t
     with caplog.at_level("WARNING", logger="mergekit_wudi.output"):
         _commit_files(out, {"config.json": b"newer"})  # and later merges too
     assert (out / "config.json").read_bytes() == b"newer" and str(aside) not in caplog.text
+
+
+@pytest.mark.parametrize("target", ["model.safetensors", "tokenizer/vocab.json"])
+def test_a_folder_where_the_merge_writes_a_file_is_an_error_before_any_rename(tmp_path, target):
+    out = tmp_path / "out"
+    _commit_files(out, {"config.json": b"old", "x.txt": b"old x"})
+    if "/" in target:
+        (out / "tokenizer").write_text("a file where the merge needs a folder")
+    else:
+        (out / target / "inner").mkdir(parents=True)
+    before = snapshot(out)
+    with pytest.raises(output.OutputPathError, match=f"{out / target.split('/')[0]} is (a folder|not a folder)"):
+        _commit_files(out, {"config.json": b"new", "x.txt": b"new x", target: b"weights"})
+    after = snapshot(out)
+    after.pop(output.COMMIT_LOCK)  # an empty lock file, as after any failed commit
+    assert after == before and staging_leftovers(out) == []
+
+
+def test_a_config_json_folder_in_out_is_an_error_before_any_tensor_is_read(llama_family, tmp_path, monkeypatch):
+    _no_loading(monkeypatch)
+    out = tmp_path / "out"
+    (out / "config.json").mkdir(parents=True)
+    with pytest.raises(output.OutputPathError, match="config.json is a folder"):
+        _merge_in_process(_config(llama_family), out)
+    assert os.listdir(out) == ["config.json"]
