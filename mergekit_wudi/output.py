@@ -8,7 +8,7 @@ writes every output file: shards, config, model card, tokenizer). The guarantees
    never the current folder), not a regular file, and neither equal to, inside, nor containing a
    local model folder of the config (:func:`check_output_path`; every model reference counts:
    ``base_model``, ``models``, ``slices`` sources, tokenizer sources, LoRA ``base+adapter`` paths;
-   hub ids are skipped); then the config and the input files
+   hub ids are skipped), ``OUT/config.json`` is not a folder; then the config and the input files
    (:func:`mergekit_wudi.validation.check_merge_config`, :func:`mergekit_wudi.validation.check_model_files`).
 2. **Staged.** mergekit writes into a staging folder made by ``mkdtemp`` (mode 0700, locked with
    ``flock`` for the run's whole life): inside ``OUT`` when it exists, else beside it, named
@@ -18,10 +18,13 @@ writes every output file: shards, config, model card, tokenizer). The guarantees
    into the same ``OUT`` waits for it): the files about to be replaced are first kept (hard links)
    in the staging folder, a journal lists the new files, then each one replaces its namesake by an
    atomic rename, and weight files that an earlier merge of ours wrote and this one does not (old
-   shards; ``.mergekit-wudi-manifest.json`` records what we wrote) are removed. SIGINT/SIGTERM wait
+   shards; ``.mergekit-wudi-manifest.json`` records what we wrote, with each file's size, mtime and
+   inode: a file changed since, or named by a manifest that is a symlink, not yours or of the old
+   names-only format, is not ours and is kept) are removed. SIGINT/SIGTERM wait
    for the renames. An exception during them (a full disk) puts every replaced file back: ``OUT`` is
    exactly as it was, but for an empty lock file (if putting back fails too, the journal stays and
-   the error says so). A SIGKILL between two renames leaves ``OUT`` partly new until the next merge
+   the error says so). A folder in ``OUT`` where the merge writes a file is an error before any
+   rename (``OUT`` unchanged). A SIGKILL between two renames leaves ``OUT`` partly new until the next merge
    into ``OUT`` (or :func:`recover`) rolls the journal forward: ``OUT`` is then the new model.
    Files this merge does not write are kept; replaced files that no earlier merge of ours wrote
    (your own README.md / config.json) and weight files we did not write that could shadow the new
@@ -30,11 +33,13 @@ writes every output file: shards, config, model card, tokenizer). The guarantees
    folders inside ``OUT`` and at those beside it named for ``OUT`` only. It never writes outside
    ``OUT`` (beside ``OUT`` it only removes its own dead staging folders, without following links),
    and ignores, naming them in a warning, staging folders that are symlinks, owned by another user
-   or not of mode 0700. A journal holds only relative names: the target is the folder the journal
+   or not of mode 0700, and folders named like ours (the exact ``mkdtemp`` pattern is required) that
+   hold anything a staging folder never holds (your data). A journal holds only relative names: the target is the folder the journal
    lies in. A journal that cannot be trusted (not valid JSON, another format, absolute or ``..``
    names, a symlink among its files or on their way) is never replayed: its folder is renamed to
    ``.mergekit-wudi-rejected-*`` in ``OUT`` (kept for you to inspect and delete), with a warning,
-   and the merge proceeds. A live run's folder is locked and never touched.
+   and the merge proceeds; so is one naming a folder of ``OUT`` as a file, or one whose replay fails
+   (an ``OSError``). A live run's folder is locked and never touched.
 
 Merges with mergekit's own methods run exactly as mergekit runs them.
 
@@ -70,7 +75,10 @@ MANIFEST = ".mergekit-wudi-manifest.json"  # in OUT: the files our last merge wr
 COMMIT_LOCK = ".mergekit-wudi.lock"  # in OUT: held while a commit or a replay changes OUT
 _FRESH_PREFIX = ".mergekit-wudi-new-"  # a staging folder before its lock is held
 _LOCK, _JOURNAL, _PAYLOAD, _NEW, _OLD = "lock", "commit.json", "payload", "new", "old"
+_STAGING_ENTRIES = frozenset({_LOCK, _JOURNAL, _JOURNAL + ".tmp", _PAYLOAD, _NEW, _OLD})  # all a staging folder holds
+_FRESH_ENTRIES = frozenset({_LOCK})
 _JOURNAL_VERSION = 2
+_MANIFEST_VERSION = 2  # files: {name: [size, mtime_ns, inode]} (version 1, names only, is not trusted)
 _RANDOM = re.compile(r"[a-z0-9_]{8}")  # the part tempfile.mkdtemp adds
 _FRESH_GRACE_S = 60.0  # a fresh folder is locked within microseconds; an older unlocked one is dead
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json", ".bin.index.json")
@@ -98,6 +106,7 @@ def install(merge_module) -> None:
         if merge_config.merge_method not in method_names():
             return original(merge_config, out_path, options, config_source=config_source)
         check_output_path(merge_config, out_path)
+        check_output_targets(resolve_output(out_path), ["config.json"])  # mergekit always writes it
         check_before_merge(merge_config, config_source)
         with staged_output(out_path) as staging:
             return original(merge_config, staging, options, config_source=config_source)
@@ -280,6 +289,7 @@ def _commit(staging: _Staging, payload: Path, out: Path) -> None:
             if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise  # else OUT appeared meanwhile (another merge): commit into it
     with commit_lock(out):
+        check_output_targets(out, _files(payload))
         if staging.path.parent != out:
             staging.move_into(out)
         new = staging.path / _NEW
@@ -303,25 +313,67 @@ def _commit(staging: _Staging, payload: Path, out: Path) -> None:
             (staging.path / _JOURNAL).unlink()
 
 
+def check_output_targets(out: Path, names: Sequence[str]) -> None:
+    """No file the merge writes into ``OUT`` lands where ``OUT`` holds a folder (or, on its way, a
+    non-folder): checked before any rename, so ``OUT`` is unchanged when this raises."""
+    for name in names:
+        path = out
+        for i, part in enumerate(PurePosixPath(name).parts):
+            path = path / part
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                break
+            last = i == len(PurePosixPath(name).parts) - 1
+            if last and stat.S_ISDIR(mode) or not last and not stat.S_ISDIR(mode):
+                what = "a folder" if last else "not a folder"
+                raise OutputPathError(
+                    f"{path} is {what}, but the merge writes the file {out / name}: move or rename {path} and "
+                    f"merge again; {out} was not changed"
+                )
+
+
 def _files(folder: Path) -> List[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
 
 
+def _identity(path: Path) -> List[int]:
+    """``[size, mtime_ns, inode]`` of a file (not following a symlink): a rename keeps all three, a
+    file saved over it or in its place changes at least one."""
+    info = os.lstat(path)
+    return [info.st_size, info.st_mtime_ns, info.st_ino]
+
+
 def _write_manifest(payload: Path) -> None:
-    record = {"written_by": "mergekit-wudi", "files": [f for f in _files(payload) if f != MANIFEST]}
+    files = {f: _identity(payload / f) for f in _files(payload) if f != MANIFEST}
+    record = {"written_by": "mergekit-wudi", "version": _MANIFEST_VERSION, "files": files}
     (payload / MANIFEST).write_text(json.dumps(record, indent=1) + "\n")
 
 
 def _read_manifest(out: Path) -> List[str]:
-    """The files our last merge into ``OUT`` wrote (none when there is no readable manifest)."""
+    """The files our last merge into ``OUT`` wrote that are still the very files it wrote (same size,
+    mtime and inode). None when the manifest is missing, unreadable, of the old names-only format, a
+    symlink or not owned by you: a manifest anyone can copy or plant must not make a file ours."""
+    path = out / MANIFEST
     try:
-        files = json.loads((out / MANIFEST).read_text())["files"]
-        return [f for f in files if isinstance(f, str)]
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)) as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                raise ValueError(f"it is not a regular file owned by you (uid {os.geteuid()})")
+            record = json.loads(handle.read())
+        if not isinstance(record, dict) or record.get("version") != _MANIFEST_VERSION or not isinstance(record.get("files"), dict):
+            raise ValueError(f"it is not a mergekit-wudi manifest of version {_MANIFEST_VERSION}")
     except FileNotFoundError:
         return []
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        LOG.warning("%s is not readable (%s): every file in %s counts as not written by us", out / MANIFEST, error, out)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        LOG.warning("%s is not used (%s): every file in %s counts as not written by us", path, error, out)
         return []
+    ours = []
+    for name, identity in record["files"].items():  # only compared: deletion is limited to OUT's top level
+        with contextlib.suppress(OSError, ValueError):
+            if _identity(out / name) == identity:
+                ours.append(name)
+    return ours
 
 
 def _plan_replacement(out: Path, files: List[str]) -> List[str]:
@@ -342,7 +394,7 @@ def _plan_replacement(out: Path, files: List[str]) -> List[str]:
     if kept:
         LOG.warning(
             "%s holds weight files this merge did not write: %s. They are kept (mergekit-wudi deletes only weight "
-            "files its own earlier merge wrote there), but a loader may read them instead of the new model "
+            "files its own earlier merge wrote there and that are unchanged since), but a loader may read them instead of the new model "
             "(transformers prefers model.safetensors over a sharded index). Delete them if they are not needed.",
             out, ", ".join(kept),
         )
@@ -486,7 +538,8 @@ def recover(out_path) -> List[str]:
 
 
 def _candidates(folder: Path, tag: str) -> List[Path]:
-    """Staging folders in ``folder``: any inside ``OUT`` (``tag`` empty), else exactly those named for ``tag``."""
+    """Staging folders in ``folder``: named exactly as ours are (prefix, ``tag`` (empty inside ``OUT``,
+    ``OUT``'s name beside it), then the 8 characters ``mkdtemp`` adds)."""
     found = []
     try:
         names = sorted(os.listdir(folder))
@@ -494,7 +547,7 @@ def _candidates(folder: Path, tag: str) -> List[Path]:
         return []
     for name in names:
         for prefix in (STAGING_PREFIX, _FRESH_PREFIX):
-            if name.startswith(prefix + tag) and (not tag or _RANDOM.fullmatch(name[len(prefix + tag):])):
+            if name.startswith(prefix + tag) and _RANDOM.fullmatch(name[len(prefix + tag):]):
                 found.append(folder / name)
     return found
 
@@ -509,6 +562,13 @@ def _recover_one(path: Path, out: Optional[Path]) -> List[str]:
     fresh = path.name.startswith(_FRESH_PREFIX)
     if fresh and time.time() - os.lstat(path).st_mtime < _FRESH_GRACE_S:
         return []  # perhaps a run between mkdtemp and flock
+    try:
+        foreign = sorted(set(os.listdir(path)) - (_FRESH_ENTRIES if fresh else _STAGING_ENTRIES))
+    except OSError as error:
+        foreign = [f"(unlistable: {error.strerror})"]
+    if foreign:
+        return [f"ignored {path}: it holds {', '.join(foreign[:5])}, which no mergekit-wudi staging folder holds; "
+                "it is left alone (remove it if you do not need it)"]
     try:
         lock = _open_lock_existing(path / _LOCK)
     except _Untrusted as reason:
@@ -533,7 +593,12 @@ def _recover_one(path: Path, out: Optional[Path]) -> List[str]:
                 return [f"ignored the journal of {path}: {reason}. It was never replayed; the folder is kept as "
                         f"{aside} for you to inspect and delete (if a merge was killed while committing, {out} "
                         "may hold a partly written model: this merge replaces it)"]
-            _roll_forward(path, out, files, remove)
+            try:
+                _roll_forward(path, out, files, remove)
+            except (OSError, _Untrusted) as error:
+                aside = _set_aside(path, out)
+                return [f"could not replay the journal of {path} ({error}). The folder is kept as {aside} for you "
+                        f"to inspect and delete; {out} may hold a partly written model: this merge replaces it"]
             journal.unlink()
         shutil.rmtree(path, ignore_errors=True)
         return [f"completed the interrupted commit of {out} ({len(files)} files) from {path}",
@@ -600,6 +665,10 @@ def _read_journal(staging: Path, out: Path) -> Tuple[List[str], List[str]]:
         if os.path.lexists(source):
             _check_no_link(staging / _NEW, name)
         _inside(out, name)
+    for name in files + remove:
+        with contextlib.suppress(OSError):
+            if stat.S_ISDIR(os.lstat(out / name).st_mode):
+                raise _Untrusted(f"{staging / _JOURNAL} lists {name!r}, which is a folder in {out}, not a file")
     return files, remove
 
 

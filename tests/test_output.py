@@ -659,3 +659,112 @@ def test_kill_at_many_points_leaves_previous_or_new_model(llama_family, tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     assert _state(out, previous, new) == "new" and (out / "notes.txt").read_text() == "mine"
     assert staging_leftovers(out) == [] and staging_leftovers(parent) == [] and outside() == beside
+
+
+# ---------------------------------------------------------------------------------------------
+# Trust fixes: the manifest's file identities, user folders named like ours, unreplayable journals,
+# a folder where the merge writes a file
+
+
+@pytest.mark.parametrize("case", ["planted names-only manifest", "copied manifest", "user saved over our file",
+                                  "manifest is a symlink"])
+def test_a_weight_file_we_did_not_write_is_never_deleted(tmp_path, case, caplog):
+    out = tmp_path / "out"
+    if case == "planted names-only manifest":
+        out.mkdir()
+        (out / "user_weights.safetensors").write_bytes(b"precious")
+        (out / output.MANIFEST).write_text('{"written_by":"mergekit-wudi","files":["user_weights.safetensors"]}')
+    elif case == "copied manifest":
+        elsewhere = tmp_path / "elsewhere"
+        _commit_files(elsewhere, {"user_weights.safetensors": b"ours", "config.json": b"{}"})
+        out.mkdir()
+        (out / "user_weights.safetensors").write_bytes(b"precious")
+        shutil.copy2(elsewhere / output.MANIFEST, out / output.MANIFEST)
+    elif case == "user saved over our file":
+        _commit_files(out, {"user_weights.safetensors": b"ours", "config.json": b"{}"})
+        (out / "user_weights.safetensors").unlink()
+        (out / "user_weights.safetensors").write_bytes(b"precious")
+    else:
+        _commit_files(tmp_path / "elsewhere", {"user_weights.safetensors": b"ours"})
+        out.mkdir()
+        (out / "user_weights.safetensors").write_bytes(b"precious")
+        (out / output.MANIFEST).symlink_to(tmp_path / "elsewhere" / output.MANIFEST)
+    with caplog.at_level("WARNING", logger="mergekit_wudi.output"):
+        _commit_files(out, {"model.safetensors": b"new weights", "config.json": b"{}"})
+    assert (out / "user_weights.safetensors").read_bytes() == b"precious"
+    assert "weight files this merge did not write: user_weights.safetensors" in caplog.text
+
+
+def test_our_own_unchanged_weight_file_is_still_removed(tmp_path, caplog):
+    out = tmp_path / "out"
+    _commit_files(out, {"model-00001-of-00002.safetensors": b"a", "model.safetensors.index.json": b"{}"})
+    (out / "notes.txt").write_text("mine")
+    with caplog.at_level("WARNING", logger="mergekit_wudi.output"):
+        _commit_files(out, {"model.safetensors": b"new weights"})
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("model")) == ["model.safetensors"]
+    assert "weight files this merge did not write" not in caplog.text
+
+
+@pytest.mark.parametrize("name", [".mergekit-wudi-new-myrun001", ".mergekit-wudi-new-my-run", ".mergekit-wudi-staging-myrun001",
+                                  ".mergekit-wudi-staging-results"])
+def test_a_user_folder_named_like_a_staging_folder_is_left_alone(tmp_path, name, caplog):
+    out = tmp_path / "out"
+    _commit_files(out, {"config.json": b"old"})
+    mine = out / name
+    mine.mkdir()
+    (mine / "lock").write_text("")  # even with a lock file like ours, the user's data says it is not ours
+    (mine / "data.txt").write_text("user data")
+    mine.chmod(0o700)
+    os.utime(mine, (time.time() - 3600, time.time() - 3600))
+    with caplog.at_level("WARNING", logger="mergekit_wudi.output"):
+        _commit_files(out, {"config.json": b"new"})
+    assert (mine / "data.txt").read_text() == "user data" and (out / "config.json").read_bytes() == b"new"
+    assert "removed the staging folder" not in caplog.text
+
+
+@pytest.mark.parametrize("case", ["files names a folder", "remove names a folder", "new entry is a folder"])
+def test_a_journal_that_cannot_be_replayed_is_set_aside_and_the_merge_proceeds(tmp_path, case, caplog):
+    out = tmp_path / "out"
+    _commit_files(out, {"config.json": b"old", "x.txt": b"old x"})
+    (out / "sub").mkdir()
+    (out / "sub" / "data.txt").write_text("user data")
+    journal = {"files names a folder": {"version": 2, "files": ["sub"], "remove": []},
+               "remove names a folder": {"version": 2, "files": [], "remove": ["sub"]},
+               "new entry is a folder": {"version": 2, "files": ["x.txt"], "remove": []}}[case]
+    staging = _own_staging(out, "abcdefgh", {"sub": b"half"} if case == "files names a folder" else {}, journal=journal)
+    if case == "new entry is a folder":
+        (staging / "new" / "x.txt" / "inner").mkdir(parents=True)  # replay: os.replace(folder, file) fails
+    with caplog.at_level("WARNING", logger="mergekit_wudi.output"):
+        _commit_files(out, {"config.json": b"new"})
+    assert (out / "config.json").read_bytes() == b"new" and (out / "sub" / "data.txt").read_text() == "user data"
+    aside = out / (output.REJECTED_PREFIX + "abcdefgh")
+    assert not staging.exists() and aside.is_dir() and str(aside) in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mergekit_wudi.output"):
+        _commit_files(out, {"config.json": b"newer"})  # and later merges too
+    assert (out / "config.json").read_bytes() == b"newer" and str(aside) not in caplog.text
+
+
+@pytest.mark.parametrize("target", ["model.safetensors", "tokenizer/vocab.json"])
+def test_a_folder_where_the_merge_writes_a_file_is_an_error_before_any_rename(tmp_path, target):
+    out = tmp_path / "out"
+    _commit_files(out, {"config.json": b"old", "x.txt": b"old x"})
+    if "/" in target:
+        (out / "tokenizer").write_text("a file where the merge needs a folder")
+    else:
+        (out / target / "inner").mkdir(parents=True)
+    before = snapshot(out)
+    with pytest.raises(output.OutputPathError, match=f"{out / target.split('/')[0]} is (a folder|not a folder)"):
+        _commit_files(out, {"config.json": b"new", "x.txt": b"new x", target: b"weights"})
+    after = snapshot(out)
+    after.pop(output.COMMIT_LOCK)  # an empty lock file, as after any failed commit
+    assert after == before and staging_leftovers(out) == []
+
+
+def test_a_config_json_folder_in_out_is_an_error_before_any_tensor_is_read(llama_family, tmp_path, monkeypatch):
+    _no_loading(monkeypatch)
+    out = tmp_path / "out"
+    (out / "config.json").mkdir(parents=True)
+    with pytest.raises(output.OutputPathError, match="config.json is a folder"):
+        _merge_in_process(_config(llama_family), out)
+    assert os.listdir(out) == ["config.json"]
