@@ -130,7 +130,7 @@ def test_auto_rank_is_the_smallest_meeting_the_energy_share():
         for t in tvs.double():
             energy = torch.linalg.svdvals(t).square().cumsum(0) / t.square().sum()
             best.append(int((energy >= share).nonzero()[0]) + 1)
-        factors = L.low_rank_factors(tvs, "auto", share)
+        factors = L.low_rank_factors(tvs, "auto", share, max_rank=50)  # a cap that does not bind
         ranks = {left.shape[1] for left, _ in factors}
         assert len(ranks) == 1
         (k,) = ranks
@@ -138,9 +138,30 @@ def test_auto_rank_is_the_smallest_meeting_the_energy_share():
         for (left, right), t in zip(factors, tvs):
             kept = float((left @ right).double().square().sum() / t.double().square().sum())
             assert kept >= share * (1 - 1e-5)
-    # no truncation: the share is everything, or it needs more than half the rank
+    # no truncation: the share is everything, or (a cap above half the rank) it needs more than half the rank
     assert L.low_rank_factors(tvs, "auto", 1.0) is None
-    assert L.low_rank_factors(decaying(2, 60, 40, decay=0.999), "auto", 0.9) is None
+    assert L.low_rank_factors(decaying(2, 60, 40, decay=0.999), "auto", 0.9, max_rank=30) is None
+
+
+def test_auto_rank_is_capped_on_full_fine_tune_like_spectra(monkeypatch):
+    """Issue #22: a slowly decaying spectrum (90% of the energy needs ~60 of 200 directions) gets
+    ``AUTO_MAX_RANK`` directions from sketches of at most ``AUTO_MAX_RANK + OVERSAMPLE`` columns, never
+    the exact solver; a LoRA-like spectrum below the cap keeps its own smaller rank."""
+    slow = decaying(2, 240, 200, decay=0.98)
+    sketch_widths = []
+    real_svd = L.randomized_svd
+    monkeypatch.setattr(L, "randomized_svd", lambda tau, q: sketch_widths.append(q) or real_svd(tau, q))
+    factors = L.low_rank_factors(slow, "auto", 0.9)
+    assert {left.shape[1] for left, _ in factors} == {L.AUTO_MAX_RANK}
+    assert max(sketch_widths) <= L.AUTO_MAX_RANK + L.OVERSAMPLE
+    assert W.wudi_merged_task_vector(slow, "spectral", rank="auto") is not None
+    monkeypatch.setattr(L, "AUTO_MAX_RANK", 24)  # the default cap is read at call time
+    assert {left.shape[1] for left, _ in L.low_rank_factors(slow, "auto", 0.9)} == {24}
+    steep = products(lora_factors(2, 240, 200, 3))
+    assert {left.shape[1] for left, _ in L.low_rank_factors(steep, "auto", 0.9)} <= {1, 2, 3}
+    # the merge itself uses the capped truncation: it differs from the exact solve
+    exact = W.wudi_merged_task_vector(slow, "spectral")
+    assert rel(W.wudi_merged_task_vector(slow, "spectral", rank="auto"), exact) > 1e-3
 
 
 def test_zero_task_vectors_and_huge_rank():

@@ -25,6 +25,16 @@ so Eq. 1 for the ``tau_i`` is Eq. 1 for the ``p_i``, mapped back by ``Q^T``. The
 :func:`low_rank_factors` truncates dense ones to rank ``k`` (or to an energy share, ``rank="auto"``)
 with a randomized range finder, and :func:`low_rank_merged_task_vector` solves the truncated
 problem with the same code, starting the spectral flow from the sum of the UNtruncated task vectors.
+
+Cost model (issue #22). Per weight, with ``T`` task vectors of shape [out, in] and ``k`` kept
+directions each, the range finder costs ``2 (1 + POWER_ITERATIONS)`` passes of ``[out, in] x q``
+(``q = k + OVERSAMPLE``) per task vector and the solve ``O(out in T k)`` more: ``O(T out in k)`` in all,
+against ``O(out in min(in, T out))`` for the exact solvers and ``O(T out in)`` for reading the task
+vectors (what task arithmetic costs). So the fast path's time over task arithmetic's depends on ``k``,
+not on the model's width. ``rank=k`` fixes ``k``. ``rank="auto"`` takes the smallest ``k`` keeping
+``rank_energy`` of each task vector's energy, capped at :data:`AUTO_MAX_RANK`: ``k`` is set by the
+spectrum for low-rank (LoRA-like) deltas and by the cap for full fine-tunes, whose 90%-energy rank
+is 10-20% of ``min(out, in)`` (hundreds at 7B: without the cap that cost as much as the exact solve).
 """
 
 from __future__ import annotations
@@ -61,9 +71,14 @@ FAST_SOLVERS: tuple[str, ...] = ("closed_form", "spectral")
 OVERSAMPLE = 10
 POWER_ITERATIONS = 1
 SEED = 0
-# rank="auto" tries k up to this many columns first, then doubles: LoRA-like deltas (rank <= 8) are
-# found with one small sketch; a full fine-tune's larger rank costs about two sketches of its size.
+# rank="auto" (issue #22): at most AUTO_MAX_RANK directions per task vector, found with sketches of
+# AUTO_START + OVERSAMPLE columns that double up to AUTO_MAX_RANK + OVERSAMPLE. A full fine-tune needs
+# 10-20% of min(out, in) for 90% of its energy; chasing that share made the fast path cost as much as the
+# exact solve on realistic experts, while the quality benchmark scored a small rank at least as well with
+# spectral (whose untruncated init stays outside the kept span). With AUTO_MAX_RANK == AUTO_START
+# the search is ONE sketch whatever the experts, so the cost per weight is bounded (module docstring).
 AUTO_START = 8
+AUTO_MAX_RANK = 8
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
@@ -109,18 +124,18 @@ def _energy_rank(s: torch.Tensor, sq_norm: torch.Tensor, share: float) -> Option
 
 
 def _auto_rank(tau: torch.Tensor, share: float, limit: int, sq_norm: torch.Tensor):
-    """(k, svd) for the smallest ``k`` keeping ``share`` of ``tau``'s energy (``sq_norm``), or
-    (None, None) when ``k`` would exceed ``limit``. ``q`` doubles from ``AUTO_START + OVERSAMPLE``
-    until ``k`` fits with ``OVERSAMPLE`` spare columns (the estimated top singular values are then
-    accurate)."""
-    q = min(limit + OVERSAMPLE, AUTO_START + OVERSAMPLE)
+    """(k, svd, True) for the smallest ``k <= limit`` keeping ``share`` of ``tau``'s energy
+    (``sq_norm``), or (limit, svd, False) when no ``k <= limit`` does. ``q``
+    doubles from ``AUTO_START + OVERSAMPLE`` up to ``limit + OVERSAMPLE`` until ``k`` fits with
+    ``OVERSAMPLE`` spare columns (the estimated top singular values are then accurate)."""
+    q = min(limit, AUTO_START) + OVERSAMPLE
     while True:
         svd = randomized_svd(tau, q)
         k = _energy_rank(svd[1], sq_norm, share)
         if k is not None and k + OVERSAMPLE <= q:
-            return (k, svd) if k <= limit else (None, None)
+            return min(k, limit), svd, k <= limit
         if q >= limit + OVERSAMPLE:
-            return None, None
+            return limit, svd, False
         q = min(limit + OVERSAMPLE, 2 * q)
 
 
@@ -134,33 +149,43 @@ def _truncate(svd, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def low_rank_factors(
-    task_vectors: TensorsLike, rank, rank_energy: float = RANK_ENERGY, *, sq_norms: Optional[torch.Tensor] = None
+    task_vectors: TensorsLike,
+    rank,
+    rank_energy: float = RANK_ENERGY,
+    *,
+    sq_norms: Optional[torch.Tensor] = None,
+    max_rank: Optional[int] = None,
 ) -> Optional[list]:
     """Rank-``k`` factors ``(left [out, k], right [k, in])`` of nonzero task vectors ``[T, out, in]``.
 
     ``rank=k`` (int): each task vector's randomized rank-``k`` SVD (``k + OVERSAMPLE`` columns).
     ``rank="auto"``: one ``k`` per tensor, the smallest that keeps ``rank_energy`` of EACH task
-    vector's squared Frobenius norm, estimated from the same randomized SVD: the estimate is exact
-    for the truncation returned (it may pick a ``k`` slightly above the optimal SVD's, never one
-    that keeps less than the share). Numerically-zero singular values are dropped. Returns None when
-    no truncation is wanted: ``k >= min(out, in)``, ``rank_energy == 1``, or an auto ``k`` above
-    ``min(out, in) / 2`` (the fast path would cost about as much as the exact solve, which keeps
-    all of the energy). ``sq_norms``: the task vectors' squared Frobenius norms if the caller has
-    them (``rank="auto"`` needs them; one pass over each task vector saved).
+    vector's squared Frobenius norm, capped at ``max_rank`` (default :data:`AUTO_MAX_RANK`),
+    estimated from the same randomized SVD: the estimate is exact for the truncation returned (it
+    may pick a ``k`` slightly above the optimal SVD's, never one that keeps less than the share,
+    unless the cap binds). Cost per task vector: ``O(out in (max_rank + OVERSAMPLE))`` at most,
+    independent of how fast its spectrum decays. Numerically-zero singular values are dropped.
+    Returns None when no truncation is wanted: ``k >= min(out, in)``, ``rank_energy == 1``, or, on
+    a tensor so small that ``min(out, in) / 2`` is below the cap, an auto ``k`` above
+    ``min(out, in) / 2`` (its exact solve costs about as much and keeps all of the energy).
+    ``sq_norms``: the task vectors' squared Frobenius norms if the caller has them (``rank="auto"``
+    needs them; one pass over each task vector saved).
     """
     tvs = _stack(task_vectors)
     _, n_out, n_in = tvs.shape
     full = min(n_out, n_in)
     if rank == "auto":
+        cap = AUTO_MAX_RANK if max_rank is None else max_rank
         if rank_energy >= 1:
             return None
+        limit = min(cap, full // 2)
         sq_norms = finite_squared_norms(tvs) if sq_norms is None else sq_norms
-        found = [_auto_rank(tau, rank_energy, full // 2, sq) for tau, sq in zip(tvs, sq_norms)]
-        if any(k is None for k, _ in found):
+        found = [_auto_rank(tau, rank_energy, limit, sq) for tau, sq in zip(tvs, sq_norms)]
+        if limit < cap and not all(reached for _, _, reached in found):
             return None
-        k = max(k for k, _ in found)
+        k = max(k for k, _, _ in found)
         q = min(full, k + OVERSAMPLE)  # tasks whose search stopped below q are redone at q
-        svds = [svd if len(svd[1]) >= q else randomized_svd(tau, q) for tau, (_, svd) in zip(tvs, found)]
+        svds = [svd if len(svd[1]) >= q else randomized_svd(tau, q) for tau, (_, svd, _) in zip(tvs, found)]
     else:
         if rank >= full:
             return None
