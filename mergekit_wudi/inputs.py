@@ -59,8 +59,9 @@ def _local_folder(reference) -> Optional[Path]:
     return None  # a hub name: mergekit downloads it
 
 
-def check_model_files(merge_config) -> None:
-    """The checks of this module's docstring, for a ``MergeConfiguration``."""
+def check_model_files(merge_config) -> Optional[Dict[str, Tuple[int, ...]]]:
+    """The checks of this module's docstring, for a ``MergeConfiguration``; returns the base model's
+    ``{tensor name: shape}`` (None when the base is not a local folder)."""
     shapes = {}
     for reference in merge_config.referenced_models():
         folder = _local_folder(reference)
@@ -78,6 +79,7 @@ def check_model_files(merge_config) -> None:
                         f"{list(expected)}; the models must share one architecture and size"
                     )
     _check_mask_files(merge_config, reference_shapes)
+    return reference_shapes
 
 
 def _check_mask_files(merge_config, base_shapes: Optional[Dict[str, Tuple[int, ...]]]) -> None:

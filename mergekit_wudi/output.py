@@ -63,7 +63,7 @@ def install(merge_module) -> None:
 
         if merge_config.merge_method not in method_names():
             return original(merge_config, out_path, options, config_source=config_source)
-        check_before_merge(merge_config, config_source)
+        check_before_merge(merge_config, config_source, options)
         with staged_output(out_path) as staging:
             return original(merge_config, staging, options, config_source=config_source)
 
@@ -71,11 +71,13 @@ def install(merge_module) -> None:
     merge_module.run_merge = run_merge
 
 
-def check_before_merge(merge_config, config_source=None) -> None:
+def check_before_merge(merge_config, config_source=None, options=None) -> None:
     """Everything that can be checked before a tensor is read: parameter names and values (from the
-    YAML text when there is one, so that keys pydantic drops are seen too) and the input files."""
+    YAML text when there is one, so that keys pydantic drops are seen too) and the input files; then,
+    for an iterative solver on the CPU, the time estimate of :mod:`mergekit_wudi.estimate`."""
     import yaml
 
+    from mergekit_wudi.estimate import warn_if_slow_on_cpu
     from mergekit_wudi.inputs import check_model_files
     from mergekit_wudi.validation import check_merge_config
 
@@ -83,7 +85,8 @@ def check_before_merge(merge_config, config_source=None) -> None:
     if not isinstance(raw, dict):
         raw = merge_config.model_dump(mode="json", exclude_none=True)
     check_merge_config(raw)
-    check_model_files(merge_config)
+    base_shapes = check_model_files(merge_config)
+    warn_if_slow_on_cpu(merge_config, options, base_shapes)
 
 
 def _resolve_output(out_path) -> Path:

@@ -49,6 +49,9 @@ def parse_args(argv, doc):
     ap.add_argument("--spectrum-profile", metavar="QUALITY_CACHE", default=None,
                     help="only write <out>/spectrum_profile.json: the singular-value decay of the linear task "
                          "vectors of the quality benchmark's experts cached under QUALITY_CACHE (its --cache-dir)")
+    ap.add_argument("--tensor-bench", action="store_true",
+                    help="only time one 8960x1536 weight (2 experts, --threads) of both expert kinds: exact "
+                         "solvers vs rank: auto; writes <out>/speed_tensor.json")
     ap.add_argument("--threads", type=int, default=1, help="threads per sweep merge (OMP/MKL)")
     ap.add_argument("--out", default=str(RESULTS), help="folder of the results files")
     ap.add_argument("--name", default=None, help="results file stem (default speed, or speed_quick with --quick)")
@@ -124,6 +127,12 @@ def main(argv=None, doc=None) -> int:
         from .spectrum import write_profile
 
         write_profile(Path(args.spectrum_profile), Path(args.out))
+        return 0
+    if args.tensor_bench:
+        from .tensor import tensor_bench
+
+        profile_path = Path(args.profile) if args.profile else Path(args.out) / "spectrum_profile.json"
+        tensor_bench(Path(args.out), json.loads(profile_path.read_text()), threads=args.threads)
         return 0
     if args.sweep:
         from .sweep import METHODS, sweep
