@@ -53,6 +53,8 @@ def parse_args(argv, doc):
                     help="only time one 8960x1536 weight (2 experts, --threads) of both expert kinds: exact "
                          "solvers vs rank: auto; writes <out>/speed_tensor.json")
     ap.add_argument("--threads", type=int, default=1, help="threads per sweep merge (OMP/MKL)")
+    ap.add_argument("--keep-models", action="store_true",
+                    help="keep the sweep's generated models (e.g. to rerun a size with other --threads)")
     ap.add_argument("--out", default=str(RESULTS), help="folder of the results files")
     ap.add_argument("--name", default=None, help="results file stem (default speed, or speed_quick with --quick)")
     ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
@@ -150,7 +152,7 @@ def main(argv=None, doc=None) -> int:
             profile = json.loads(profile_path.read_text())
             compare = out / "speed_sweep_fastpath.json"  # the LoRA-like kind, drawn in the same plot
         r = sweep(args.sizes, args.sweep_methods or list(METHODS), args.experts, cache, out, stem,
-                  args.threads, resume=True, profile=profile, compare=compare)
+                  args.threads, resume=True, keep_models=args.keep_models, profile=profile, compare=compare)
         print(f"wrote {Path(args.out) / stem}.json/.md/.png")
         report_cache(cache, args.clean_cache, "the sweep's models (deleted after each size) and merge logs")
         return 0 if all(row.get("ok") for e in r["sizes"].values() for row in e["rows"].values()) else 1
