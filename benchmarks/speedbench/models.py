@@ -84,9 +84,10 @@ def model_tensor(name: str, shape, model: int, seed: int = 0, profile: dict | No
     if len(shape) == 1:
         return base.add_(torch.randn(shape, generator=g), alpha=NOISE_STD * 5)
     if profile is not None and "embed_tokens" not in name and "lm_head" not in name:
-        from .spectrum import fullft_task_vector
+        from .spectrum import layer_task_vector
 
-        return base.add_(fullft_task_vector(shape, profile, LOWRANK_STD * math.sqrt(shape[0] * shape[1]), g))
+        frobenius = LOWRANK_STD * math.sqrt(shape[0] * shape[1])
+        return base.add_(layer_task_vector(name, shape, profile, frobenius, lambda *key: _generator(*key, *salt), model))
     a, b = torch.randn(shape[0], RANK, generator=g), torch.randn(RANK, shape[1], generator=g)
     base.addmm_(a, b, alpha=LOWRANK_STD / math.sqrt(RANK))
     return base.add_(torch.randn(shape, generator=g), alpha=NOISE_STD)

@@ -21,6 +21,13 @@ weight); instead each side is a Kronecker product of two small Haar-random ortho
 but structured. For what the benchmark times this is the same as Haar vectors: the randomized range
 finder's Gaussian test matrix, and every exact solver's cost, are invariant under rotations of the
 singular vectors.
+
+Even that costs minutes per 7B expert on a loaded 2-core machine, so the sweep's models
+(:func:`layer_task_vector`) draw it once per (shape, expert) and give each weight a fresh row and column
+permutation with random signs of that template: ``P1 D1 (U diag(s) V^T) D2 P2`` has the same singular
+values and orthonormal singular vectors (permuted, sign-flipped), at ``O(out in)`` per weight. Every
+weight is solved on its own, so weights that share a template up to permutations cost the same as
+independent ones.
 """
 
 from __future__ import annotations
@@ -163,3 +170,24 @@ def fullft_task_vector(shape, profile: dict, frobenius: float, g: torch.Generato
     core.diagonal().copy_(profile_singular_values(profile, min(n_out, n_in), frobenius))
     left = _kron_orthogonal_apply(core, g)  # U diag(s), [out, in]
     return _kron_orthogonal_apply(left.T.contiguous(), g).T.contiguous()  # (V (U diag(s))^T)^T = U diag(s) V^T
+
+
+_TEMPLATES: dict = {}
+
+
+def layer_task_vector(name: str, shape, profile: dict, frobenius: float, generator_of, model: int) -> torch.Tensor:
+    """The task vector of weight ``name`` of expert ``model``: the (shape, expert) template of
+    :func:`fullft_task_vector` with rows and columns permuted and sign-flipped by ``generator_of(name)``
+    (module docstring). ``generator_of(*key)``: a generator seeded by the key alone, so any weight can be
+    rebuilt alone, in any order. Keeps the templates of one expert at a time."""
+    key = (tuple(shape), model, float(frobenius))
+    if key not in _TEMPLATES:
+        if any(k[1] != model for k in _TEMPLATES):
+            _TEMPLATES.clear()
+        _TEMPLATES[key] = fullft_task_vector(shape, profile, frobenius, generator_of("template", *key))
+    template = _TEMPLATES[key]
+    g = generator_of(name, model, "permutation")
+    rows, cols = torch.randperm(shape[0], generator=g), torch.randperm(shape[1], generator=g)
+    row_signs = torch.randint(0, 2, (shape[0], 1), generator=g).mul_(2).sub_(1).float()
+    col_signs = torch.randint(0, 2, (1, shape[1]), generator=g).mul_(2).sub_(1).float()
+    return template[rows][:, cols].mul_(row_signs).mul_(col_signs)
