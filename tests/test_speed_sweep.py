@@ -119,6 +119,10 @@ def test_spectrum_profile_is_measured_from_cached_experts_and_reproduced_at_any_
     delta = models.model_tensor(name, (160, 64), 1, profile=profile) - models.model_tensor(name, (160, 64), 0)
     sv = torch.linalg.svdvals(delta.double())
     assert torch.allclose(sv, spectrum.profile_singular_values(profile, 64, float(delta.norm())), rtol=1e-3)
+    other = "model.layers.1.mlp.up_proj.weight"  # another weight: same spectrum, other singular vectors
+    delta2 = models.model_tensor(other, (160, 64), 1, profile=profile) - models.model_tensor(other, (160, 64), 0)
+    assert torch.allclose(torch.linalg.svdvals(delta2.double()), sv, rtol=1e-3)
+    assert float((delta2 - delta).norm()) > 0.5 * float(delta.norm())
     emb = "model.embed_tokens.weight"
     assert torch.equal(models.model_tensor(emb, (512, 64), 1, profile=profile), models.model_tensor(emb, (512, 64), 1))
 
