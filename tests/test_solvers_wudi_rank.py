@@ -290,3 +290,31 @@ def test_solver_sources_have_no_host_round_trips():
         source = (root / module).read_text()
         for needle in (".cpu(", ".numpy(", "scipy"):
             assert needle not in source, (module, needle)
+
+
+def test_small_factorizations_run_on_one_thread_and_the_thread_count_is_restored(monkeypatch):
+    """Issue #22, part 4: with 2 threads on a busy 2-core machine the fast path's tiny LAPACK calls and
+    chunked norm pass cost a scheduler slice per parallel region (5x slower merges); they run on one
+    thread, the caller's thread count is back afterwards, also after an error."""
+    from mergekit_wudi.solvers import numerics
+
+    tvs = decaying(2, 64, 48)
+    seen = []
+    real_svd, real_qr = torch.linalg.svd, torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: seen.append(("svd", torch.get_num_threads())) or real_svd(*a, **k))
+    monkeypatch.setattr(torch.linalg, "qr", lambda *a, **k: seen.append(("qr", torch.get_num_threads())) or real_qr(*a, **k))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        W.merge_task_vectors(torch.zeros(64, 48), tvs, solver="spectral", rank="auto")
+        assert torch.get_num_threads() == 2
+        assert {name for name, _ in seen} == {"svd", "qr"} and all(n == 1 for _, n in seen), seen
+        with pytest.raises(RuntimeError, match="inside"):
+            with numerics.one_cpu_thread(torch.device("cpu")):
+                assert torch.get_num_threads() == 1
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+        with numerics.one_cpu_thread(torch.device("meta")):  # off the CPU: nothing changes
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)

@@ -47,7 +47,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from mergekit_wudi.solvers.numerics import check_finite, finite_squared_norms
+from mergekit_wudi.solvers.numerics import check_finite, finite_squared_norms, one_cpu_thread
 from mergekit_wudi.solvers.wudi import (
     FLOW_TIME,
     KEEP_FRACTION,
@@ -97,6 +97,14 @@ def check_rank_options(rank, rank_energy: float, solver: str) -> None:
         )
 
 
+def _orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of a thin ``y`` [n, q] (Householder QR). The fast path's
+    factorizations (this QR, the SVD of [q, in], the small problem's eigh) are small: one thread
+    (:func:`.numerics.one_cpu_thread`); the big products around them keep every thread."""
+    with one_cpu_thread(y.device):
+        return torch.linalg.qr(y).Q
+
+
 def randomized_svd(tau: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Approximate top-``q`` SVD ``U diag(s) Vh`` of ``tau`` [out, in], at O(out in q).
 
@@ -109,11 +117,13 @@ def randomized_svd(tau: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tenso
     """
     generator = torch.Generator(device=tau.device).manual_seed(SEED)
     omega = torch.randn(tau.shape[1], q, generator=generator, dtype=tau.dtype, device=tau.device)
-    basis = torch.linalg.qr(tau @ omega).Q
+    basis = _orthonormal_basis(tau @ omega)
     for _ in range(POWER_ITERATIONS):
-        basis = torch.linalg.qr(tau.T @ basis).Q
-        basis = torch.linalg.qr(tau @ basis).Q
-    u, s, vh = torch.linalg.svd(basis.T @ tau, full_matrices=False)
+        basis = _orthonormal_basis(tau.T @ basis)
+        basis = _orthonormal_basis(tau @ basis)
+    small = basis.T @ tau
+    with one_cpu_thread(tau.device):
+        u, s, vh = torch.linalg.svd(small, full_matrices=False)
     return basis @ u, s, vh
 
 
@@ -250,7 +260,7 @@ def wudi_factored(
     dtype = factors[0][0].dtype
     # Orthonormal basis of the span of all rows of the right factors (Householder QR: orthonormal
     # even if the rows are dependent; the extra directions have zero eigenvalue and change nothing).
-    basis = torch.linalg.qr(torch.cat([right.T for _, right in factors], dim=1)).Q  # [in, K]
+    basis = _orthonormal_basis(torch.cat([right.T for _, right in factors], dim=1))  # [in, K]
     projected = [p for p in (left @ (right @ basis) for left, right in factors) if bool(p.any())]
     if not projected:  # Eq. 1 has no terms: nothing moves
         if init is None or solver == "closed_form":
@@ -263,17 +273,21 @@ def wudi_factored(
     small_gram_size = problem.gram.shape[0]
     if solver == "closed_form":
         # closed_form_solve's rho = ridge * trace / (its Gram's size); both traces are T.
-        small = closed_form_solve(problem, ridge=ridge * small_gram_size / full_gram_size)
+        with one_cpu_thread(basis.device):
+            small = closed_form_solve(problem, ridge=ridge * small_gram_size / full_gram_size)
         if out is not None and out.shape == (n_out, n_in) and out.dtype == dtype and out.is_contiguous():
             return torch.mm(small, basis.T, out=out)
         return small @ basis.T
     keep = math.ceil(keep_fraction * full_gram_size)  # directions the exact solver would keep
     small_keep_fraction = 1.0 if keep >= small_gram_size else (keep - 0.5) / small_gram_size
     if init is None:  # the sum of the products lies in span(Q): nothing outside it to keep
-        return spectral_solve(problem, time=time, keep_fraction=small_keep_fraction) @ basis.T
+        with one_cpu_thread(basis.device):
+            small = spectral_solve(problem, time=time, keep_fraction=small_keep_fraction)
+        return small @ basis.T
     init = init.to(dtype)
     problem = dataclasses.replace(problem, init=init @ basis, R0=None)
-    moved = problem.init - spectral_solve(problem, time=time, keep_fraction=small_keep_fraction)
+    with one_cpu_thread(basis.device):
+        moved = problem.init - spectral_solve(problem, time=time, keep_fraction=small_keep_fraction)
     if overwrite_init and init.is_contiguous():
         return init.addmm_(moved, basis.T, alpha=-1)
     return torch.addmm(init, moved, basis.T, alpha=-1)
