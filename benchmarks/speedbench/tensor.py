@@ -73,7 +73,7 @@ def time_row(tvs: torch.Tensor, options: dict, repeat: int) -> float:
 
 
 def tensor_bench(out: Path, profile: dict, shape=(8960, 1536), experts: int = 2, threads: int = 1,
-                 repeat: int = 2, kinds=("fullft", "lora")) -> dict:
+                 repeat: int = 3, kinds=("fullft", "lora")) -> dict:
     torch.set_num_threads(threads)
     path = out / "speed_tensor.json"
     result = {"issue": 22, "date": _dt.datetime.now().isoformat(timespec="seconds"), "shape": list(shape),
