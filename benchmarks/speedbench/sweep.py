@@ -254,7 +254,7 @@ def plot_sweep(result: dict, path: Path, other: dict | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, (ax, rx) = plt.subplots(1, 2, figsize=(12, 5))
     colours = {m: f"C{i}" for i, m in enumerate(METHODS)}
     for res, style in ((result, "-o"), (other, "--s")):
         if res is None:
@@ -262,15 +262,23 @@ def plot_sweep(result: dict, path: Path, other: dict | None = None) -> None:
         kind = {"fullft": "full-FT-like", "lora": "LoRA-like"}[res.get("expert_kind", "lora")]
         sizes = sorted(res["sizes"].items(), key=lambda kv: kv[1]["parameters"])
         for m in METHODS:
-            pts = [(e["parameters"], e["rows"][m]["wall_s"]) for _, e in sizes if e["rows"].get(m, {}).get("ok")]
-            if pts:
-                ax.plot(*zip(*pts), style, color=colours[m], label=f"{m} ({kind})" if other else m)
-    ax.set_xscale("log")
+            rows = [(e["parameters"], e["rows"][m]) for _, e in sizes if e["rows"].get(m, {}).get("ok")]
+            if rows:
+                label = f"{m} ({kind})" if other else m
+                ax.plot([p for p, _ in rows], [r["wall_s"] for _, r in rows], style, color=colours[m], label=label)
+                ratios = [(p, r["wall_s_ratio_vs_ta"]) for p, r in rows if "wall_s_ratio_vs_ta" in r]
+                if ratios:
+                    rx.plot(*zip(*ratios), style, color=colours[m], label=label)
+    for a in (ax, rx):
+        a.set_xscale("log")
+        a.set_xlabel("parameters")
+        a.grid(alpha=0.3, which="both")
     ax.set_yscale("log")
-    ax.set_xlabel("parameters")
     ax.set_ylabel(f"wall time of mergekit-yaml (s, {result['threads_per_merge']} thread)")
+    rx.set_ylabel("wall time / task_arithmetic's in the same run")
+    rx.axhline(2.0, color="grey", lw=0.8, ls=":")
     ax.set_title(f"Qwen2.5-shaped merges, {result['experts']} experts, bf16, CPU")
-    ax.grid(alpha=0.3, which="both")
+    rx.set_title("ratio to task arithmetic (runs differ in machine load)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
