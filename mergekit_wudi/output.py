@@ -107,7 +107,7 @@ def install(merge_module) -> None:
             return original(merge_config, out_path, options, config_source=config_source)
         check_output_path(merge_config, out_path)
         check_output_targets(resolve_output(out_path), ["config.json"])  # mergekit always writes it
-        check_before_merge(merge_config, config_source)
+        check_before_merge(merge_config, config_source, options)
         with staged_output(out_path) as staging:
             return original(merge_config, staging, options, config_source=config_source)
 
@@ -115,19 +115,21 @@ def install(merge_module) -> None:
     merge_module.run_merge = run_merge
 
 
-def check_before_merge(merge_config, config_source=None) -> None:
+def check_before_merge(merge_config, config_source=None, options=None) -> None:
     """Everything that can be checked before a tensor is read: parameter names and values (from the
-    YAML text when there is one, so that keys pydantic drops are seen too) and the input files."""
+    YAML text when there is one, so that keys pydantic drops are seen too) and the input files; then,
+    for an iterative solver on the CPU, the time estimate of :mod:`mergekit_wudi.estimate`."""
     import yaml
 
-    from mergekit_wudi.validation import check_model_files
-    from mergekit_wudi.validation import check_merge_config
+    from mergekit_wudi.estimate import warn_if_slow_on_cpu
+    from mergekit_wudi.validation import check_merge_config, check_model_files
 
     raw = yaml.safe_load(config_source) if config_source else None
     if not isinstance(raw, dict):
         raw = merge_config.model_dump(mode="json", exclude_none=True)
     check_merge_config(raw)
-    check_model_files(merge_config)
+    base_shapes = check_model_files(merge_config)
+    warn_if_slow_on_cpu(merge_config, options, base_shapes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -416,13 +416,14 @@ def check_tensor_settings(method: str, parameters: Optional[Mapping[str, Any]], 
 # Input files (headers only), after the config itself.
 
 
-def check_model_files(merge_config) -> None:
+def check_model_files(merge_config) -> Optional[Dict[str, Tuple[int, ...]]]:
     """The checks of the input files, for a ``MergeConfiguration``, before any tensor is read:
     :func:`mergekit_wudi.inputs.check_model_shapes` (headers parse, shapes match the base),
     the global ``linear`` / ``rank`` settings per base tensor
     (:func:`check_tensor_settings`), a warning when experts hold the base's very weights
     (:func:`mergekit_wudi.inputs.warn_experts_equal_to_base`), and the LwPTV mask files (they name exactly
-    the config's experts and only tensors the base has)."""
+    the config's experts and only tensors the base has). Returns the base model's ``{tensor: shape}``
+    (None when the base is not a local folder)."""
     files = check_model_shapes(
         merge_config, vocabularies_may_differ=bool(merge_config.tokenizer_source or merge_config.tokenizer))
     base = merge_config.base_model
@@ -434,6 +435,7 @@ def check_model_files(merge_config) -> None:
         check_tensor_settings(merge_config.merge_method, dumped.get("parameters"), reference_shapes)
         warn_experts_equal_to_base(merge_config, files)
     _check_mask_files(merge_config, reference_shapes)
+    return reference_shapes
 
 
 def _check_mask_files(merge_config, base_shapes: Optional[Dict[str, Tuple[int, ...]]]) -> None:

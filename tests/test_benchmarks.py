@@ -235,6 +235,7 @@ def test_quality_end_to_end_on_a_tiny_bert_with_custom_tasks(tmp_path, tiny_sour
             "ties (d=0.2, val lambda)", "wudi adam (scaling 1.0)", "wudi adam (val scaling)",
             f"wudi closed_form (ridge {RIDGE:g})", "wudi spectral (val flow_time)"} <= set(rows)
     assert "wudi lowrank" not in rows  # --no-lowrank
+    assert set(rows["_spectral_rank_cap_val"]) == {"8", "16", "32", "none"}  # issue #22's validation grid
     assert "callback_merge_max_abs_diff_vs_api" in results["seeds"]["0"]
     assert results["seeds"]["0"]["callback_merge_max_abs_diff_vs_api"] < 1e-4
     assert "my colours vs animals" in (tmp_path / "res" / "tiny.md").read_text()

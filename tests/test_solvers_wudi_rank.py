@@ -130,7 +130,7 @@ def test_auto_rank_is_the_smallest_meeting_the_energy_share():
         for t in tvs.double():
             energy = torch.linalg.svdvals(t).square().cumsum(0) / t.square().sum()
             best.append(int((energy >= share).nonzero()[0]) + 1)
-        factors = L.low_rank_factors(tvs, "auto", share)
+        factors = L.low_rank_factors(tvs, "auto", share, max_rank=50)  # a cap that does not bind
         ranks = {left.shape[1] for left, _ in factors}
         assert len(ranks) == 1
         (k,) = ranks
@@ -138,9 +138,30 @@ def test_auto_rank_is_the_smallest_meeting_the_energy_share():
         for (left, right), t in zip(factors, tvs):
             kept = float((left @ right).double().square().sum() / t.double().square().sum())
             assert kept >= share * (1 - 1e-5)
-    # no truncation: the share is everything, or it needs more than half the rank
+    # no truncation: the share is everything, or (a cap above half the rank) it needs more than half the rank
     assert L.low_rank_factors(tvs, "auto", 1.0) is None
-    assert L.low_rank_factors(decaying(2, 60, 40, decay=0.999), "auto", 0.9) is None
+    assert L.low_rank_factors(decaying(2, 60, 40, decay=0.999), "auto", 0.9, max_rank=30) is None
+
+
+def test_auto_rank_is_capped_on_full_fine_tune_like_spectra(monkeypatch):
+    """Issue #22: a slowly decaying spectrum (90% of the energy needs ~60 of 200 directions) gets
+    ``AUTO_MAX_RANK`` directions from sketches of at most ``AUTO_MAX_RANK + OVERSAMPLE`` columns, never
+    the exact solver; a LoRA-like spectrum below the cap keeps its own smaller rank."""
+    slow = decaying(2, 240, 200, decay=0.98)
+    sketch_widths = []
+    real_svd = L.randomized_svd
+    monkeypatch.setattr(L, "randomized_svd", lambda tau, q: sketch_widths.append(q) or real_svd(tau, q))
+    factors = L.low_rank_factors(slow, "auto", 0.9)
+    assert {left.shape[1] for left, _ in factors} == {L.AUTO_MAX_RANK}
+    assert max(sketch_widths) <= L.AUTO_MAX_RANK + L.OVERSAMPLE
+    assert W.wudi_merged_task_vector(slow, "spectral", rank="auto") is not None
+    monkeypatch.setattr(L, "AUTO_MAX_RANK", 24)  # the default cap is read at call time
+    assert {left.shape[1] for left, _ in L.low_rank_factors(slow, "auto", 0.9)} == {24}
+    steep = products(lora_factors(2, 240, 200, 3))
+    assert {left.shape[1] for left, _ in L.low_rank_factors(steep, "auto", 0.9)} <= {1, 2, 3}
+    # the merge itself uses the capped truncation: it differs from the exact solve
+    exact = W.wudi_merged_task_vector(slow, "spectral")
+    assert rel(W.wudi_merged_task_vector(slow, "spectral", rank="auto"), exact) > 1e-3
 
 
 def test_zero_task_vectors_and_huge_rank():
@@ -269,3 +290,31 @@ def test_solver_sources_have_no_host_round_trips():
         source = (root / module).read_text()
         for needle in (".cpu(", ".numpy(", "scipy"):
             assert needle not in source, (module, needle)
+
+
+def test_small_factorizations_run_on_one_thread_and_the_thread_count_is_restored(monkeypatch):
+    """Issue #22, part 4: with 2 threads on a busy 2-core machine the fast path's tiny LAPACK calls and
+    chunked norm pass cost a scheduler slice per parallel region (5x slower merges); they run on one
+    thread, the caller's thread count is back afterwards, also after an error."""
+    from mergekit_wudi.solvers import numerics
+
+    tvs = decaying(2, 64, 48)
+    seen = []
+    real_svd, real_qr = torch.linalg.svd, torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: seen.append(("svd", torch.get_num_threads())) or real_svd(*a, **k))
+    monkeypatch.setattr(torch.linalg, "qr", lambda *a, **k: seen.append(("qr", torch.get_num_threads())) or real_qr(*a, **k))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        W.merge_task_vectors(torch.zeros(64, 48), tvs, solver="spectral", rank="auto")
+        assert torch.get_num_threads() == 2
+        assert {name for name, _ in seen} == {"svd", "qr"} and all(n == 1 for _, n in seen), seen
+        with pytest.raises(RuntimeError, match="inside"):
+            with numerics.one_cpu_thread(torch.device("cpu")):
+                assert torch.get_num_threads() == 1
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+        with numerics.one_cpu_thread(torch.device("meta")):  # off the CPU: nothing changes
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)

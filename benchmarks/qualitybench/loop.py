@@ -28,7 +28,7 @@ def check_callback_merge(rec, merged_path, sd0, experts, log) -> None:
 
 def row_group(row: str) -> str:
     """The ``--refresh`` group a recorded row (or ``_``-prefixed grid) belongs to."""
-    if "(rank " in row or row.endswith("_rank_energy_val"):
+    if "(rank " in row or row.endswith(("_rank_energy_val", "_rank_cap_val")):
         return "rank"
     for g in ("closed_form", "spectral"):
         if row.startswith(f"wudi {g}") or row.startswith(f"_{g}_"):

@@ -13,6 +13,7 @@ asked for a module-level ``METHOD_SPECS`` list, appended after the built-in rows
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -147,21 +148,47 @@ def _lowrank_wanted(ctx) -> bool:
         c["lowrank_seeds"] is None or c["_seed"] in c["lowrank_seeds"])
 
 
+@contextlib.contextmanager
+def auto_rank_cap(cap):
+    """``rank: auto`` merges inside use ``cap`` (an int, or ``"none"``: the uncapped rule of issue #12)
+    instead of :data:`mergekit_wudi.solvers.wudi_lowrank.AUTO_MAX_RANK`, which is read at call time.
+    The merges run in this process (``merge_state_dicts``), so this is what they use."""
+    from mergekit_wudi.solvers import wudi_lowrank
+
+    saved = wudi_lowrank.AUTO_MAX_RANK
+    wudi_lowrank.AUTO_MAX_RANK = 10**9 if cap == "none" else int(cap)
+    try:
+        yield
+    finally:
+        wudi_lowrank.AUTO_MAX_RANK = saved
+
+
 def _wudi_rank_fast_path(ctx):
-    """The low-rank fast path (issue #12) of ``closed_form`` and ``spectral``: fixed ranks, then ``rank: auto``
-    at the package's default ``rank_energy``; the ``rank_energy`` grid is scored on validation (kept under
-    ``_<solver>_rank_energy_val``) to choose that default."""
+    """The low-rank fast path (issues #12, #22) of ``closed_form`` and ``spectral``: fixed ranks, then
+    ``rank: auto`` at the package's defaults. For ``spectral`` (the fast path README recommends for full
+    fine-tunes) two validation grids choose those defaults: the cap on auto's rank (``rank_caps``, kept
+    under ``_spectral_rank_cap_val``; ``"none"`` is issue #12's uncapped rule) at the default
+    ``rank_energy``, and ``rank_energies`` at the default cap (``_spectral_rank_energy_val``)."""
+    from mergekit_wudi.solvers.wudi_lowrank import AUTO_MAX_RANK
+
     for solver in ("closed_form", "spectral"):
         for k in ctx.cfg["ranks"]:
             sd, secs = ctx.merge("wudi", {"solver": solver, "rank": k, "linear": ctx.lin})
             ctx.record(f"wudi {solver} (rank {k})", sd, secs, {"rank": k})
-        _, _, _, grid = ctx.grid_search(f"wudi {solver} rank_energy", lambda e: ctx.merge(
-            "wudi", {"solver": solver, "rank": "auto", "rank_energy": e, "linear": ctx.lin}),
-            ctx.cfg["rank_energies"])
-        ctx.res[f"_{solver}_rank_energy_val"] = grid
+        if solver == "spectral":
+            def capped(cap):
+                with auto_rank_cap(cap):
+                    return ctx.merge("wudi", {"solver": solver, "rank": "auto", "linear": ctx.lin})
+
+            _, _, _, grid = ctx.grid_search(f"wudi {solver} rank cap", capped, ctx.cfg["rank_caps"])
+            ctx.res[f"_{solver}_rank_cap_val"] = grid
+            _, _, _, grid = ctx.grid_search(f"wudi {solver} rank_energy", lambda e: ctx.merge(
+                "wudi", {"solver": solver, "rank": "auto", "rank_energy": e, "linear": ctx.lin}),
+                ctx.cfg["rank_energies"])
+            ctx.res[f"_{solver}_rank_energy_val"] = grid
         sd, secs = ctx.merge("wudi", {"solver": solver, "rank": "auto", "linear": ctx.lin})
-        ctx.record(f"wudi {solver} (rank auto, energy {RANK_ENERGY:g})", sd, secs,
-                   {"rank": "auto", "rank_energy": RANK_ENERGY})
+        ctx.record(f"wudi {solver} (rank auto <= {AUTO_MAX_RANK}, energy {RANK_ENERGY:g})", sd, secs,
+                   {"rank": "auto", "rank_energy": RANK_ENERGY, "max_rank": AUTO_MAX_RANK})
 
 
 def _preprocess_variant(ctx, method, pre) -> None:

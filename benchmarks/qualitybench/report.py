@@ -210,6 +210,7 @@ def _grid_lines(results: dict, summary: dict) -> list:
     lines = []
     for title, key, label in [("WUDI spectral: flow_time", "_spectral_flow_time_val", "t"),
                               ("WUDI closed_form: ridge", "_closed_form_ridge_val", "ridge"),
+                              ("WUDI fast path, spectral: cap on rank auto", "_spectral_rank_cap_val", "max rank"),
                               ("WUDI fast path, spectral: rank_energy", "_spectral_rank_energy_val", "energy"),
                               ("WUDI fast path, closed_form: rank_energy", "_closed_form_rank_energy_val", "energy")]:
         section = []

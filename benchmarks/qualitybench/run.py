@@ -72,8 +72,9 @@ def build_config(args, task_names: list[str], quick_tasks: list[str]) -> dict:
         # eval caps per task (evenly spaced over each length-sorted split), set by the shared 2-core CPU budget
         "val_limit": 100, "test_limit": args.test_limit, "ood_limit": 150,
         "lowrank_seeds": None, "preprocess_subsets": [4],  # None: every seed
-        # the rank fast path (issue #12): fixed ranks, and the rank_energy grid of rank "auto" on validation
-        "ranks": [8, 32], "rank_energies": [0.5, 0.8, 0.9, 0.95],
+        # the rank fast path (issues #12, #22): fixed ranks; on validation, the cap on rank "auto" ("none": the
+        # uncapped rule of #12) and the rank_energy grid of rank "auto" (spectral)
+        "ranks": [8, 32], "rank_caps": [8, 16, 32, "none"], "rank_energies": [0.5, 0.9],
         # mergekit / reference baselines run at the largest subset; these family representatives at every subset
         "baselines_every_subset": ["dare_ties", "breadcrumbs_ties", "model_stock", "tsv_merge", "iso_cts"],
         "preprocess_methods": ["preprocessed_task_arithmetic"],  # + "preprocessed_ties" if time allows

@@ -1,6 +1,12 @@
 """The LLM-shaped models the speed benchmark merges: a Qwen2 config with random bf16 base weights and
-experts = base + rank-8 delta + small dense noise per 2-D weight, streamed shard by shard into the cache
-folder (the default benchmark's Qwen2.5-0.5B shape, and the sweep's sizes)."""
+experts = base + a delta per 2-D weight, streamed shard by shard into the cache folder (the default
+benchmark's Qwen2.5-0.5B shape, and the sweep's sizes). Two kinds of delta (issue #22):
+
+- ``lora`` (kind a, LoRA-like): rank-8 delta + small dense noise;
+- ``fullft`` (kind b, full-fine-tune-like): on the linear weights, a task vector whose singular values
+  follow the decay profile measured on the quality benchmark's real fine-tunes (``spectrum.py``), with
+  random orthonormal singular vectors and the same Frobenius norm as kind a's rank-8 part; the
+  vocabulary matrices (embeddings, lm_head), which WUDI does not solve, get kind a's delta."""
 
 from __future__ import annotations
 
@@ -62,9 +68,10 @@ def _generator(*key) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
-def model_tensor(name: str, shape, model: int, seed: int = 0) -> torch.Tensor:
+def model_tensor(name: str, shape, model: int, seed: int = 0, profile: dict | None = None) -> torch.Tensor:
     """The tensor ``name`` of the base (``model`` 0) or of expert ``model`` (base + delta), float32, drawn from
-    generators keyed by (name, model[, seed]) only: any tensor can be rebuilt alone, in any order."""
+    generators keyed by (name, model[, seed]) only: any tensor can be rebuilt alone, in any order. With a
+    spectrum ``profile`` the linear weights' deltas are of kind ``fullft`` (module docstring)."""
     salt = (seed,) if seed else ()
     g = _generator(name, 0, *salt)
     if len(shape) == 1:
@@ -76,14 +83,20 @@ def model_tensor(name: str, shape, model: int, seed: int = 0) -> torch.Tensor:
     g = _generator(name, model, *salt)
     if len(shape) == 1:
         return base.add_(torch.randn(shape, generator=g), alpha=NOISE_STD * 5)
+    if profile is not None and "embed_tokens" not in name and "lm_head" not in name:
+        from .spectrum import layer_task_vector
+
+        frobenius = LOWRANK_STD * math.sqrt(shape[0] * shape[1])
+        return base.add_(layer_task_vector(name, shape, profile, frobenius, lambda *key: _generator(*key, *salt), model))
     a, b = torch.randn(shape[0], RANK, generator=g), torch.randn(RANK, shape[1], generator=g)
     base.addmm_(a, b, alpha=LOWRANK_STD / math.sqrt(RANK))
     return base.add_(torch.randn(shape, generator=g), alpha=NOISE_STD)
 
 
-def write_model(folder: Path, config: dict, model: int, seed: int = 0) -> None:
+def write_model(folder: Path, config: dict, model: int, seed: int = 0, profile: dict | None = None) -> None:
     """One model folder (config.json, bf16 shards <= SHARD_BYTES, model.safetensors.index.json) for a Qwen2
-    ``config`` (with ``num_hidden_layers``), streamed: never more than one shard in memory."""
+    ``config`` (with ``num_hidden_layers``), streamed: never more than one shard in memory. ``profile``:
+    experts of kind ``fullft`` (:func:`model_tensor`)."""
     from safetensors.torch import save_file
     from transformers import Qwen2Config
 
@@ -94,7 +107,7 @@ def write_model(folder: Path, config: dict, model: int, seed: int = 0) -> None:
     cfg.save_pretrained(folder)
     shards, current, nbytes = [], {}, 0
     for name, shape in tensor_shapes(config["num_hidden_layers"], config).items():
-        t = model_tensor(name, shape, model, seed).to(torch.bfloat16)
+        t = model_tensor(name, shape, model, seed, profile).to(torch.bfloat16)
         if current and nbytes + t.numel() * 2 > SHARD_BYTES:
             shards.append(current)
             current, nbytes = {}, 0

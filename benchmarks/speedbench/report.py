@@ -129,6 +129,10 @@ def sweep_tables(r: dict) -> list:
                 + (f" {_f(row.get('ratio_vs_io_plus_floor'), '{:.2f}')} | "
                    f"{_f(row.get('ratio_vs_io_plus_solver'), '{:.2f}')} |" if with_floor else "")
                 + ("" if row.get("ok") else " FAILED"))
+        loads = [f"{name} {row['loadavg_start'][0]:.1f}" for name, row in e["rows"].items() if row.get("loadavg_start")]
+        if loads:
+            lines += ["", "Load average (1 min, as `uptime` shows) at each merge's start, on this machine's "
+                          "cores shared with other jobs: " + ", ".join(loads) + "."]
         f = e.get("floor")
         if f:
             lines += ["", f"Floor: Gram {f['gram_total_s']:.1f} s, + Cholesky {f['gram_plus_cholesky_total_s']:.1f} s, "

@@ -41,7 +41,20 @@ def parse_args(argv, doc):
     ap.add_argument("--sizes", nargs="+", default=["0.5B", "1.5B", "3B", "7B"],
                     help="sweep sizes: tiny 0.5B 1.5B 3B 7B")
     ap.add_argument("--sweep-methods", nargs="+", default=None, help="sweep methods (default: all)")
+    ap.add_argument("--expert-kind", choices=["lora", "fullft"], default="lora",
+                    help="sweep experts: lora (rank-8 + noise deltas) or fullft (the measured spectrum profile, "
+                         "see --spectrum-profile; results default to speed_sweep_fullft.*)")
+    ap.add_argument("--profile", default=None,
+                    help="spectrum profile JSON for --expert-kind fullft (default: <out>/spectrum_profile.json)")
+    ap.add_argument("--spectrum-profile", metavar="QUALITY_CACHE", default=None,
+                    help="only write <out>/spectrum_profile.json: the singular-value decay of the linear task "
+                         "vectors of the quality benchmark's experts cached under QUALITY_CACHE (its --cache-dir)")
+    ap.add_argument("--tensor-bench", action="store_true",
+                    help="only time one 8960x1536 weight (2 experts, --threads) of both expert kinds: exact "
+                         "solvers vs rank: auto; writes <out>/speed_tensor.json")
     ap.add_argument("--threads", type=int, default=1, help="threads per sweep merge (OMP/MKL)")
+    ap.add_argument("--keep-models", action="store_true",
+                    help="keep the sweep's generated models (e.g. to rerun a size with other --threads)")
     ap.add_argument("--out", default=str(RESULTS), help="folder of the results files")
     ap.add_argument("--name", default=None, help="results file stem (default speed, or speed_quick with --quick)")
     ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
@@ -112,13 +125,34 @@ def subset_merges(args, layers, iterations, ta_full, run) -> dict:
 
 def main(argv=None, doc=None) -> int:
     args = parse_args(argv, doc)
+    if args.spectrum_profile:
+        from .spectrum import write_profile
+
+        write_profile(Path(args.spectrum_profile), Path(args.out))
+        return 0
+    if args.tensor_bench:
+        from .tensor import tensor_bench
+
+        profile_path = Path(args.profile) if args.profile else Path(args.out) / "spectrum_profile.json"
+        tensor_bench(Path(args.out), json.loads(profile_path.read_text()), threads=args.threads)
+        return 0
     if args.sweep:
         from .sweep import METHODS, sweep
 
-        stem = args.name or "speed_sweep"
-        cache = Path(args.cache_dir)
-        r = sweep(args.sizes, args.sweep_methods or list(METHODS), args.experts, cache, Path(args.out), stem,
-                  args.threads, resume=True)
+        fullft = args.expert_kind == "fullft"
+        stem = args.name or ("speed_sweep_fullft" if fullft else "speed_sweep")
+        cache, out = Path(args.cache_dir), Path(args.out)
+        profile, compare = None, None
+        if fullft:
+            profile_path = Path(args.profile) if args.profile else out / "spectrum_profile.json"
+            if not profile_path.exists():
+                print(f"no spectrum profile at {profile_path}: write it with --spectrum-profile QUALITY_CACHE",
+                      file=sys.stderr)
+                return 2
+            profile = json.loads(profile_path.read_text())
+            compare = out / "speed_sweep_fastpath.json"  # the LoRA-like kind, drawn in the same plot
+        r = sweep(args.sizes, args.sweep_methods or list(METHODS), args.experts, cache, out, stem,
+                  args.threads, resume=True, keep_models=args.keep_models, profile=profile, compare=compare)
         print(f"wrote {Path(args.out) / stem}.json/.md/.png")
         report_cache(cache, args.clean_cache, "the sweep's models (deleted after each size) and merge logs")
         return 0 if all(row.get("ok") for e in r["sizes"].values() for row in e["rows"].values()) else 1

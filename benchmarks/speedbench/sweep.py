@@ -6,8 +6,10 @@ file-backed (mmap'd shards) from ``/proc/<pid>/status``; the compute floor per s
     python benchmarks/speed.py --sweep --sizes tiny --name t    # seconds; what the tests run
 
 Models get random bf16 weights written shard by shard (never a whole model in memory); each expert is the base
-plus, per 2-D weight, a rank-8 delta and small dense noise (``models.py``), generated per tensor from seeds that
-depend only on the tensor's name, so a size can be rebuilt identically. A size's models are deleted after its
+plus, per 2-D weight, a rank-8 delta and small dense noise (``--expert-kind lora``, the default) or a
+full-fine-tune-like task vector following the measured spectrum profile (``--expert-kind fullft``; results
+default to ``speed_sweep_fullft.*``), see ``models.py``; generated per tensor from seeds that depend only on
+the tensor's name, so a size can be rebuilt identically. A size's models are deleted after its
 merges. Results are saved after every merge; a (size, method) already in the JSON is skipped (the sweep always resumes; delete the JSON to start over).
 """
 
@@ -59,14 +61,15 @@ def parameter_count(size: str) -> int:
     return sum(math.prod(s) for s in _shapes(size).values())
 
 
-def build_size(cache: Path, size: str, experts: int) -> Path:
-    root = cache / f"sweep_{size}_E{experts}"
+def build_size(cache: Path, size: str, experts: int, profile: dict | None = None) -> Path:
+    """The base and ``experts`` experts of ``size`` (kind ``fullft`` with a spectrum ``profile``)."""
+    root = cache / (f"sweep_{size}_E{experts}" + ("_fullft" if profile is not None else ""))
     if (root / "DONE").exists():
         return root
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
     for m in range(experts + 1):
-        write_model(root / ("base" if m == 0 else f"expert_{m - 1}"), SIZES[size], m)
+        write_model(root / ("base" if m == 0 else f"expert_{m - 1}"), SIZES[size], m, profile=profile)
     (root / "DONE").write_text(f"{time.perf_counter() - t0:.1f} s\n")
     print(f"[build] {size}: {time.perf_counter() - t0:.1f} s", flush=True)
     return root
@@ -138,7 +141,9 @@ def run_one(method: str, root: Path, experts: int, work: Path, threads: int) -> 
     cmd = [mergekit_yaml_executable(), str(work / "config.yml"), str(work / "out"), "--no-copy-tokenizer",
            "--no-write-model-card", "--quiet"]
     print(f"[sweep] {method} ...", flush=True)
+    load_start = list(os.getloadavg())
     res = run_polled(cmd, work.parent / f"{work.name}-{method}.log", env=env)
+    res["loadavg_start"], res["loadavg_end"] = load_start, list(os.getloadavg())  # 1/5/15-min, as `uptime` shows
     res["ok"] = res["rc"] == 0 and any((work / "out").glob("*.safetensors"))
     print(f"[sweep] {method}: {'ok' if res['ok'] else 'FAILED'} {res['wall_s']:.1f} s wall, {res['cpu_s']:.1f} s CPU, "
           f"RssAnon {res['peak_rss_anon_mib']:.0f} MiB, RssFile {res['peak_rss_file_mib']:.0f} MiB", flush=True)
@@ -167,15 +172,28 @@ def compute_floor(size: str, experts: int, threads: int) -> dict:
                       with_eigh=True, with_solver=True)
 
 
+def expert_delta(profile: dict | None) -> str:
+    lora = f"rank-{RANK} (entry std {LOWRANK_STD}) + dense noise (std {NOISE_STD})"
+    if profile is None:
+        return f"per 2-D weight: {lora}, bf16"
+    return ("per linear weight: full-fine-tune-like (singular values following the measured spectrum profile "
+            f"scaled to the shape, random orthonormal singular vectors, entry RMS {LOWRANK_STD}); embeddings / "
+            f"lm_head: {lora}; bf16")
+
+
 def sweep(sizes, methods, experts: int, cache: Path, out: Path, stem: str, threads: int, resume: bool,
-          keep_models: bool = False) -> dict:
+          keep_models: bool = False, profile: dict | None = None, compare: Path | None = None) -> dict:
+    """Every (size, method) not yet in ``<out>/<stem>.json``. ``profile``: experts of kind ``fullft``
+    (stored in the results); ``compare``: another sweep's JSON drawn dashed in the same plot."""
     from ..common import machine_info
 
     path = out / f"{stem}.json"
     result = json.loads(path.read_text()) if resume and path.exists() else {
-        "issue": 12, "experts": experts, "threads_per_merge": threads, "sizes": {},
-        "expert_delta": f"per 2-D weight: rank-{RANK} (entry std {LOWRANK_STD}) + dense noise (std {NOISE_STD}), bf16",
+        "issue": 22 if profile is not None else 12, "experts": experts, "threads_per_merge": threads, "sizes": {},
+        "expert_kind": "fullft" if profile is not None else "lora", "expert_delta": expert_delta(profile),
         "methods": {m: {"merge_method": METHODS[m][0], **METHODS[m][1]} for m in METHODS}}
+    if profile is not None:
+        result["spectrum_profile"] = profile
     result.setdefault("runs", []).append({"date": _dt.datetime.now().isoformat(timespec="seconds"),
                                           "machine": machine_info(torch.device("cpu")), "sizes": list(sizes)})
 
@@ -186,7 +204,8 @@ def sweep(sizes, methods, experts: int, cache: Path, out: Path, stem: str, threa
 
         (out / f"{stem}.md").write_text(render_sweep_md(result))
         try:
-            plot_sweep(result, out / f"{stem}.png")
+            other = json.loads(compare.read_text()) if compare is not None and compare.exists() else None
+            plot_sweep(result, out / f"{stem}.png", other)
         except ImportError:
             print("[sweep] matplotlib missing: no plot", flush=True)
 
@@ -195,7 +214,7 @@ def sweep(sizes, methods, experts: int, cache: Path, out: Path, stem: str, threa
                                                   "rows": {}})
         todo = [m for m in methods if not entry["rows"].get(m, {}).get("ok")]
         if todo:
-            root = build_size(cache, size, experts)
+            root = build_size(cache, size, experts, profile)
             for m in todo:
                 entry["rows"][m] = run_one(m, root, experts, cache / "sweep_work", threads)
                 add_ratios(entry["rows"])
@@ -228,25 +247,39 @@ def add_floor_distance(entry: dict) -> None:
         row["ratio_vs_io_plus_solver"] = row["wall_s"] / row["io_plus_solver_s"]
 
 
-def plot_sweep(result: dict, path: Path) -> None:
+def plot_sweep(result: dict, path: Path, other: dict | None = None) -> None:
+    """Wall time against parameters, log-log; ``other`` (a sweep with the other expert kind) dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    sizes = sorted(result["sizes"].items(), key=lambda kv: kv[1]["parameters"])
-    for m in METHODS:
-        pts = [(e["parameters"], e["rows"][m]["wall_s"]) for _, e in sizes if e["rows"].get(m, {}).get("ok")]
-        if pts:
-            ax.plot(*zip(*pts), "-o", label=m)
-    ax.set_xscale("log")
+    fig, (ax, rx) = plt.subplots(1, 2, figsize=(12, 5))
+    colours = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    for res, style in ((result, "-o"), (other, "--s")):
+        if res is None:
+            continue
+        kind = {"fullft": "full-FT-like", "lora": "LoRA-like"}[res.get("expert_kind", "lora")]
+        sizes = sorted(res["sizes"].items(), key=lambda kv: kv[1]["parameters"])
+        for m in METHODS:
+            rows = [(e["parameters"], e["rows"][m]) for _, e in sizes if e["rows"].get(m, {}).get("ok")]
+            if rows:
+                label = f"{m} ({kind})" if other else m
+                ax.plot([p for p, _ in rows], [r["wall_s"] for _, r in rows], style, color=colours[m], label=label)
+                ratios = [(p, r["wall_s_ratio_vs_ta"]) for p, r in rows if "wall_s_ratio_vs_ta" in r]
+                if ratios:
+                    rx.plot(*zip(*ratios), style, color=colours[m], label=label)
+    for a in (ax, rx):
+        a.set_xscale("log")
+        a.set_xlabel("parameters")
+        a.grid(alpha=0.3, which="both")
     ax.set_yscale("log")
-    ax.set_xlabel("parameters")
     ax.set_ylabel(f"wall time of mergekit-yaml (s, {result['threads_per_merge']} thread)")
+    rx.set_ylabel("wall time / task_arithmetic's in the same run")
+    rx.axhline(2.0, color="grey", lw=0.8, ls=":")
     ax.set_title(f"Qwen2.5-shaped merges, {result['experts']} experts, bf16, CPU")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    rx.set_title("ratio to task arithmetic (runs differ in machine load)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

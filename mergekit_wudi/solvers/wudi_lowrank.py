@@ -25,6 +25,16 @@ so Eq. 1 for the ``tau_i`` is Eq. 1 for the ``p_i``, mapped back by ``Q^T``. The
 :func:`low_rank_factors` truncates dense ones to rank ``k`` (or to an energy share, ``rank="auto"``)
 with a randomized range finder, and :func:`low_rank_merged_task_vector` solves the truncated
 problem with the same code, starting the spectral flow from the sum of the UNtruncated task vectors.
+
+Cost model (issue #22). Per weight, with ``T`` task vectors of shape [out, in] and ``k`` kept
+directions each, the range finder costs ``2 (1 + POWER_ITERATIONS)`` passes of ``[out, in] x q``
+(``q = k + OVERSAMPLE``) per task vector and the solve ``O(out in T k)`` more: ``O(T out in k)`` in all,
+against ``O(out in min(in, T out))`` for the exact solvers and ``O(T out in)`` for reading the task
+vectors (what task arithmetic costs). So the fast path's time over task arithmetic's depends on ``k``,
+not on the model's width. ``rank=k`` fixes ``k``. ``rank="auto"`` takes the smallest ``k`` keeping
+``rank_energy`` of each task vector's energy, capped at :data:`AUTO_MAX_RANK`: ``k`` is set by the
+spectrum for low-rank (LoRA-like) deltas and by the cap for full fine-tunes, whose 90%-energy rank
+is 10-20% of ``min(out, in)`` (hundreds at 7B: without the cap that cost as much as the exact solve).
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ from mergekit_wudi.solvers.interference_solvers import (
     closed_form_solve,
     spectral_solve,
 )
-from mergekit_wudi.solvers.numerics import check_finite, compute_dtype, finite_squared_norms
+from mergekit_wudi.solvers.numerics import check_finite, compute_dtype, finite_squared_norms, one_cpu_thread
 
 FAST_SOLVERS: tuple[str, ...] = ("closed_form", "spectral")
 # Randomized range finder (Halko, Martinsson & Tropp 2011): extra columns beyond the rank sought,
@@ -55,11 +65,16 @@ FAST_SOLVERS: tuple[str, ...] = ("closed_form", "spectral")
 OVERSAMPLE = 10
 POWER_ITERATIONS = 1
 SEED = 0
-# rank="auto" tries k up to this many columns first, then doubles: LoRA-like deltas (rank <= 8) are
-# found with one small sketch; a full fine-tune's larger rank costs about two sketches of its size.
+# rank="auto" (issue #22): at most AUTO_MAX_RANK directions per task vector, found with sketches of
+# AUTO_START + OVERSAMPLE columns that double up to AUTO_MAX_RANK + OVERSAMPLE. A full fine-tune needs
+# 10-20% of min(out, in) for 90% of its energy; chasing that share made the fast path cost as much as the
+# exact solve on realistic experts, while the quality benchmark scored a small rank at least as well with
+# spectral (whose untruncated init stays outside the kept span). With AUTO_MAX_RANK == AUTO_START
+# the search is ONE sketch whatever the experts, so the cost per weight is bounded (module docstring).
 AUTO_START = 8
-# rank="auto" keeps this share of each task vector's energy: the best of 0.5 / 0.8 / 0.9 / 0.95 for
-# ``spectral`` on the quality benchmark's validation split (README, "Quality"; a flat grid).
+AUTO_MAX_RANK = 8
+# rank="auto" keeps this share of each task vector's energy (within AUTO_MAX_RANK): the best of
+# 0.5 / 0.8 / 0.9 / 0.95 for ``spectral`` on the quality benchmark's validation split (a flat grid).
 RANK_ENERGY = 0.9
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -79,6 +94,14 @@ def check_rank_options(rank, rank_energy: float, solver: str) -> None:
         )
 
 
+def _orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of a thin ``y`` [n, q] (Householder QR). The fast path's
+    factorizations (this QR, the SVD of [q, in], the small problem's eigh) are small: one thread
+    (:func:`.numerics.one_cpu_thread`); the big products around them keep every thread."""
+    with one_cpu_thread(y.device):
+        return torch.linalg.qr(y).Q
+
+
 def randomized_svd(tau: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Approximate top-``q`` SVD ``U diag(s) Vh`` of ``tau`` [out, in], at O(out in q).
 
@@ -91,11 +114,13 @@ def randomized_svd(tau: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tenso
     """
     generator = torch.Generator(device=tau.device).manual_seed(SEED)
     omega = torch.randn(tau.shape[1], q, generator=generator, dtype=tau.dtype, device=tau.device)
-    basis = torch.linalg.qr(tau @ omega).Q
+    basis = _orthonormal_basis(tau @ omega)
     for _ in range(POWER_ITERATIONS):
-        basis = torch.linalg.qr(tau.T @ basis).Q
-        basis = torch.linalg.qr(tau @ basis).Q
-    u, s, vh = torch.linalg.svd(basis.T @ tau, full_matrices=False)
+        basis = _orthonormal_basis(tau.T @ basis)
+        basis = _orthonormal_basis(tau @ basis)
+    small = basis.T @ tau
+    with one_cpu_thread(tau.device):
+        u, s, vh = torch.linalg.svd(small, full_matrices=False)
     return basis @ u, s, vh
 
 
@@ -106,18 +131,18 @@ def _energy_rank(s: torch.Tensor, sq_norm: torch.Tensor, share: float) -> Option
 
 
 def _auto_rank(tau: torch.Tensor, share: float, limit: int, sq_norm: torch.Tensor):
-    """(k, svd) for the smallest ``k`` keeping ``share`` of ``tau``'s energy (``sq_norm``), or
-    (None, None) when ``k`` would exceed ``limit``. ``q`` doubles from ``AUTO_START + OVERSAMPLE``
-    until ``k`` fits with ``OVERSAMPLE`` spare columns (the estimated top singular values are then
-    accurate)."""
-    q = min(limit + OVERSAMPLE, AUTO_START + OVERSAMPLE)
+    """(k, svd, True) for the smallest ``k <= limit`` keeping ``share`` of ``tau``'s energy
+    (``sq_norm``), or (limit, svd, False) when no ``k <= limit`` does. ``q``
+    doubles from ``AUTO_START + OVERSAMPLE`` up to ``limit + OVERSAMPLE`` until ``k`` fits with
+    ``OVERSAMPLE`` spare columns (the estimated top singular values are then accurate)."""
+    q = min(limit, AUTO_START) + OVERSAMPLE
     while True:
         svd = randomized_svd(tau, q)
         k = _energy_rank(svd[1], sq_norm, share)
         if k is not None and k + OVERSAMPLE <= q:
-            return (k, svd) if k <= limit else (None, None)
+            return min(k, limit), svd, k <= limit
         if q >= limit + OVERSAMPLE:
-            return None, None
+            return limit, svd, False
         q = min(limit + OVERSAMPLE, 2 * q)
 
 
@@ -131,33 +156,43 @@ def _truncate(svd, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def low_rank_factors(
-    task_vectors: TensorsLike, rank, rank_energy: float = RANK_ENERGY, *, sq_norms: Optional[torch.Tensor] = None
+    task_vectors: TensorsLike,
+    rank,
+    rank_energy: float = RANK_ENERGY,
+    *,
+    sq_norms: Optional[torch.Tensor] = None,
+    max_rank: Optional[int] = None,
 ) -> Optional[list]:
     """Rank-``k`` factors ``(left [out, k], right [k, in])`` of nonzero task vectors ``[T, out, in]``.
 
     ``rank=k`` (int): each task vector's randomized rank-``k`` SVD (``k + OVERSAMPLE`` columns).
     ``rank="auto"``: one ``k`` per tensor, the smallest that keeps ``rank_energy`` of EACH task
-    vector's squared Frobenius norm, estimated from the same randomized SVD: the estimate is exact
-    for the truncation returned (it may pick a ``k`` slightly above the optimal SVD's, never one
-    that keeps less than the share). Numerically-zero singular values are dropped. Returns None when
-    no truncation is wanted: ``k >= min(out, in)``, ``rank_energy == 1``, or an auto ``k`` above
-    ``min(out, in) / 2`` (the fast path would cost about as much as the exact solve, which keeps
-    all of the energy). ``sq_norms``: the task vectors' squared Frobenius norms if the caller has
-    them (``rank="auto"`` needs them; one pass over each task vector saved).
+    vector's squared Frobenius norm, capped at ``max_rank`` (default :data:`AUTO_MAX_RANK`),
+    estimated from the same randomized SVD: the estimate is exact for the truncation returned (it
+    may pick a ``k`` slightly above the optimal SVD's, never one that keeps less than the share,
+    unless the cap binds). Cost per task vector: ``O(out in (max_rank + OVERSAMPLE))`` at most,
+    independent of how fast its spectrum decays. Numerically-zero singular values are dropped.
+    Returns None when no truncation is wanted: ``k >= min(out, in)``, ``rank_energy == 1``, or, on
+    a tensor so small that ``min(out, in) / 2`` is below the cap, an auto ``k`` above
+    ``min(out, in) / 2`` (its exact solve costs about as much and keeps all of the energy).
+    ``sq_norms``: the task vectors' squared Frobenius norms if the caller has them (``rank="auto"``
+    needs them; one pass over each task vector saved).
     """
     tvs = _stack(task_vectors)
     _, n_out, n_in = tvs.shape
     full = min(n_out, n_in)
     if rank == "auto":
+        cap = AUTO_MAX_RANK if max_rank is None else max_rank
         if rank_energy >= 1:
             return None
+        limit = min(cap, full // 2)
         sq_norms = finite_squared_norms(tvs) if sq_norms is None else sq_norms
-        found = [_auto_rank(tau, rank_energy, full // 2, sq) for tau, sq in zip(tvs, sq_norms)]
-        if any(k is None for k, _ in found):
+        found = [_auto_rank(tau, rank_energy, limit, sq) for tau, sq in zip(tvs, sq_norms)]
+        if limit < cap and not all(reached for _, _, reached in found):
             return None
-        k = max(k for k, _ in found)
+        k = max(k for k, _, _ in found)
         q = min(full, k + OVERSAMPLE)  # tasks whose search stopped below q are redone at q
-        svds = [svd if len(svd[1]) >= q else randomized_svd(tau, q) for tau, (_, svd) in zip(tvs, found)]
+        svds = [svd if len(svd[1]) >= q else randomized_svd(tau, q) for tau, (_, svd, _) in zip(tvs, found)]
     else:
         if rank >= full:
             return None
@@ -222,7 +257,7 @@ def wudi_factored(
     dtype = factors[0][0].dtype
     # Orthonormal basis of the span of all rows of the right factors (Householder QR: orthonormal
     # even if the rows are dependent; the extra directions have zero eigenvalue and change nothing).
-    basis = torch.linalg.qr(torch.cat([right.T for _, right in factors], dim=1)).Q  # [in, K]
+    basis = _orthonormal_basis(torch.cat([right.T for _, right in factors], dim=1))  # [in, K]
     projected = [p for p in (left @ (right @ basis) for left, right in factors) if bool(p.any())]
     if not projected:  # Eq. 1 has no terms: nothing moves
         if init is None or solver == "closed_form":
@@ -235,17 +270,21 @@ def wudi_factored(
     small_gram_size = problem.gram.shape[0]
     if solver == "closed_form":
         # closed_form_solve's rho = ridge * trace / (its Gram's size); both traces are T.
-        small = closed_form_solve(problem, ridge=ridge * small_gram_size / full_gram_size)
+        with one_cpu_thread(basis.device):
+            small = closed_form_solve(problem, ridge=ridge * small_gram_size / full_gram_size)
         if out is not None and out.shape == (n_out, n_in) and out.dtype == dtype and out.is_contiguous():
             return torch.mm(small, basis.T, out=out)
         return small @ basis.T
     keep = math.ceil(keep_fraction * full_gram_size)  # directions the exact solver would keep
     small_keep_fraction = 1.0 if keep >= small_gram_size else (keep - 0.5) / small_gram_size
     if init is None:  # the sum of the products lies in span(Q): nothing outside it to keep
-        return spectral_solve(problem, time=time, keep_fraction=small_keep_fraction) @ basis.T
+        with one_cpu_thread(basis.device):
+            small = spectral_solve(problem, time=time, keep_fraction=small_keep_fraction)
+        return small @ basis.T
     init = init.to(dtype)
     problem = dataclasses.replace(problem, init=init @ basis, R0=None)
-    moved = problem.init - spectral_solve(problem, time=time, keep_fraction=small_keep_fraction)
+    with one_cpu_thread(basis.device):
+        moved = problem.init - spectral_solve(problem, time=time, keep_fraction=small_keep_fraction)
     if overwrite_init and init.is_contiguous():
         return init.addmm_(moved, basis.T, alpha=-1)
     return torch.addmm(init, moved, basis.T, alpha=-1)
