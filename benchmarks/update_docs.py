@@ -30,6 +30,9 @@ REGION = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- end generated -
 SIZES = ("0.5B", "1.5B", "3B", "7B")
 # Size sweeps whose wall-time ratios the tables quote; a later file's (size, method) replaces an earlier one's.
 SWEEPS = ("speed_sweep.json", "speed_sweep_fastpath.json")
+# Full-fine-tune-like experts (issue 22): the wall-time ratios quoted for full fine-tunes come from this sweep
+# alone, never mixed with the low-rank experts of SWEEPS.
+FULLFT_SWEEP = "speed_sweep_fullft.json"
 # quality row -> the size sweep's method of the same configuration
 SWEEP_METHOD = {
     "task_arithmetic (val lambda)": "task_arithmetic",
@@ -37,19 +40,19 @@ SWEEP_METHOD = {
     "wudi closed_form (ridge 0.01)": "closed_form",
     "wudi spectral (flow_time 8)": "spectral",
     "wudi spectral (val flow_time)": "spectral",
-    "wudi closed_form (rank auto, energy 0.9)": "closed_form_rank_auto",
-    "wudi spectral (rank auto, energy 0.9)": "spectral_rank_auto",
+    "wudi closed_form (rank auto <= 8, energy 0.9)": "closed_form_rank_auto",
+    "wudi spectral (rank auto <= 8, energy 0.9)": "spectral_rank_auto",
 }
 HEADLINE_ROWS = (
     "expert (own task, upper bound)", "wudi spectral (val flow_time)", "wudi closed_form (ridge 0.01)",
-    "iso_c (val grid)", "tsv_merge (val grid)", "wudi spectral (rank auto, energy 0.9)", "wudi adam (scaling 1.0)",
+    "iso_c (val grid)", "tsv_merge (val grid)", "wudi spectral (rank auto <= 8, energy 0.9)", "wudi adam (scaling 1.0)",
     "ties (d=0.2, val lambda)", "dare_ties (val grid)", "task_arithmetic (val lambda)", "pretrained encoder",
 )
 # README's "what to use": (your experts, hardware, data at hand, configuration, results ("full" or "lora"), row).
 # Every number in the table is read from quality.json and the size sweeps; add a situation by adding a line.
 WHAT_TO_USE = [
     ("full fine-tunes", "CPU, LLM-sized", "none", "`solver: spectral`, `rank: auto`", "full",
-     "wudi spectral (rank auto, energy 0.9)"),
+     "wudi spectral (rank auto <= 8, energy 0.9)"),
     ("full fine-tunes", "GPU, or a small model on CPU", "none", "`solver: closed_form` (exact)", "full",
      "wudi closed_form (ridge 0.01)"),
     ("full fine-tunes", "GPU, or a small model on CPU", "validation split",
@@ -72,17 +75,18 @@ def _sizes_cell(ratios: Dict[str, float]) -> str:
     return " / ".join(f"{ratios[s]:.2f}" if s in ratios else "–" for s in SIZES)
 
 
-def what_to_use(quality: dict, wall_ratios: dict) -> List[str]:
-    """README's table: situation -> configuration, with its measured quality and cost (from the JSON)."""
+def what_to_use(quality: dict, wall_ratios: Dict[str, dict]) -> List[str]:
+    """README's table: situation -> configuration, with its measured quality and cost (from the JSON);
+    ``wall_ratios[kind]``: the size sweep of that kind of experts ("full" or "lora")."""
     summaries = {"full": quality["summary"], "lora": quality["lora"]["summary"]}
     lines = ["| your experts | hardware | data at hand | configuration (`merge_method: wudi`) "
              "| normalized acc at 7 tasks (%) | Δ vs tuned task arithmetic (pts) | merge s (TA) at 7 tasks "
-             f"| wall x TA, {' / '.join(SIZES)} |", "|---|---|---|---|---|---|---|---|"]
+             f"| wall x TA of the same kind of experts, {' / '.join(SIZES)} |", "|---|---|---|---|---|---|---|---|"]
     for experts, hardware, data, configuration, kind, row in WHAT_TO_USE:
         summary = summaries[kind]
         cells = quality_report.row_cells(summary, row)
         ta = quality_report.row_cells(summary, quality_report.TA_ROW)
-        ratios = wall_ratios.get(SWEEP_METHOD.get(row, ""), {})
+        ratios = wall_ratios[kind].get(SWEEP_METHOD.get(row, ""), {})
         lines.append(f"| {experts} | {hardware} | {data} | {configuration} | {cells['normalized']} | {cells['vs_ta']} "
                      f"| {cells['merge_seconds']} ({ta['merge_seconds']}) | {_sizes_cell(ratios) if ratios else '–'} |")
     return lines + [""]
@@ -91,11 +95,12 @@ def what_to_use(quality: dict, wall_ratios: dict) -> List[str]:
 def render_regions() -> Dict[str, str]:
     """{region name: its generated text} from the committed results."""
     quality, speed = _load("quality.json"), _load("speed.json")
-    sweeps = {name: _load(name) for name in SWEEPS}
-    wall_ratios = speed_report.sweep_wall_ratios(*sweeps.values())
+    sweeps = {name: _load(name) for name in (*SWEEPS, FULLFT_SWEEP)}
+    wall_ratios = {"lora": speed_report.sweep_wall_ratios(*(sweeps[name] for name in SWEEPS)),
+                   "full": speed_report.sweep_wall_ratios(sweeps[FULLFT_SWEEP])}
 
     def wall_cell(row: str) -> str:
-        ratios = wall_ratios.get(SWEEP_METHOD.get(row, ""), {})
+        ratios = wall_ratios["full"].get(SWEEP_METHOD.get(row, ""), {})
         return _sizes_cell(ratios) if ratios else ""
 
     from benchmarks.mudsc import render_table as mudsc_table
@@ -103,7 +108,7 @@ def render_regions() -> Dict[str, str]:
     builders: Dict[str, Callable[[], List[str]]] = {
         "headline": lambda: quality_report.overview_table(
             quality["summary"], only=HEADLINE_ROWS,
-            extra_columns=[(f"wall x TA, {' / '.join(SIZES)}", wall_cell)]),
+            extra_columns=[(f"wall x TA (full-fine-tune-like experts), {' / '.join(SIZES)}", wall_cell)]),
         "what-to-use": lambda: what_to_use(quality, wall_ratios),
         "quality-overview": lambda: quality_report.overview_table(quality["summary"]),
         "quality-lora": lambda: quality_report.overview_table(quality["lora"]["summary"]),
@@ -111,6 +116,7 @@ def render_regions() -> Dict[str, str]:
         "speed-micro": lambda: speed_report.micro_table(speed),
         "speed-sweep-all": lambda: speed_report.sweep_tables(sweeps["speed_sweep.json"]),
         "speed-sweep-fastpath": lambda: speed_report.sweep_tables(sweeps["speed_sweep_fastpath.json"]),
+        "speed-sweep-fullft": lambda: speed_report.sweep_tables(sweeps[FULLFT_SWEEP]),
         "mudsc": lambda: mudsc_table(_load("mudsc.json")),
     }
     return {name: "\n".join(build()).rstrip("\n") + "\n" for name, build in builders.items()}
