@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 import torch
 
 from benchmarks.speedbench import sweep
@@ -67,6 +68,8 @@ def test_sweep_end_to_end_at_the_tiny_size(tmp_path):
     assert entry["rows"]["task_arithmetic"] == rows["task_arithmetic"]  # kept, not re-run
     assert entry["floor"]["gram_plus_cholesky_total_s"] > 0 and entry["floor"]["closed_form_solver_total_s"] > 0
     assert entry["rows"]["closed_form"]["ratio_vs_io_plus_solver"] > 0
+    with pytest.raises(SystemExit, match="--experts 2 --threads 1"):  # a resume never mixes expert counts
+        sweep.sweep(["tiny"], ["ties"], 3, tmp_path / "cache", out, "t", 1, resume=True)
 
 
 def _fake_quality_cache(root, decay=0.9, experts=2):

@@ -192,6 +192,10 @@ def sweep(sizes, methods, experts: int, cache: Path, out: Path, stem: str, threa
         "issue": 22 if profile is not None else 12, "experts": experts, "threads_per_merge": threads, "sizes": {},
         "expert_kind": "fullft" if profile is not None else "lora", "expert_delta": expert_delta(profile),
         "methods": {m: {"merge_method": METHODS[m][0], **METHODS[m][1]} for m in METHODS}}
+    if result["experts"] != experts or result["threads_per_merge"] != threads:
+        raise SystemExit(f"{path} holds rows with {result['experts']} experts and {result['threads_per_merge']} "
+                         f"thread(s) per merge; resume it with --experts {result['experts']} --threads "
+                         f"{result['threads_per_merge']}, or give another --name")
     if profile is not None:
         result["spectrum_profile"] = profile
     result.setdefault("runs", []).append({"date": _dt.datetime.now().isoformat(timespec="seconds"),
