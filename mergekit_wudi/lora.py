@@ -29,8 +29,9 @@ __all__ = [
 ]
 
 StateDict = Dict[str, torch.Tensor]
-# WUDI solvers whose solution lies in the row space of the experts' task vectors (see merged_adapter_factors).
-EXACT_SOLVERS = ("closed_form", "spectral")
+# WUDI solvers whose solution lies in the row space of the experts' task vectors (see merged_adapter_factors);
+# ``decorrelated``: the polar factor of the stacked right singular vectors spans the same rows.
+EXACT_SOLVERS = ("closed_form", "spectral", "decorrelated")
 
 
 class UnsupportedLoraError(ValueError):

@@ -189,6 +189,7 @@ def wudi_kernel(
     rank_energy: Annotated[float, _checked("rank_energy", minimum=0, inclusive=False, maximum=1)] = (
         wudi_solvers.RANK_ENERGY
     ),
+    prior: Annotated[float, _checked("prior", minimum=0, maximum=MAX_WEIGHT)] = wudi_solvers.DECORRELATED_PRIOR,
     preprocess: PreprocessArg = "none",
     awd_alpha: AwdAlphaArg = awd_solvers.ALPHA,
     awd_steps: AwdStepsArg = awd_solvers.STEPS,
@@ -201,7 +202,9 @@ def wudi_kernel(
 
     Which tensors are linear weights: :func:`mergekit_wudi.linear_weights.is_linear_weight`
     (``linear`` overrides, per tensor). ``rank`` (``closed_form``/``spectral``) solves for rank-k
-    truncated task vectors in the span of their row spaces (:mod:`mergekit_wudi.solvers.wudi_lowrank`). ``preprocess`` (``awd``, ``lwptv``, ``awd+lwptv``)
+    truncated task vectors in the span of their row spaces (:mod:`mergekit_wudi.solvers.wudi_lowrank`). ``prior``
+    (``decorrelated``): the isotropic input prior of :func:`mergekit_wudi.solvers.subspace_merging.
+    decorrelated_wudi_merged_task_vector`. ``preprocess`` (``awd``, ``lwptv``, ``awd+lwptv``)
     refines the task vectors first (:func:`mergekit_wudi.solvers.task_vectors.preprocess_task_vectors`).
     """
     group = checked_inputs(group)
@@ -222,7 +225,7 @@ def wudi_kernel(
             merged = wudi_solvers.merge_task_vectors(
                 base, tvs, solver=solver, scaling=scaling, weights=weights, iterations=iterations,
                 learning_rate=learning_rate, ridge=ridge, time=flow_time, keep_fraction=keep_fraction,
-                rank=rank, rank_energy=rank_energy, overwrite_task_vectors=True,  # tvs are this call's own
+                rank=rank, rank_energy=rank_energy, prior=prior, overwrite_task_vectors=True,  # tvs are this call's own
             )
         else:
             merged = combine_task_vectors(base, tvs, weights, rule=non_linear, scaling=scaling)
@@ -230,7 +233,8 @@ def wudi_kernel(
         weights_by_model = {str(entry.id): w for entry, w in zip(group.non_base, weights)}
         raise type(error)(f"wudi, tensor {meta.name!r} (weights {weights_by_model}): {error}") from None
     parameters = dict(solver=solver, iterations=iterations, learning_rate=learning_rate, scaling=scaling,
-                      ridge=ridge, flow_time=flow_time, keep_fraction=keep_fraction, rank=rank, **options)
+                      ridge=ridge, flow_time=flow_time, keep_fraction=keep_fraction, rank=rank, prior=prior,
+                      **options)
     check_result_finite(merged, group, "wudi", parameters)
     return cast_checked(merged, base.dtype, meta.name, "wudi", parameters)
 

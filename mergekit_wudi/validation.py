@@ -361,6 +361,11 @@ def check_rank_settings(blocks, method: str) -> None:
             method,
         )
     solvers = _all_values(blocks, "solver") or ["adam"]
+    if any(name == "prior" for block in blocks for name in block) and "decorrelated" not in solvers:
+        logging.getLogger(__name__).warning(
+            "prior is ignored: it is the isotropic input prior of solver 'decorrelated', and no 'solver' setting "
+            "of %r is", method,
+        )
     if ranks and not {"closed_form", "spectral"} & set(solvers):
         raise MergeConfigError(
             f"merge_method {method!r}: 'rank' is for solver closed_form or spectral; the solver here is "

@@ -137,7 +137,7 @@ def test_full_output_loads_without_peft_and_agrees_with_the_module_and_the_adapt
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"lora_output": "adapter"}, r"lora_output='adapter' with solver 'adam'"),
+        ({"lora_output": "adapter", "parameters": {}}, r"lora_output='adapter' with solver 'adam'"),
         ({"lora_output": "adapter", "parameters": {"solver": "lowrank"}}, r"solver 'lowrank'"),
         ({"lora_output": "both"}, r"lora_output must be one of"),
         ({"exclude": ["head.weight"]}, r"exclude pattern 'head.weight' matches no tensor of the module"),
@@ -194,3 +194,44 @@ def test_a_changed_tensor_an_adapter_cannot_carry_is_named_with_the_callbacks_re
     with pytest.raises(MergeInputError, match=r"\['net.bn.running_mean'\] are changed by the merge .*exclude=\['net.bn'\]") as error:
         lora_adapters.adapter_factors(merged, base, [expert], [], "wudi", CLOSED_FORM)
     assert "skip=" not in str(error.value)
+
+
+def test_the_default_parameters_merge_lora_experts_with_the_decorrelated_solver_and_an_exact_adapter(tmp_path):
+    """Issue 21: parameters=None picks RECOMMENDED_WUDI for the experts' kind; LoRA -> solver 'decorrelated',
+    whose merged update stays in the span of the experts' A rows, so the adapter output is exact."""
+    from mergekit_wudi.lightning.callback import RECOMMENDED_WUDI
+
+    model = lora_module()
+    pretrained = {k: v.detach().clone() for k, v in Net().state_dict().items()}
+    capture = CaptureUpdates()
+    callback = WUDIMergeCallback(exclude=["*head*"], num_tasks=2, output=str(tmp_path / "merge"),
+                                 lora_output="adapter")
+    assert callback.parameters == RECOMMENDED_WUDI["full"]  # until setup sees the module
+    for task in range(2):
+        make_trainer(tmp_path, [callback, capture], max_steps=4).fit(model, task_loader(task))
+    assert callback.parameters == RECOMMENDED_WUDI["lora"] == {"solver": "decorrelated"}
+    merged = load_state_dict(callback.merged_path)
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(3))
+    for name in LORA_LAYERS:
+        key, base = f"net.{name}.weight", pretrained[f"{name}.weight"]
+        updates = [u[key] for u in capture.updates]
+        expected = merge_tensors([base] + [base + u for u in updates], "wudi", base_index=0,
+                                 parameters={"solver": "decorrelated", "linear": True})
+        torch.testing.assert_close(merged[key], expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(merged[key], base + sum(updates), rtol=1e-3, atol=1e-4)  # shrunk, not summed
+    plain = Net()
+    plain.load_state_dict({k[len("net."):]: v for k, v in {**merged, **callback.task_heads[0]}.items()})
+    adapted = PeftModel.from_pretrained(Net(), callback.adapter_paths[0]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_default_parameters_of_a_full_fine_tune_are_the_exact_solver(tmp_path):
+    from test_lightning_callback import TinyModel
+    from test_lightning_callback import task_loader as plain_loader
+
+    callback = WUDIMergeCallback(num_tasks=2, output=str(tmp_path / "merge"), exclude=["head"])
+    for task in range(2):
+        make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(), plain_loader(task))
+    assert callback.parameters == {"solver": "closed_form"} and callback.merged_path is not None
+    assert WUDIMergeCallback(parameters={}).parameters == {}  # {}: the authors' algorithm, as in a YAML

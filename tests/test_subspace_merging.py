@@ -258,3 +258,81 @@ def test_alpha_per_model_is_refused_naming_where_to_put_it(llama_family, tmp_pat
     with pytest.raises(ValueError, match="'alpha' is a global parameter of 'tsv_merge'"):
         run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "o"),
                   MergeOptions(copy_tokenizer=False, quiet=True))
+
+
+# --- WUDI's `decorrelated` solver: Eq. 1 with an isotropic prior on TSV-decorrelated task vectors ------
+
+
+def _prior_minimiser(taus, row_projectors, c):
+    """argmin_tau sum_i ||(tau - tau_i) (P_i + c I)^{1/2}||^2 from its normal equations."""
+    eye = torch.eye(taus[0].shape[1], dtype=torch.float64)
+    lhs = sum(p + c * eye for p in row_projectors)
+    rhs = sum(t @ (p + c * eye) for t, p in zip(taus, row_projectors))
+    return rhs @ torch.linalg.pinv(lhs)  # the minimum-norm minimiser where lhs is singular (c = 0)
+
+
+@pytest.mark.parametrize("c", [0.0, 0.15, 1.0, 10.0])
+def test_decorrelated_solver_is_the_prior_minimiser_on_decorrelated_tasks(c):
+    from mergekit_wudi.solvers.subspace_merging import decorrelated_wudi_merged_task_vector
+
+    torch.manual_seed(7)
+    q_out, _ = torch.linalg.qr(torch.randn(9, 9, dtype=torch.float64))
+    q_in, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
+    # three rank-2 tasks with orthonormal, mutually orthogonal singular vectors: already decorrelated
+    taus, projectors = [], []
+    for i in range(3):
+        u, v = q_out[:, 2 * i: 2 * i + 2], q_in[:, 2 * i: 2 * i + 2]
+        taus.append(u @ torch.diag(torch.tensor([3.0 - i, 1.0 + i], dtype=torch.float64)) @ v.T)
+        projectors.append(v @ v.T)
+    merged = decorrelated_wudi_merged_task_vector(torch.stack(taus), prior=c, sv_reduction=0.25)  # k = 2
+    torch.testing.assert_close(merged, _prior_minimiser(taus, projectors, c))
+    torch.testing.assert_close(merged, (1 + c) / (1 + 3 * c) * sum(taus))
+
+
+def test_decorrelated_solver_spans_tsv_m_to_its_mean_and_refuses_a_negative_prior():
+    from mergekit_wudi.solvers.subspace_merging import (
+        decorrelated_wudi_merged_task_vector,
+        tsv_merged_task_vector,
+    )
+
+    torch.manual_seed(8)
+    tvs = torch.randn(4, 12, 6) @ torch.randn(4, 6, 10)
+    tsv = tsv_merged_task_vector(tvs)
+    torch.testing.assert_close(decorrelated_wudi_merged_task_vector(tvs, prior=0.0), tsv)
+    torch.testing.assert_close(decorrelated_wudi_merged_task_vector(tvs, prior=1e6), tsv / 4, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="prior must be >= 0"):
+        decorrelated_wudi_merged_task_vector(tvs, prior=-0.1)
+
+
+def test_wudi_decorrelated_through_mergekit_is_the_solver_in_every_dtype():
+    from mergekit_wudi.solvers.subspace_merging import DECORRELATED_PRIOR, decorrelated_wudi_merged_task_vector
+
+    base, experts = _state_dicts(seed=9)
+    tensors = [base["b.weight"], *[e["b.weight"] for e in experts]]
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        cast = [t.to(dtype) for t in tensors]
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        tvs = torch.stack([t.to(work) - cast[0].to(work) for t in cast[1:]])
+        for parameters, c in (({"solver": "decorrelated"}, DECORRELATED_PRIOR),
+                              ({"solver": "decorrelated", "prior": 0.5}, 0.5)):
+            out = merge_tensors(cast, "wudi", base_index=0, parameters=parameters, name="layer.weight")
+            expected = (cast[0].to(work) + decorrelated_wudi_merged_task_vector(tvs, prior=c)).to(dtype)
+            assert out.dtype == dtype
+            torch.testing.assert_close(out, expected, atol=1e-6 if dtype != torch.bfloat16 else 1e-2, rtol=1e-5)
+
+
+def test_prior_without_the_decorrelated_solver_is_named_and_a_negative_one_refused(caplog):
+    from mergekit_wudi.validation import MergeConfigError, check_merge_config
+
+    cfg = {"merge_method": "wudi", "base_model": "b", "models": [{"model": "e"}]}
+    with caplog.at_level("WARNING"):
+        check_merge_config({**cfg, "parameters": {"solver": "closed_form", "prior": 0.3}})
+    assert "prior is ignored" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_merge_config({**cfg, "parameters": {"solver": "decorrelated", "prior": 0.3}})
+    assert "prior is ignored" not in caplog.text
+    with pytest.raises(MergeConfigError, match="prior"):
+        check_merge_config({**cfg, "parameters": {"solver": "decorrelated", "prior": -1}})
+    with pytest.raises(MergeConfigError, match="rank"):
+        check_merge_config({**cfg, "parameters": {"solver": "decorrelated", "rank": 8}})

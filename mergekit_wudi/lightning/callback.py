@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from mergekit_wudi import lora
 from mergekit_wudi.io import load_state_dict, tensor_shapes
 from mergekit_wudi.lightning.checks import (
     MergeInputError,
@@ -41,6 +42,13 @@ from mergekit_wudi.lightning.distributed import broadcast, distributed_world, is
 from mergekit_wudi.lightning import input_grams as gram_mode
 from mergekit_wudi.lightning.storage import SnapshotStore, expert_id
 from mergekit_wudi.lightning.strategies import MergeStrategy, MudscMerge, RegistryMerge
+
+
+# The callback's default WUDI parameters per expert kind, chosen on the quality benchmark's validation split
+# (docs/benchmarks.md, issue 21): full fine-tunes -> the exact minimiser of Eq. 1; LoRA experts, whose task
+# vectors' row spaces (their A factors) say little about the inputs -> Eq. 1 with an isotropic input prior on
+# TSV-decorrelated task vectors.
+RECOMMENDED_WUDI: Dict[str, Dict[str, Any]] = {"full": {"solver": "closed_form"}, "lora": {"solver": "decorrelated"}}
 
 
 class WUDIMergeCallback(Callback):
@@ -66,6 +74,9 @@ class WUDIMergeCallback(Callback):
             or ``"mudsc"`` for experts from different inits (``mergekit_wudi.mudsc.mudsc_merge``).
         parameters: the method's parameters, as in a mergekit YAML (``{"solver": "closed_form"}``);
             per-expert values as a list in task order or a mapping keyed ``task_0``, ``task_1``, ...
+            Default (``None``) for ``wudi``: the recommended data-free configuration for the experts'
+            kind, :data:`RECOMMENDED_WUDI` (``solver: decorrelated`` for a PEFT LoRA module,
+            ``closed_form`` otherwise, docs/lightning.md); ``{}`` is the authors' algorithm (``adam``).
         experts: explicit mode: paths of the experts (a single path is one expert).
         base: the pretrained weights (path or state dict); default: the module at the first fit.
         include: name patterns (glob; a plain name matches as a prefix) of tensors to merge.
@@ -119,7 +130,10 @@ class WUDIMergeCallback(Callback):
         experts = check_expert_paths(experts)
         check_num_tasks(num_tasks)
         self.method = method
-        self.parameters = dict(parameters or {})
+        # parameters=None with method "wudi": the recommended data-free configuration for the experts' kind,
+        # resolved in setup (a PEFT LoRA module gets RECOMMENDED_WUDI["lora"]); {} is the authors' algorithm.
+        self._recommended = parameters is None and method == "wudi"
+        self.parameters = dict(RECOMMENDED_WUDI["full"]) if self._recommended else dict(parameters or {})
         self.experts = experts
         self.base = str(base) if isinstance(base, (str, os.PathLike)) else base
         self.include = list(include) if include is not None else None
@@ -528,6 +542,8 @@ class WUDIMergeCallback(Callback):
         self._check_patterns(names, "the module")
         merged = set(self._merge_names(names))
         self.build_strategy().check_kept_out([n for n in names if n not in merged])
+        if self._recommended:
+            self.parameters = dict(RECOMMENDED_WUDI["lora" if lora.is_peft_model(pl_module) else "full"])
         lora_adapters.check_lora_output(self.lora_output, pl_module, self.method, self.parameters, sorted(merged))
         self._plan_input_grams(pl_module)
 

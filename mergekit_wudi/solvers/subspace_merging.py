@@ -38,6 +38,7 @@ from mergekit_wudi.solvers.numerics import add_cast_, finite_squared_norms
 from mergekit_wudi.solvers.task_vectors import task_vector_stack
 
 ISO_CTS_COMMON_SPACE_FRACTION = 0.8  # iso-merging config/method/iso_cts.yaml; the paper's ablation
+DECORRELATED_PRIOR = 0.2  # chosen on the quality benchmark's validation split, LoRA experts (docs/lora.md)
 AUTHORS_ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 31))  # linspace(0, 3, 31)[1:]
 
 
@@ -90,6 +91,31 @@ def tsv_merged_task_vector(task_vectors: torch.Tensor, *, sv_reduction: Optional
     rank = max(1, int(min(task_vectors.shape[1:]) * sv_reduction))
     u, s, vh = _stacked_low_rank(task_vectors, rank)
     return (polar_factor(u) * s) @ polar_factor(vh)
+
+
+def decorrelated_wudi_merged_task_vector(
+    task_vectors: torch.Tensor, *, prior: float = DECORRELATED_PRIOR, sv_reduction: Optional[float] = None
+) -> torch.Tensor:
+    """``tau_m`` of WUDI's Eq. 1 with an isotropic input prior, solved on decorrelated task vectors.
+
+    1. Decorrelate as TSV-M does (:func:`tsv_merged_task_vector`, steps 1-3): ``tau_i' = U_perp,i S_i V_perp,i^T``
+       with ``U_perp = [U_perp,i]`` and ``V_perp = [V_perp,i]`` orthonormal, so the tasks' row spaces
+       ``P_i = V_perp,i V_perp,i^T`` are mutually orthogonal projectors.
+    2. Solve Eq. 1 with each task's (normalised) input Gram ``P_i`` plus an isotropic prior ``c I``, the inputs a
+       task also sees outside its own update's row space (``c = prior``):
+       ``min_tau sum_i ||(tau - tau_i') (P_i + c I)^{1/2}||_F^2``, whose minimiser is
+       ``tau = sum_i tau_i' (P_i + c I) (P + c T I)^{-1}`` with ``P = sum_i P_i``. Every ``tau_i'`` lies in the
+       span of ``P``, where ``(P + c T I)^{-1} = 1 / (1 + c T)``, so ``tau_m = (1 + c) / (1 + c T) * sum_i tau_i'``.
+
+    ``c = 0`` is TSV-M; ``c -> inf`` is the mean of the decorrelated task vectors. The shrink grows with the number
+    of tasks ``T`` (each other task adds ``c`` of interference on a task's inputs), which is what a fixed
+    task-arithmetic ``lambda`` cannot do. ``prior`` was chosen on the quality benchmark's validation split for
+    LoRA experts (``docs/lora.md``); on full fine-tunes it shrinks what needs none, use ``closed_form`` there.
+    """
+    if prior < 0:
+        raise ValueError(f"prior must be >= 0, got {prior}")
+    n_tasks = task_vectors.shape[0] if task_vectors.ndim == 3 else 0
+    return tsv_merged_task_vector(task_vectors, sv_reduction=sv_reduction).mul_((1 + prior) / (1 + prior * n_tasks))
 
 
 def iso_c_merged_task_vector(task_vectors: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,10 @@ Solvers (``solver=`` in :func:`wudi`):
   ``wudi_merging2``, not the Qwen2-VL one: see :mod:`.optmerge`): per task keep rank
   ``k = floor(min(out, in) / T)``; target ``A_i = mean + rank-k SVD of (tau_i - mean)``,
   projector ``P_i = diag(s_k) V_k^T`` of ``tau_i``; the same Adam loop.
+- ``decorrelated``: Eq. 1 with an isotropic input prior ``prior * I`` added to each task's Gram, solved on
+  TSV-M-decorrelated task vectors: ``(1 + prior) / (1 + prior T)`` times TSV-M's merge (derivation in
+  :func:`.subspace_merging.decorrelated_wudi_merged_task_vector`). The recommended solver for LoRA experts,
+  whose row spaces (their ``A``'s, near a random init) say little about the inputs.
 
 ``rank=`` (``closed_form`` and ``spectral`` only) solves Eq. 1 for rank-``k`` truncations of the
 task vectors in the span of their row spaces, at O(T out in k): see :mod:`.wudi_lowrank`.
@@ -60,11 +64,12 @@ from mergekit_wudi.solvers.interference_solvers import (  # noqa: F401  (re-expo
 )
 from mergekit_wudi.solvers.numerics import add_cast_, compute_dtype, finite_squared_norms
 from mergekit_wudi.solvers.optmerge import lowrank_problem
+from mergekit_wudi.solvers.subspace_merging import DECORRELATED_PRIOR, decorrelated_wudi_merged_task_vector
 from mergekit_wudi.solvers.task_vectors import task_vectors as task_vectors_of
 from mergekit_wudi.solvers.wudi_lowrank import RANK_ENERGY, check_rank_options, low_rank_merged_task_vector
 
-Solver = Literal["adam", "closed_form", "spectral", "lowrank"]
-SOLVERS: tuple[str, ...] = ("adam", "closed_form", "spectral", "lowrank")
+Solver = Literal["adam", "closed_form", "spectral", "lowrank", "decorrelated"]
+SOLVERS: tuple[str, ...] = ("adam", "closed_form", "spectral", "lowrank", "decorrelated")
 
 
 def wudi_merged_task_vector(
@@ -78,6 +83,7 @@ def wudi_merged_task_vector(
     keep_fraction: float = KEEP_FRACTION,
     rank: Optional[Union[int, str]] = None,
     rank_energy: float = RANK_ENERGY,
+    prior: float = DECORRELATED_PRIOR,
     sq_norms: Optional[torch.Tensor] = None,
     overwrite_task_vectors: bool = False,
 ) -> torch.Tensor:
@@ -103,6 +109,8 @@ def wudi_merged_task_vector(
         return adam_solve(wudi_problem(task_vectors, residual=True), iterations=iterations, learning_rate=learning_rate)
     if solver == "lowrank":
         return adam_solve(lowrank_problem(task_vectors), iterations=iterations, learning_rate=learning_rate)
+    if solver == "decorrelated":
+        return decorrelated_wudi_merged_task_vector(_stack(task_vectors), prior=prior)
     if solver in ("closed_form", "spectral"):
         tvs = _stack(task_vectors)
         problem = wudi_problem(tvs, dual=_use_dual_direct(*tvs.shape))
