@@ -154,6 +154,8 @@ def wudi_kernel(
     rank_energy: Annotated[float, _checked("rank_energy", minimum=0, inclusive=False, maximum=1)] = (
         wudi_solvers.RANK_ENERGY
     ),
+    prior: Annotated[float, _checked("prior", minimum=0)] = wudi_solvers.PRIOR,
+    prior_scale: Annotated[str, _checked("prior_scale", choices=wudi_solvers.PRIOR_SCALES)] = wudi_solvers.PRIOR_SCALE,
     preprocess: PreprocessArg = "none",
     awd_alpha: AwdAlphaArg = awd_solvers.ALPHA,
     awd_steps: AwdStepsArg = awd_solvers.STEPS,
@@ -166,7 +168,9 @@ def wudi_kernel(
 
     Which tensors are linear weights: :func:`mergekit_wudi.linear_weights.is_linear_weight`
     (``linear`` overrides, per tensor). ``rank`` (``closed_form``/``spectral``) solves for rank-k
-    truncated task vectors in the span of their row spaces (:mod:`mergekit_wudi.solvers.wudi_lowrank`). ``preprocess`` (``awd``, ``lwptv``, ``awd+lwptv``)
+    truncated task vectors in the span of their row spaces (:mod:`mergekit_wudi.solvers.wudi_lowrank`).
+    ``prior`` (``closed_form``) adds an isotropic input prior to each task's Gram
+    (:func:`mergekit_wudi.solvers.wudi.prior_closed_form_solve`). ``preprocess`` (``awd``, ``lwptv``, ``awd+lwptv``)
     refines the task vectors first (:func:`mergekit_wudi.solvers.task_vectors.preprocess_task_vectors`).
     """
     check_group_finite(group)
@@ -183,12 +187,14 @@ def wudi_kernel(
         merged = wudi_solvers.merge_task_vectors(
             base, tvs, solver=solver, scaling=scaling, weights=weights, iterations=iterations,
             learning_rate=learning_rate, ridge=ridge, time=flow_time, keep_fraction=keep_fraction,
-            rank=rank, rank_energy=rank_energy, overwrite_task_vectors=True,  # tvs are this call's own
+            rank=rank, rank_energy=rank_energy, prior=prior, prior_scale=prior_scale,
+            overwrite_task_vectors=True,  # tvs are this call's own
         )
     else:
         merged = combine_task_vectors(base, tvs, weights, rule=non_linear, scaling=scaling)
     parameters = dict(solver=solver, iterations=iterations, learning_rate=learning_rate, scaling=scaling,
-                      ridge=ridge, flow_time=flow_time, keep_fraction=keep_fraction, rank=rank, **options)
+                      ridge=ridge, flow_time=flow_time, keep_fraction=keep_fraction, rank=rank, prior=prior,
+                      prior_scale=prior_scale, **options)
     check_result_finite(merged, group, "wudi", parameters)
     return merged.to(base.dtype)
 

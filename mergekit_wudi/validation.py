@@ -110,6 +110,8 @@ def check_parameters(
         check_preprocess_settings([parameters], method)
     if cross_checks and "rank" in by_name:
         check_rank_settings([parameters], method)
+    if cross_checks and "prior" in by_name:
+        check_prior_settings([parameters], method)
 
 
 def _parameter_blocks(raw: Mapping[str, Any]) -> Iterator[Tuple[Optional[Mapping], str, bool]]:
@@ -151,6 +153,8 @@ def check_merge_config(raw: Mapping[str, Any]) -> None:
         check_preprocess_settings([b for b, _, _ in blocks if b], method)
     if "rank" in names:
         check_rank_settings([b for b, _, _ in blocks if b], method)
+    if "prior" in names:
+        check_prior_settings([b for b, _, _ in blocks if b], method)
 
 
 def _all_values(blocks, name: str) -> list:
@@ -190,3 +194,20 @@ def check_rank_settings(blocks, method: str) -> None:
             f"merge_method {method!r}: 'rank' is for solver closed_form or spectral; the solver here is "
             f"{', '.join(map(repr, sorted(set(solvers))))}"
         )
+
+
+def check_prior_settings(blocks, method: str) -> None:
+    """``prior`` > 0 is for the exact ``closed_form`` solver: an error when it is set and a setting of
+    ``solver`` picks another one (the default solver is ``adam``) or ``rank`` is set."""
+    priors = [v for v in _all_values(blocks, "prior") if isinstance(v, (int, float)) and v > 0]
+    if not priors:
+        return
+    solvers = set(_all_values(blocks, "solver") or ["adam"])
+    if solvers != {"closed_form"}:
+        raise MergeConfigError(
+            f"merge_method {method!r}: 'prior' is for solver closed_form; the solver here is "
+            f"{', '.join(map(repr, sorted(solvers)))}"
+        )
+    if [v for v in _all_values(blocks, "rank") if v is not None]:
+        raise MergeConfigError(f"merge_method {method!r}: 'prior' works with the exact closed_form solver only "
+                               "(leave 'rank' unset)")

@@ -155,3 +155,69 @@ def test_unknown_solver_and_bad_options():
         W.wudi_merged_task_vector(tvs, "spectral", keep_fraction=0)
     with pytest.raises(ValueError, match="exactly zero"):
         W.wudi_problem(torch.zeros(2, 3, 3))
+
+
+def _prior_reference(tvs, prior, scale, ridge=0.0):
+    """Eq. 3 written out: each task's Gram tau_i^T tau_i + c_i I, solved by a dense float64 inverse."""
+    t = tvs.double()
+    T, _, n_in = t.shape
+    sq = t.square().sum((1, 2))
+    grams = [tau.T @ tau for tau in t]
+    c = [prior * s / n_in if scale == "dim" else prior * s / (s * s / g.square().sum()) for s, g in zip(sq, grams)]
+    lhs = sum((g + ci * torch.eye(n_in, dtype=t.dtype)) / s for g, ci, s in zip(grams, c, sq))
+    rhs = sum(tau @ (g + ci * torch.eye(n_in, dtype=t.dtype)) / s for tau, g, ci, s in zip(t, grams, c, sq))
+    gram_size = min(n_in, T * t.shape[1])  # closed_form's ridge is relative to its Gram's mean eigenvalue
+    rho_r = ridge * float(sum(g.trace() / s for g, s in zip(grams, sq))) / gram_size
+    return rhs @ torch.linalg.inv(lhs + rho_r * torch.eye(n_in, dtype=t.dtype))
+
+
+@pytest.mark.parametrize("T,n_out,n_in", [(3, 24, 20), (2, 6, 40)])  # primal, dual (T*out < in)
+@pytest.mark.parametrize("scale", ["rank", "dim"])
+def test_prior_closed_form_matches_written_out_objective(T, n_out, n_in, scale):
+    tvs = task_vectors(T, n_out, n_in, dtype=torch.float64)
+    assert W.wudi_problem(tvs, dual=W._use_dual_direct(T, n_out, n_in)).dual == (T * n_out < n_in)
+    for prior, ridge in ((0.5, 0.0), (3.0, 1e-2)):
+        ours = W.wudi_merged_task_vector(tvs, "closed_form", prior=prior, prior_scale=scale, ridge=ridge)
+        assert rel(ours, _prior_reference(tvs, prior, scale, ridge)) < 1e-10
+
+
+def test_prior_on_disjoint_row_spaces_is_a_hand_computed_shrink():
+    """Two rank-1 task vectors with orthogonal rows (LoRA-like): Eq. 1 returns their sum; with the prior each
+    keeps (g + a)/(g + 2a) of itself (g = 1 here, a = prior / r = prior): the other task is zero there."""
+    tvs = torch.zeros(2, 3, 4, dtype=torch.float64)
+    tvs[0, 0, 0], tvs[1, 1, 1] = 2.0, 5.0
+    plain = W.wudi_merged_task_vector(tvs, "closed_form", ridge=0.0)
+    assert torch.allclose(plain, tvs.sum(0))
+    a = 0.5
+    ours = W.wudi_merged_task_vector(tvs, "closed_form", prior=a, ridge=0.0)
+    expected = torch.zeros(3, 4, dtype=torch.float64)
+    expected[0, 0] = (1 + a) / (1 + 2 * a) * 2.0
+    expected[1, 1] = (1 + a) / (1 + 2 * a) * 5.0
+    # directions 2, 3: nobody's support, the solution is the (rank-weighted) mean there: zero here
+    assert torch.allclose(ours, expected, atol=1e-12)
+    # "dim": a = prior / in for every task
+    ours_dim = W.wudi_merged_task_vector(tvs, "closed_form", prior=4 * a, prior_scale="dim", ridge=0.0)
+    assert torch.allclose(ours_dim, expected, atol=1e-12)
+
+
+def test_prior_zero_is_todays_closed_form_and_identical_tasks_stay():
+    tvs = task_vectors(3, 20, 16)
+    assert torch.equal(W.wudi_merged_task_vector(tvs, "closed_form", prior=0.0),
+                       W.wudi_merged_task_vector(tvs, "closed_form"))
+    same = tvs[:1].expand(3, -1, -1).contiguous()  # every task the same: the prior's mean is that task too
+    ours = W.wudi_merged_task_vector(same.double(), "closed_form", prior=2.0, ridge=0.0)
+    assert rel(ours, same[0].double()) < 1e-10
+
+
+def test_prior_option_errors():
+    tvs = task_vectors(2, 8, 8)
+    with pytest.raises(ValueError, match="'prior' works with solver 'closed_form' only, got solver 'spectral'"):
+        W.wudi_merged_task_vector(tvs, "spectral", prior=1.0)
+    with pytest.raises(ValueError, match="'prior' works with the exact closed_form solver only"):
+        W.wudi_merged_task_vector(tvs, "closed_form", prior=1.0, rank=2)
+    with pytest.raises(ValueError, match="'prior' must be a finite number >= 0, got -1"):
+        W.wudi_merged_task_vector(tvs, "closed_form", prior=-1.0)
+    with pytest.raises(ValueError, match="'prior' must be a finite number >= 0, got nan"):
+        W.wudi_merged_task_vector(tvs, "closed_form", prior=float("nan"))
+    with pytest.raises(ValueError, match="'prior_scale' must be one of rank, dim, got 'width'"):
+        W.wudi_merged_task_vector(tvs, "closed_form", prior=1.0, prior_scale="width")

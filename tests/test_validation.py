@@ -111,6 +111,12 @@ YAML_CASES = {
     "rank zero": (_global(solver="closed_form", rank=0), "'rank' must be an integer >= 1 or 'auto'"),
     "rank_energy above 1": (_global(solver="spectral", rank="auto", rank_energy=1.5), "'rank_energy' must be > 0 and <= 1"),
     "bad preprocess": (_global(preprocess="awd+ties"), "'preprocess' must be one of"),
+    "prior with the adam solver": (_global(prior=1.0), "'prior' is for solver closed_form; the solver here is 'adam'"),
+    "prior with spectral": (_global(solver="spectral", prior=1.0), "'prior' is for solver closed_form"),
+    "prior with rank": (_global(solver="closed_form", prior=1.0, rank=8), "'prior' works with the exact closed_form"),
+    "negative prior": (_global(solver="closed_form", prior=-1.0), "'prior' must be >= 0"),
+    "unknown prior_scale": (_global(solver="closed_form", prior=1.0, prior_scale="width"),
+                            "'prior_scale' must be one of rank, dim"),
     "infinite awd_alpha": (_global(preprocess="awd", awd_alpha=math.inf), "'awd_alpha' must be a finite number"),
 }
 

@@ -28,12 +28,17 @@ Solvers (``solver=`` in :func:`wudi`):
   ``k = floor(min(out, in) / T)``; target ``A_i = mean + rank-k SVD of (tau_i - mean)``,
   projector ``P_i = diag(s_k) V_k^T`` of ``tau_i``; the same Adam loop.
 
+``prior=`` (``closed_form`` only) adds an isotropic input prior to each task's Gram (Eq. 3 in
+:func:`prior_closed_form_solve`): directions of the input space that only one task's proxy supports
+are shrunk towards the weighted mean of the task vectors instead of kept whole.
+
 ``rank=`` (``closed_form`` and ``spectral`` only) solves Eq. 1 for rank-``k`` truncations of the
 task vectors in the span of their row spaces, at O(T out in k): see :mod:`.wudi_lowrank`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal, Optional, Sequence, Union
 
@@ -67,6 +72,10 @@ KEEP_FRACTION = 1.0
 # rank="auto" keeps this share of each task vector's energy. Provisional: to be chosen on the
 # validation split of the quality benchmark.
 RANK_ENERGY = 0.9
+# prior= (isotropic input prior, Eq. 3): 0 is Eq. 1 as the authors wrote it; how c_i is tied to the task.
+PRIOR = 0.0
+PRIOR_SCALES: tuple[str, ...] = ("rank", "dim")
+PRIOR_SCALE = "rank"
 
 def adam_solve(
     problem: InterferenceProblem,
@@ -127,6 +136,68 @@ def closed_form_solve(problem: InterferenceProblem, *, ridge: float = RIDGE) -> 
         inv = torch.where(lam > cutoff, 1 / (lam + rho).clamp_min(cutoff), torch.zeros_like(lam))
         coef = ((rhs @ vec) * inv) @ vec.T
     return coef @ problem.X.T if problem.dual else coef
+
+
+def check_prior_options(prior: float, prior_scale: str, solver: str, rank=None) -> None:
+    """A clear error for a bad ``prior`` / ``prior_scale`` or a solver without the prior."""
+    if not (isinstance(prior, (int, float)) and math.isfinite(prior) and prior >= 0):
+        raise ValueError(f"parameter 'prior' must be a finite number >= 0, got {prior!r}")
+    if prior_scale not in PRIOR_SCALES:
+        raise ValueError(f"parameter 'prior_scale' must be one of {', '.join(PRIOR_SCALES)}, got {prior_scale!r}")
+    if prior > 0 and solver != "closed_form":
+        raise ValueError(f"parameter 'prior' works with solver 'closed_form' only, got solver {solver!r}")
+    if prior > 0 and rank is not None:
+        raise ValueError("parameter 'prior' works with the exact closed_form solver only (rank: null)")
+
+
+def prior_strengths(tvs: torch.Tensor, sq_norms: torch.Tensor, prior: float, prior_scale: str) -> torch.Tensor:
+    """``a_i = w_i c_i`` of Eq. 3 for nonzero task vectors ``[T, out, in]`` (``w_i = 1 / ||tau_i||^2``).
+
+    ``prior_scale="dim"``: ``c_i = prior ||tau_i||^2 / in``, so ``a_i = prior / in``: the prior spreads
+    ``prior`` times the proxy's energy evenly over the input space. ``"rank"``: ``c_i = prior ||tau_i||^2 / r_i``
+    with ``r_i = ||tau_i||_F^4 / ||tau_i^T tau_i||_F^2`` (the participation ratio of the squared singular
+    values: the effective rank of the proxy), so ``a_i = prior / r_i``: every input direction gets ``prior``
+    times the mean energy the proxy puts on one direction of its own support, whatever the layer's width.
+    """
+    T, n_out, n_in = tvs.shape
+    if prior_scale == "dim":
+        return torch.full((T,), prior / n_in, dtype=tvs.dtype, device=tvs.device)
+    # ||tau^T tau||_F = ||tau tau^T||_F: the smaller Gram of each task vector
+    grams = tvs @ tvs.transpose(1, 2) if n_out <= n_in else tvs.transpose(1, 2) @ tvs
+    gram_sq = grams.square().sum(dim=(1, 2))
+    return prior * gram_sq / sq_norms.square()
+
+
+def prior_closed_form_solve(
+    problem: InterferenceProblem, tvs: torch.Tensor, strengths: torch.Tensor, *, ridge: float = RIDGE
+) -> torch.Tensor:
+    """Exact minimiser of Eq. 1 with each task's Gram ``tau_i^T tau_i + c_i I`` (an isotropic input prior):
+
+        L(tau) = sum_i w_i || (tau - tau_i) (tau_i^T tau_i + c_i I)^{1/2} ||_F^2                        (Eq. 3)
+        tau*   = (D + rho m)(C + (rho + rho_r) I)^{-1},   rho = sum_i a_i,  m = sum_i a_i tau_i / rho
+
+    with ``a_i = w_i c_i`` (:func:`prior_strengths`) and ``rho_r`` the ridge of :func:`closed_form_solve`.
+    A ridge that pulls towards the weighted mean ``m`` of the task vectors instead of towards zero: in an
+    input direction that no task's proxy supports the solution is ``m``; in one that only task ``i``
+    supports, with eigenvalue ``g`` of ``w_i tau_i^T tau_i``, it keeps ``(g + a_i)/(g + rho)`` of ``tau_i``
+    (LoRA experts with disjoint row spaces: each expert scaled down, the more the more tasks), while
+    directions that several tasks support are solved as in Eq. 1. ``prior -> 0`` gives
+    :func:`closed_form_solve`. Computed as ``tau* = c m + (rhs - c m X) (G + rho_t I)^{-1} X^T`` (dual)
+    or ``c m + (D - c m C)(C + rho_t I)^{-1}`` (primal), ``c = rho / rho_t``: one closed-form solve.
+    """
+    rho = float(strengths.sum())
+    anchor = torch.einsum("t,toi->oi", strengths / rho, tvs) if rho > 0 else torch.zeros_like(tvs[0])
+    gram = problem.gram
+    n, trace = gram.shape[0], float(gram.diagonal().sum())
+    rho_total = rho + ridge * trace / n
+    if rho_total == 0:
+        return closed_form_solve(problem, ridge=0.0)
+    anchor.mul_(rho / rho_total)
+    if problem.dual:
+        shifted = dataclasses.replace(problem, Y=problem.Y - anchor @ problem.X, R0=None)
+    else:
+        shifted = dataclasses.replace(problem, D=problem.D - anchor @ problem.C, R0=None)
+    return closed_form_solve(shifted, ridge=rho_total * n / trace).add_(anchor)
 
 
 def spectral_solve(
@@ -199,10 +270,15 @@ def wudi_merged_task_vector(
     keep_fraction: float = KEEP_FRACTION,
     rank: Optional[Union[int, str]] = None,
     rank_energy: float = RANK_ENERGY,
+    prior: float = PRIOR,
+    prior_scale: str = PRIOR_SCALE,
     sq_norms: Optional[torch.Tensor] = None,
     overwrite_task_vectors: bool = False,
 ) -> torch.Tensor:
     """``tau_m`` of Eq. 1 for nonzero task vectors ``[T, out, in]``, by the named solver.
+
+    ``prior`` > 0 (``closed_form`` only): Eq. 3 with the isotropic input prior of strength ``prior``
+    scaled by ``prior_scale`` (:func:`prior_strengths`, :func:`prior_closed_form_solve`).
 
     ``rank`` (``closed_form``/``spectral`` only; None: the exact solvers): an int ``k`` truncates
     each task vector to rank ``k``, ``"auto"`` to the smallest rank keeping ``rank_energy`` of each
@@ -211,6 +287,7 @@ def wudi_merged_task_vector(
     ``sq_norms`` (the task vectors' squared norms, if known) and ``overwrite_task_vectors`` (their
     buffer may hold the result) save passes and allocations on the fast path; the result is the same.
     """
+    check_prior_options(prior, prior_scale, solver, rank)
     if rank is not None or not 0 < rank_energy <= 1:
         from mergekit_wudi.solvers.wudi_lowrank import check_rank_options, low_rank_merged_task_vector
 
@@ -229,6 +306,9 @@ def wudi_merged_task_vector(
     if solver in ("closed_form", "spectral"):
         tvs = _stack(task_vectors)
         problem = wudi_problem(tvs, dual=_use_dual_direct(*tvs.shape))
+        if solver == "closed_form" and prior > 0:
+            sq = finite_squared_norms(tvs) if sq_norms is None else sq_norms
+            return prior_closed_form_solve(problem, tvs, prior_strengths(tvs, sq, prior, prior_scale), ridge=ridge)
         if solver == "closed_form":
             return closed_form_solve(problem, ridge=ridge)
         return spectral_solve(problem, time=time, keep_fraction=keep_fraction)
@@ -289,7 +369,8 @@ def wudi(
 ) -> torch.Tensor:
     """Merge one linear weight from the expert weights: :func:`merge_task_vectors` of
     ``tau_i = W_i - W0``. ``solver_options`` go to :func:`wudi_merged_task_vector` (``iterations``,
-    ``learning_rate``, ``ridge``, ``time``, ``keep_fraction``, ``rank``, ``rank_energy``)."""
+    ``learning_rate``, ``ridge``, ``time``, ``keep_fraction``, ``rank``, ``rank_energy``, ``prior``,
+    ``prior_scale``)."""
     _, tvs = task_vectors_of(base, experts)
     return merge_task_vectors(base, tvs, solver=solver, scaling=scaling, weights=weights,
                               overwrite_task_vectors=True, **solver_options)

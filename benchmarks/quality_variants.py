@@ -1,0 +1,174 @@
+"""Validation-split screen of data-free WUDI variants against the tuned baselines (issue 21, Part 1).
+
+    HF_HUB_OFFLINE=1 python benchmarks/quality_variants.py --kind full --seeds 0 --subsets 7 \\
+        --cache-dir /work/cache-quality --out variants_full.json
+
+Scores every variant on the VALIDATION split only (the same capped split the quality benchmark tunes on), so
+that a configuration can be chosen without touching the test split; the chosen one then gets its test rows in
+``benchmarks/quality.py``. ``--kind full`` uses the cached full fine-tunes (never trains them: run
+``benchmarks/quality.py --train-only`` first), ``--kind lora`` / ``lora_shared`` the LoRA experts of the two
+init regimes (trained and cached if missing, as ``benchmarks/quality.py --lora [--lora-init shared]`` does).
+
+Variants (per nn.Linear weight; every other tensor stays at the base, as WUDI's kernel does):
+- ``closed_form``: the exact minimiser of Eq. 1 (ridge 1e-2), ``spectral``: the flow at t = 8;
+- ``prior dim b``: Eq. 1 with each task's Gram ``tau_i^T tau_i + c_i I``, ``c_i = b ||tau_i||^2 / in``
+  (:func:`mergekit_wudi.solvers.wudi.prior_solve`);
+- ``prior rank b``: the same with ``c_i = b ||tau_i||^2 / r_i``, ``r_i`` the participation ratio of
+  ``tau_i``'s squared singular values (its effective rank): the prior puts on every input direction ``b`` times
+  the mean energy the proxy puts on a direction of its own support;
+and the baselines at every point of their validation grid: task arithmetic (lambda), TIES (d 0.2, lambda),
+Iso-C, Iso-CTS and TSV-M (alpha; ``benchmarks/reference_methods.py``, other tensors averaged as in the authors'
+code). Output: ``{seed: {k: {variant: val accuracy}}}`` in ``--out`` and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.common import mean  # noqa: E402
+
+TA_GRID = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
+TIES_GRID = [0.5, 1.0, 1.5, 2.0, 3.0]
+REF_GRID = [0.5, 1.0, 1.5, 2.0]
+PRIOR_DIM = [0.1, 0.3, 1.0, 3.0, 10.0]
+PRIOR_RANK = [0.1, 0.3, 1.0, 3.0]
+
+
+def scaled(sd0, merged, s):
+    return {k: (sd0[k] + s * (merged[k] - sd0[k])) if merged[k].is_floating_point() else merged[k] for k in sd0}
+
+
+def linear_merge(sd0, experts, solve):
+    """W0 + solve(task vectors) on every nn.Linear weight, base elsewhere; (state dict, seconds)."""
+    from mergekit_wudi.linear_weights import is_linear_weight
+
+    t0 = time.perf_counter()
+    out = {}
+    for k, w0 in sd0.items():
+        if is_linear_weight(k, w0.shape):
+            tvs = torch.stack([e[k].float() - w0.float() for e in experts])
+            out[k] = (w0.float() + solve(tvs)).to(w0.dtype)
+        else:
+            out[k] = w0.clone()
+    return out, time.perf_counter() - t0
+
+
+def variants():
+    from mergekit_wudi.solvers.wudi import merge_task_vectors
+
+    def solver(**opts):
+        return lambda tvs: merge_task_vectors(torch.zeros_like(tvs[0]), tvs, **opts)
+
+    out = {"closed_form": solver(solver="closed_form"), "spectral t=8": solver(solver="spectral")}
+    for b in PRIOR_DIM:
+        out[f"prior dim {b:g}"] = solver(solver="closed_form", prior=b, prior_scale="dim", ridge=0.0)
+    for b in PRIOR_RANK:
+        out[f"prior rank {b:g}"] = solver(solver="closed_form", prior=b, prior_scale="rank", ridge=0.0)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kind", choices=["full", "lora", "lora_shared", "lora_callback"], default="full")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--subsets", type=int, nargs="+", default=[7])
+    p.add_argument("--cache-dir", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--only", nargs="*", default=None, help="variant / baseline names to run (default: all)")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from benchmarks.qualitybench import run as qrun
+    from benchmarks.qualitybench.evaluate import Evaluator
+    from benchmarks.qualitybench.experts import expert_path, load_expert
+    from benchmarks.qualitybench.model import load_encoder, tokenised
+    from benchmarks.qualitybench.tasks import load_tasks
+
+    cache = Path(args.cache_dir)
+    all_tasks, quick = load_tasks(qrun.DEFAULT_SOURCE, qrun.DATA_SEED)
+    cfg = qrun.build_config(qrun.parse_args(["--seeds", *map(str, args.seeds)]), list(all_tasks), quick)
+    positions = {t: list(all_tasks).index(t) for t in all_tasks}
+    data = tokenised(all_tasks, cfg["max_length"], cache, cfg["model"])
+    ev = Evaluator(data, cfg["model"])
+    sd0 = {k: v.detach().clone() for k, v in load_encoder(cfg["model"]).state_dict().items()}
+    out_path = Path(args.out)
+    results = json.loads(out_path.read_text()) if out_path.exists() else {}
+    wanted = (lambda name: True) if args.only is None else (lambda name: any(name.startswith(o) for o in args.only))
+
+    for seed in args.seeds:
+        if args.kind == "full":
+            experts, heads = {}, {}
+            for t in all_tasks:
+                path = expert_path(cfg, cache, all_tasks[t], seed, positions[t])
+                if not path.exists():
+                    sys.exit(f"error: no cached full expert {t} seed {seed} ({path}); train it first")
+                experts[t], heads[t], _ = load_expert(path)
+        else:
+            from benchmarks.qualitybench.lora import lora_config, lora_experts
+
+            init = {"lora": "independent", "lora_shared": "shared", "lora_callback": "callback"}[args.kind]
+            lcfg = lora_config({**cfg, "lora_init": init})
+            experts, heads, _ = lora_experts(lcfg, cache, data, all_tasks, positions, seed, print)
+        order = list(cfg["tasks"])
+        random.Random(seed).shuffle(order)
+        for k in args.subsets:
+            subset = sorted(order[:k], key=positions.__getitem__)
+            res = results.setdefault(str(seed), {}).setdefault(str(k), {})
+            exps = [experts[t] for t in subset]
+
+            def val(sd):
+                acc = ev.accuracy(sd, {t: heads[t] for t in subset}, "validation", cfg["val_limit"])
+                return mean(acc.values())
+
+            def grid(name, merged, values):
+                if not wanted(name):
+                    return
+                for v in values:
+                    res[f"{name} @{v:g}"] = val(scaled(sd0, merged, v))
+                best = max(values, key=lambda v: res[f"{name} @{v:g}"])
+                print(f"seed {seed} k {k} {name}: best @{best:g} {res[f'{name} @{best:g}']:.4f}", flush=True)
+
+            summed = {key: (w0 + sum(e[key] - w0 for e in exps)) if w0.is_floating_point() else w0
+                      for key, w0 in sd0.items()}
+            grid("task_arithmetic", summed, TA_GRID)
+            if any(wanted(n) for n in ("ties", "iso_c", "iso_cts", "tsv_merge")):
+                from mergekit.merge_methods import merge_state_dicts
+
+                from benchmarks import reference_methods as ref
+
+                if wanted("ties"):
+                    models = {"base": sd0, **{t: experts[t] for t in subset}}
+                    ties = merge_state_dicts(models, "ties", base="base",
+                                             parameters={"weight": 1.0, "density": 0.2, "lambda": 1.0})
+                    grid("ties", ties, TIES_GRID)
+                for name in ("iso_c", "iso_cts", "tsv_merge"):
+                    if wanted(name):
+                        params = {"common_space_fraction": ref.ISO_CTS_COMMON_SPACE_FRACTION} if name == "iso_cts" else {}
+                        grid(name, ref.merge_state_dict(name, sd0, exps, alpha=1.0, **params), REF_GRID)
+            for name, solve in variants().items():
+                if not wanted(name):
+                    continue
+                sd, secs = linear_merge(sd0, exps, solve)
+                res[name] = val(sd)
+                res[f"_{name} seconds"] = secs
+                print(f"seed {seed} k {k} {name}: {res[name]:.4f} ({secs:.1f}s)", flush=True)
+                if name == "closed_form" or name.startswith("prior"):
+                    for s in (0.5, 0.75):
+                        res[f"{name} x{s:g}"] = val(scaled(sd0, sd, s))
+            out_path.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
