@@ -13,12 +13,18 @@ Variants (per nn.Linear weight; every other tensor stays at the base, as WUDI's 
 - ``closed_form``: the exact minimiser of Eq. 1 (ridge 1e-2), ``spectral``: the flow at t = 8;
 - ``prior dim b``: Eq. 1 with each task's Gram ``tau_i^T tau_i + c_i I``, ``c_i = b ||tau_i||^2 / in``
   (:func:`mergekit_wudi.solvers.wudi.prior_solve`);
-- ``prior rank b``: the same with ``c_i = b ||tau_i||^2 / r_i``, ``r_i`` the participation ratio of
-  ``tau_i``'s squared singular values (its effective rank): the prior puts on every input direction ``b`` times
-  the mean energy the proxy puts on a direction of its own support;
+- ``prior rank b``: the same with ``c_i = b ||tau_i||^2 / rank(tau_i)`` (numerical rank: ``in`` for a full
+  fine-tune, ``r`` for a LoRA update): every input direction gets ``b`` times the mean nonzero eigenvalue of the
+  proxy;
 and the baselines at every point of their validation grid: task arithmetic (lambda), TIES (d 0.2, lambda),
 Iso-C, Iso-CTS and TSV-M (alpha; ``benchmarks/reference_methods.py``, other tensors averaged as in the authors'
 code). Output: ``{seed: {k: {variant: val accuracy}}}`` in ``--out`` and a table on stdout.
+
+``--test-out FILE``: then the test rows, in the quality benchmark's results layout (so that
+``benchmarks/qualitybench/report.py`` computes ``summary.claims`` from them): task arithmetic, TIES, Iso-C,
+Iso-CTS, TSV-M at the grid point validation chose, WUDI ``closed_form`` at its defaults and the recommended
+configuration (``mergekit_wudi.solvers.wudi.RECOMMENDED``, no parameter tuned), merged through mergekit's
+registry and timed; normalized by each expert's own test accuracy (``--test-limit`` texts per task).
 """
 
 from __future__ import annotations
@@ -37,12 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import mean  # noqa: E402
+from benchmarks.qualitybench import report  # noqa: E402
 
 TA_GRID = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 TIES_GRID = [0.5, 1.0, 1.5, 2.0, 3.0]
 REF_GRID = [0.5, 1.0, 1.5, 2.0]
-PRIOR_DIM = [0.1, 0.3, 1.0, 3.0, 10.0]
-PRIOR_RANK = [0.1, 0.3, 1.0, 3.0]
+PRIOR_DIM = [0.1, 0.3, 1.0, 3.0, 10.0, 100.0]
+PRIOR_RANK = [0.3, 1.0, 3.0]
 
 
 def scaled(sd0, merged, s):
@@ -75,6 +82,12 @@ def variants():
         out[f"prior dim {b:g}"] = solver(solver="closed_form", prior=b, prior_scale="dim", ridge=0.0)
     for b in PRIOR_RANK:
         out[f"prior rank {b:g}"] = solver(solver="closed_form", prior=b, prior_scale="rank", ridge=0.0)
+    # Eq. 1 on the transposed task vectors: the OUTPUT Gram tau_i tau_i^T as the proxy (for LoRA, B's column
+    # space is learned from zero, A's row space stays near its random init)
+    for name, opts in (("closed_form", {}), ("prior rank 1", {"prior": 1.0, "ridge": 0.0})):
+        base_solve = solver(solver="closed_form", **opts)
+        out[f"transposed {name}"] = (lambda f: lambda tvs: f(tvs.transpose(1, 2).contiguous()).T.contiguous())(
+            base_solve)
     return out
 
 
@@ -87,6 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", nargs="*", default=None, help="variant / baseline names to run (default: all)")
     p.add_argument("--out", required=True)
+    p.add_argument("--test-out", default=None, help="also score the test rows into this results file")
+    p.add_argument("--test-limit", type=int, default=None, help="test texts per task (default: all)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from benchmarks.qualitybench import run as qrun
@@ -106,6 +121,14 @@ def main(argv=None) -> int:
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
     wanted = (lambda name: True) if args.only is None else (lambda name: any(name.startswith(o) for o in args.only))
 
+    section_key = {"full": "seeds", "lora": "lora", "lora_shared": "lora_shared_init", "lora_callback": "lora_callback"}
+    test_path = Path(args.test_out) if args.test_out else None
+    tests = json.loads(test_path.read_text()) if test_path and test_path.exists() else {
+        "command": "HF_HUB_OFFLINE=1 python benchmarks/quality_variants.py " + " ".join(argv or sys.argv[1:]),
+        "config": {**cfg, "test_limit": args.test_limit}, "seeds": {}}
+    section = tests if args.kind == "full" else tests.setdefault(
+        section_key[args.kind], {"config": {"lora": None, "lr_encoder": None}, "seeds": {}})
+
     for seed in args.seeds:
         if args.kind == "full":
             experts, heads = {}, {}
@@ -120,6 +143,7 @@ def main(argv=None) -> int:
             init = {"lora": "independent", "lora_shared": "shared", "lora_callback": "callback"}[args.kind]
             lcfg = lora_config({**cfg, "lora_init": init})
             experts, heads, _ = lora_experts(lcfg, cache, data, all_tasks, positions, seed, print)
+            section["config"] = {"lora": lcfg["lora"], "lr_encoder": lcfg["lr_encoder"], "lora_init": init}
         order = list(cfg["tasks"])
         random.Random(seed).shuffle(order)
         for k in args.subsets:
@@ -131,17 +155,22 @@ def main(argv=None) -> int:
                 acc = ev.accuracy(sd, {t: heads[t] for t in subset}, "validation", cfg["val_limit"])
                 return mean(acc.values())
 
-            def grid(name, merged, values):
+            test_rows = {}
+
+            def grid(name, merged, values, row=None, seconds=0.0):
                 if not wanted(name):
                     return
                 for v in values:
                     res[f"{name} @{v:g}"] = val(scaled(sd0, merged, v))
                 best = max(values, key=lambda v: res[f"{name} @{v:g}"])
                 print(f"seed {seed} k {k} {name}: best @{best:g} {res[f'{name} @{best:g}']:.4f}", flush=True)
+                if row:
+                    test_rows[row] = (scaled(sd0, merged, best), seconds, {"scale": best})
 
+            t0 = time.perf_counter()
             summed = {key: (w0 + sum(e[key] - w0 for e in exps)) if w0.is_floating_point() else w0
                       for key, w0 in sd0.items()}
-            grid("task_arithmetic", summed, TA_GRID)
+            grid("task_arithmetic", summed, TA_GRID, report.TA_ROW, time.perf_counter() - t0)
             if any(wanted(n) for n in ("ties", "iso_c", "iso_cts", "tsv_merge")):
                 from mergekit.merge_methods import merge_state_dicts
 
@@ -149,13 +178,16 @@ def main(argv=None) -> int:
 
                 if wanted("ties"):
                     models = {"base": sd0, **{t: experts[t] for t in subset}}
+                    t0 = time.perf_counter()
                     ties = merge_state_dicts(models, "ties", base="base",
                                              parameters={"weight": 1.0, "density": 0.2, "lambda": 1.0})
-                    grid("ties", ties, TIES_GRID)
+                    grid("ties", ties, TIES_GRID, report.TIES_ROW, time.perf_counter() - t0)
                 for name in ("iso_c", "iso_cts", "tsv_merge"):
                     if wanted(name):
                         params = {"common_space_fraction": ref.ISO_CTS_COMMON_SPACE_FRACTION} if name == "iso_cts" else {}
-                        grid(name, ref.merge_state_dict(name, sd0, exps, alpha=1.0, **params), REF_GRID)
+                        t0 = time.perf_counter()
+                        merged = ref.merge_state_dict(name, sd0, exps, alpha=1.0, **params)
+                        grid(name, merged, REF_GRID, f"{name} (val grid)", time.perf_counter() - t0)
             for name, solve in variants().items():
                 if not wanted(name):
                     continue
@@ -163,11 +195,46 @@ def main(argv=None) -> int:
                 res[name] = val(sd)
                 res[f"_{name} seconds"] = secs
                 print(f"seed {seed} k {k} {name}: {res[name]:.4f} ({secs:.1f}s)", flush=True)
-                if name == "closed_form" or name.startswith("prior"):
+                if name == "closed_form":
                     for s in (0.5, 0.75):
                         res[f"{name} x{s:g}"] = val(scaled(sd0, sd, s))
             out_path.write_text(json.dumps(results, indent=1))
+            if test_path:
+                score_test_rows(section, seed, k, subset, sd0, experts, heads, ev, args.test_limit, test_rows)
+                from mergekit_wudi.io import atomic_file
+
+                with atomic_file(test_path) as tmp:
+                    Path(tmp).write_text(json.dumps(tests, indent=1))
+    if test_path:
+        report.write_report(tests, test_path.stem, print, test_path.parent)
     return 0
+
+
+def score_test_rows(section, seed, k, subset, sd0, experts, heads, ev, limit, test_rows) -> None:
+    """The test rows of one (seed, subset) into ``section`` (the benchmark's layout): the baselines at their
+    validation-chosen point, WUDI closed_form at its defaults and the recommended configuration."""
+    from benchmarks.qualitybench.methods import linear_flags, merge
+
+    from mergekit_wudi.solvers.wudi import RECOMMENDED
+
+    models = {"base": sd0, **{t: experts[t] for t in subset}}
+    lin, _ = linear_flags(sd0)
+    for row, params in ((report.RECOMMENDED_ROW, dict(RECOMMENDED)),
+                        ("wudi closed_form (ridge 0.01)", {"solver": "closed_form"})):
+        sd, secs = merge(models, "wudi", {**params, "linear": lin})
+        test_rows[row] = (sd, secs, params)
+    rec = section["seeds"].setdefault(str(seed), {"subsets": {}})
+    if "expert_test" not in rec:
+        rec["expert_test"] = {}
+    for t in subset:
+        if t not in rec["expert_test"]:
+            rec["expert_test"][t] = ev.accuracy(experts[t], {t: heads[t]}, "test", limit)[t]
+    methods = rec["subsets"].setdefault(str(k), {"tasks": subset, "methods": {}})["methods"]
+    for row, (sd, secs, chosen) in test_rows.items():
+        acc = ev.accuracy(sd, {t: heads[t] for t in subset}, "test", limit)
+        methods[row] = {"test": acc, "merge_seconds": secs, "chosen": chosen, "mean_acc": mean(acc.values()),
+                        "normalized": mean([acc[t] / rec["expert_test"][t] for t in subset])}
+        print(f"seed {seed} k {k} TEST {row}: norm {methods[row]['normalized']:.4f} ({secs:.1f}s)", flush=True)
 
 
 if __name__ == "__main__":

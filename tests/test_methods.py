@@ -222,3 +222,25 @@ def test_rank_fast_path_from_yaml(llama_family, tmp_path):
     assert not torch.allclose(fast[name], exact["closed_form"][name], atol=1e-6)
     other = "model.layers.0.mlp.down_proj.weight"
     assert torch.equal(fast[other], exact["closed_form"][other])
+
+
+def test_prior_from_yaml_reaches_the_solver(llama_family, tmp_path):
+    """`prior` / `prior_scale` in a YAML give the solver's Eq. 3 merge of every linear weight; prior 0 is
+    today's closed_form bit for bit; embeddings stay at the base."""
+    base, *experts = (load(p) for p in llama_family)
+    outs = {}
+    for tag, params in (("plain", {"solver": "closed_form"}),
+                        ("zero", {"solver": "closed_form", "prior": 0.0}),
+                        ("prior", {**W.RECOMMENDED}),
+                        ("dim", {"solver": "closed_form", "prior": 3.0, "prior_scale": "dim"})):
+        run_merge(MergeConfiguration.model_validate(yaml_config(llama_family, **params)),
+                  str(tmp_path / tag), MergeOptions(copy_tokenizer=False, quiet=True))
+        outs[tag] = load(tmp_path / tag)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(outs["zero"][name], outs["plain"][name])
+    for tag, opts in (("prior", {k: v for k, v in W.RECOMMENDED.items() if k != "solver"}),
+                      ("dim", {"prior": 3.0, "prior_scale": "dim"})):
+        expected = W.wudi(base[name], [e[name] for e in experts], solver="closed_form", **opts)
+        assert torch.allclose(outs[tag][name], expected, atol=1e-6)
+        assert not torch.allclose(outs[tag][name], outs["plain"][name], atol=1e-6)
+        assert torch.equal(outs[tag]["model.embed_tokens.weight"], base["model.embed_tokens.weight"])

@@ -163,7 +163,8 @@ def _prior_reference(tvs, prior, scale, ridge=0.0):
     T, _, n_in = t.shape
     sq = t.square().sum((1, 2))
     grams = [tau.T @ tau for tau in t]
-    c = [prior * s / n_in if scale == "dim" else prior * s / (s * s / g.square().sum()) for s, g in zip(sq, grams)]
+    c = [prior * s / (n_in if scale == "dim" else torch.linalg.matrix_rank(tau.float()).item())
+         for s, tau in zip(sq, t)]
     lhs = sum((g + ci * torch.eye(n_in, dtype=t.dtype)) / s for g, ci, s in zip(grams, c, sq))
     rhs = sum(tau @ (g + ci * torch.eye(n_in, dtype=t.dtype)) / s for tau, g, ci, s in zip(t, grams, c, sq))
     gram_size = min(n_in, T * t.shape[1])  # closed_form's ridge is relative to its Gram's mean eigenvalue
@@ -221,3 +222,14 @@ def test_prior_option_errors():
         W.wudi_merged_task_vector(tvs, "closed_form", prior=float("nan"))
     with pytest.raises(ValueError, match="'prior_scale' must be one of rank, dim, got 'width'"):
         W.wudi_merged_task_vector(tvs, "closed_form", prior=1.0, prior_scale="width")
+
+
+def test_numerical_ranks_of_lora_and_full_updates():
+    """A LoRA-like update B A of rank r counts r (float32 rounding of W0 + BA - W0 does not add rank); a dense
+    delta counts min(out, in)."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(48, 40, generator=g) * 0.05
+    lora = torch.stack([(w0 + 0.01 * torch.randn(48, r, generator=g) @ torch.randn(r, 40, generator=g)) - w0
+                        for r in (3, 8)])
+    assert W.numerical_ranks(lora).tolist() == [3, 8]
+    assert W.numerical_ranks(task_vectors(2, 48, 40)).tolist() == [40, 40]

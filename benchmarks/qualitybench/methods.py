@@ -228,6 +228,17 @@ def _preprocessed(ctx):
             _preprocess_variant(ctx, method, pre)
 
 
+def _wudi_recommended(ctx):
+    """The recommended data-free configuration (issue 21: ``mergekit_wudi.solvers.wudi.RECOMMENDED``), nothing
+    tuned on validation: the row the README's claims are checked against."""
+    from mergekit_wudi.solvers.wudi import RECOMMENDED
+
+    from .report import RECOMMENDED_ROW
+
+    sd, secs = ctx.merge("wudi", {**RECOMMENDED, "linear": ctx.lin})
+    ctx.record(RECOMMENDED_ROW, sd, secs, dict(RECOMMENDED), with_ood=True)
+
+
 BUILTIN_SPECS = [
     MethodSpec("task_arithmetic", lambda_tuned("task_arithmetic (val lambda)", "task_arithmetic", {"weight": 1.0},
                                                "ta_grid", with_ood=True)),
@@ -238,6 +249,7 @@ BUILTIN_SPECS = [
     MethodSpec("wudi lowrank", _wudi_lowrank, when=_lowrank_wanted),
     MethodSpec("wudi rank fast path", _wudi_rank_fast_path, group="rank",
                when=lambda ctx: len(ctx.subset) in ctx.cfg["rank_subsets"]),
+    MethodSpec("wudi recommended", _wudi_recommended, group="recommended"),
     MethodSpec("awd / lwptv", _preprocessed, group="preprocess",
                when=lambda ctx: len(ctx.subset) in ctx.cfg["preprocess_subsets"]),
 ]

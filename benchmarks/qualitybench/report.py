@@ -9,15 +9,27 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergekit_wudi.solvers.wudi import RECOMMENDED
+
 from ..common import RESULTS, mean, mean_std
 
 TA_ROW = "task_arithmetic (val lambda)"
 TIES_ROW = "ties (d=0.2, val lambda)"
 DEFAULT_ROW = "wudi adam (scaling 1.0)"  # WUDI's default: the authors' solver at their scaling
 REFERENCE_ROWS = ("expert (own task, upper bound)", "pretrained encoder")
-# Issue 21: the one recommended data-free configuration (no parameter tuned on validation); its row name
-# is built by benchmarks.qualitybench.methods.recommended_row from the same constants.
-RECOMMENDED_ROW = "wudi recommended (closed_form, prior rank 1)"
+
+
+
+
+def recommended_row(params: dict) -> str:
+    """The row name of a configuration, e.g. ``wudi recommended (closed_form, prior 1, prior_scale rank)``."""
+    extra = "".join(f", {k} {v:g}" if isinstance(v, (int, float)) else f", {k} {v}"
+                    for k, v in params.items() if k != "solver")
+    return f"wudi recommended ({params['solver']}{extra})"
+
+
+# Issue 21: the one recommended data-free configuration (no parameter tuned on validation).
+RECOMMENDED_ROW = recommended_row(RECOMMENDED)
 # The data-free subspace methods the recommended row has to beat, at their validation-tuned best.
 SUBSPACE_ROWS = ("iso_c (val grid)", "iso_cts (val grid)", "tsv_merge (val grid)")
 # Where each regime's seeds live in the results dict ("seeds": the full fine-tunes).

@@ -46,7 +46,7 @@ def parse_args(argv, doc=None):
     p.add_argument("--preprocess-only", action="store_true",
                    help="only the AWD / LwPTV rows (to run beside the main runs; --combine merges them in)")
     p.add_argument("--preprocess-variants", nargs="+", default=["awd", "lwptv"], choices=["awd", "lwptv"])
-    p.add_argument("--refresh", nargs="+", choices=["closed_form", "spectral", "rank"], default=None,
+    p.add_argument("--refresh", nargs="+", choices=["closed_form", "spectral", "rank", "recommended"], default=None,
                    help="with --resume: recompute only these rows of the subsets already in <name>.json "
                         "(e.g. after a solver default changed), keeping the experts and every other row")
     p.add_argument("--test-limit", type=int, default=None,

@@ -76,6 +76,10 @@ RANK_ENERGY = 0.9
 PRIOR = 0.0
 PRIOR_SCALES: tuple[str, ...] = ("rank", "dim")
 PRIOR_SCALE = "rank"
+# The data-free configuration recommended for merging without a validation split (issue 21): chosen on the
+# validation split of the quality benchmark across full fine-tunes and LoRA experts, then fixed. ``solver:
+# adam`` (no parameters) stays the authors' algorithm.
+RECOMMENDED = {"solver": "closed_form", "prior": 1.0, "prior_scale": "rank"}
 
 def adam_solve(
     problem: InterferenceProblem,
@@ -150,22 +154,32 @@ def check_prior_options(prior: float, prior_scale: str, solver: str, rank=None) 
         raise ValueError("parameter 'prior' works with the exact closed_form solver only (rank: null)")
 
 
+def numerical_ranks(tvs: torch.Tensor) -> torch.Tensor:
+    """Numerical rank of each task vector ``[T, out, in]``: singular values above ``s_max * max(out, in) * eps``
+    of the task vectors' dtype (numpy's ``matrix_rank`` rule), from the eigenvalues of the smaller Gram, formed
+    in float64 (a float32 Gram's rounding, ``eps * s_max^2``, would count as rank). A LoRA update ``s B A`` has
+    rank ``r``; a full fine-tune's delta is full rank."""
+    T, n_out, n_in = tvs.shape
+    t64 = tvs.double()
+    grams = t64 @ t64.transpose(1, 2) if n_out <= n_in else t64.transpose(1, 2) @ t64
+    lam = torch.linalg.eigvalsh(grams)  # squared singular values, ascending
+    tol = (max(n_out, n_in) * torch.finfo(tvs.dtype).eps) ** 2
+    return (lam > lam[:, -1:] * tol).sum(dim=1).clamp_min(1).to(tvs.dtype)
+
+
 def prior_strengths(tvs: torch.Tensor, sq_norms: torch.Tensor, prior: float, prior_scale: str) -> torch.Tensor:
     """``a_i = w_i c_i`` of Eq. 3 for nonzero task vectors ``[T, out, in]`` (``w_i = 1 / ||tau_i||^2``).
 
-    ``prior_scale="dim"``: ``c_i = prior ||tau_i||^2 / in``, so ``a_i = prior / in``: the prior spreads
-    ``prior`` times the proxy's energy evenly over the input space. ``"rank"``: ``c_i = prior ||tau_i||^2 / r_i``
-    with ``r_i = ||tau_i||_F^4 / ||tau_i^T tau_i||_F^2`` (the participation ratio of the squared singular
-    values: the effective rank of the proxy), so ``a_i = prior / r_i``: every input direction gets ``prior``
-    times the mean energy the proxy puts on one direction of its own support, whatever the layer's width.
+    ``prior_scale="rank"``: ``c_i = prior ||tau_i||^2 / rank(tau_i)`` (:func:`numerical_ranks`): every input
+    direction gets ``prior`` times the mean nonzero eigenvalue of the proxy ``tau_i^T tau_i``, so ``a_i =
+    prior / rank_i``. For a full-rank delta that is ``prior / in``; for a LoRA update of rank ``r`` it is
+    ``prior / r``, as strong relative to each direction the update spans. ``"dim"``: ``c_i = prior
+    ||tau_i||^2 / in`` whatever the rank (``a_i = prior / in``).
     """
     T, n_out, n_in = tvs.shape
     if prior_scale == "dim":
         return torch.full((T,), prior / n_in, dtype=tvs.dtype, device=tvs.device)
-    # ||tau^T tau||_F = ||tau tau^T||_F: the smaller Gram of each task vector
-    grams = tvs @ tvs.transpose(1, 2) if n_out <= n_in else tvs.transpose(1, 2) @ tvs
-    gram_sq = grams.square().sum(dim=(1, 2))
-    return prior * gram_sq / sq_norms.square()
+    return prior / numerical_ranks(tvs)
 
 
 def prior_closed_form_solve(
