@@ -84,10 +84,16 @@ def variants():
         out[f"prior rank {b:g}"] = solver(solver="closed_form", prior=b, prior_scale="rank", ridge=0.0)
     # Eq. 1 on the transposed task vectors: the OUTPUT Gram tau_i tau_i^T as the proxy (for LoRA, B's column
     # space is learned from zero, A's row space stays near its random init)
-    for name, opts in (("closed_form", {}), ("prior rank 1", {"prior": 1.0, "ridge": 0.0})):
-        base_solve = solver(solver="closed_form", **opts)
-        out[f"transposed {name}"] = (lambda f: lambda tvs: f(tvs.transpose(1, 2).contiguous()).T.contiguous())(
-            base_solve)
+    def transposed(f):
+        return lambda tvs: f(tvs.transpose(1, 2).contiguous()).T.contiguous()
+
+    out["transposed closed_form"] = transposed(solver(solver="closed_form"))
+    for b in PRIOR_RANK:
+        out[f"transposed prior rank {b:g}"] = transposed(solver(solver="closed_form", prior=b, ridge=0.0))
+    # both proxies: the mean of the input-side and the output-side solutions
+    both = (solver(solver="closed_form", prior=1.0, ridge=0.0),
+            transposed(solver(solver="closed_form", prior=1.0, ridge=0.0)))
+    out["two-sided prior rank 1"] = lambda tvs: 0.5 * (both[0](tvs) + both[1](tvs))
     return out
 
 

@@ -156,6 +156,7 @@ def wudi_kernel(
     ),
     prior: Annotated[float, _checked("prior", minimum=0)] = wudi_solvers.PRIOR,
     prior_scale: Annotated[str, _checked("prior_scale", choices=wudi_solvers.PRIOR_SCALES)] = wudi_solvers.PRIOR_SCALE,
+    proxy: Annotated[str, _checked("proxy", choices=wudi_solvers.PROXIES)] = wudi_solvers.PROXY,
     preprocess: PreprocessArg = "none",
     awd_alpha: AwdAlphaArg = awd_solvers.ALPHA,
     awd_steps: AwdStepsArg = awd_solvers.STEPS,
@@ -187,14 +188,14 @@ def wudi_kernel(
         merged = wudi_solvers.merge_task_vectors(
             base, tvs, solver=solver, scaling=scaling, weights=weights, iterations=iterations,
             learning_rate=learning_rate, ridge=ridge, time=flow_time, keep_fraction=keep_fraction,
-            rank=rank, rank_energy=rank_energy, prior=prior, prior_scale=prior_scale,
+            rank=rank, rank_energy=rank_energy, prior=prior, prior_scale=prior_scale, proxy=proxy,
             overwrite_task_vectors=True,  # tvs are this call's own
         )
     else:
         merged = combine_task_vectors(base, tvs, weights, rule=non_linear, scaling=scaling)
     parameters = dict(solver=solver, iterations=iterations, learning_rate=learning_rate, scaling=scaling,
                       ridge=ridge, flow_time=flow_time, keep_fraction=keep_fraction, rank=rank, prior=prior,
-                      prior_scale=prior_scale, **options)
+                      prior_scale=prior_scale, proxy=proxy, **options)
     check_result_finite(merged, group, "wudi", parameters)
     return merged.to(base.dtype)
 

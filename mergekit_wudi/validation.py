@@ -197,17 +197,19 @@ def check_rank_settings(blocks, method: str) -> None:
 
 
 def check_prior_settings(blocks, method: str) -> None:
-    """``prior`` > 0 is for the exact ``closed_form`` solver: an error when it is set and a setting of
-    ``solver`` picks another one (the default solver is ``adam``) or ``rank`` is set."""
-    priors = [v for v in _all_values(blocks, "prior") if isinstance(v, (int, float)) and v > 0]
-    if not priors:
+    """``prior`` > 0 and ``proxy`` other than ``input`` are for the exact ``closed_form`` solver: an error when
+    one is set and a setting of ``solver`` picks another one (the default solver is ``adam``) or ``rank`` is set."""
+    used = [name for name, values in (
+        ("prior", [v for v in _all_values(blocks, "prior") if isinstance(v, (int, float)) and v > 0]),
+        ("proxy", [v for v in _all_values(blocks, "proxy") if v != "input"])) if values]
+    if not used:
         return
     solvers = set(_all_values(blocks, "solver") or ["adam"])
     if solvers != {"closed_form"}:
         raise MergeConfigError(
-            f"merge_method {method!r}: 'prior' is for solver closed_form; the solver here is "
+            f"merge_method {method!r}: '{used[0]}' is for solver closed_form; the solver here is "
             f"{', '.join(map(repr, sorted(solvers)))}"
         )
     if [v for v in _all_values(blocks, "rank") if v is not None]:
-        raise MergeConfigError(f"merge_method {method!r}: 'prior' works with the exact closed_form solver only "
+        raise MergeConfigError(f"merge_method {method!r}: '{used[0]}' works with the exact closed_form solver only "
                                "(leave 'rank' unset)")

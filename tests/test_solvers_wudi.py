@@ -233,3 +233,18 @@ def test_numerical_ranks_of_lora_and_full_updates():
                         for r in (3, 8)])
     assert W.numerical_ranks(lora).tolist() == [3, 8]
     assert W.numerical_ranks(task_vectors(2, 48, 40)).tolist() == [40, 40]
+
+
+def test_output_proxy_is_eq1_on_the_transposed_task_vectors_and_both_averages():
+    tvs = task_vectors(3, 12, 20, dtype=torch.float64)
+    for opts in ({}, {"prior": 1.0}):
+        inp = W.wudi_merged_task_vector(tvs, "closed_form", **opts)
+        out = W.wudi_merged_task_vector(tvs, "closed_form", proxy="output", **opts)
+        assert rel(out, W.wudi_merged_task_vector(tvs.transpose(1, 2), "closed_form", **opts).T) < 1e-12
+        assert rel(out, inp) > 1e-3  # a different proxy, a different merge
+        both = W.wudi_merged_task_vector(tvs, "closed_form", proxy="both", **opts)
+        assert rel(both, 0.5 * (inp + out)) < 1e-12
+    with pytest.raises(ValueError, match="'proxy' 'output' works with the exact closed_form solver only"):
+        W.wudi_merged_task_vector(tvs, "spectral", proxy="output")
+    with pytest.raises(ValueError, match="'proxy' must be one of input, output, both, got 'x'"):
+        W.wudi_merged_task_vector(tvs, "closed_form", proxy="x")

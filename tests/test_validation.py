@@ -114,6 +114,8 @@ YAML_CASES = {
     "prior with the adam solver": (_global(prior=1.0), "'prior' is for solver closed_form; the solver here is 'adam'"),
     "prior with spectral": (_global(solver="spectral", prior=1.0), "'prior' is for solver closed_form"),
     "prior with rank": (_global(solver="closed_form", prior=1.0, rank=8), "'prior' works with the exact closed_form"),
+    "output proxy with adam": (_global(proxy="output"), "'proxy' is for solver closed_form; the solver here is 'adam'"),
+    "unknown proxy": (_global(solver="closed_form", proxy="weights"), "'proxy' must be one of input, output, both"),
     "negative prior": (_global(solver="closed_form", prior=-1.0), "'prior' must be >= 0"),
     "unknown prior_scale": (_global(solver="closed_form", prior=1.0, prior_scale="width"),
                             "'prior_scale' must be one of rank, dim"),

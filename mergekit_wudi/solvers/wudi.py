@@ -76,6 +76,11 @@ RANK_ENERGY = 0.9
 PRIOR = 0.0
 PRIOR_SCALES: tuple[str, ...] = ("rank", "dim")
 PRIOR_SCALE = "rank"
+# proxy= (closed_form): which Gram of the task vector stands in for the layer's data. "input": tau_i^T tau_i
+# (Eq. 1 as written); "output": tau_i tau_i^T (Eq. 1 on the transposed task vectors); "both": the mean of the two
+# solutions.
+PROXIES: tuple[str, ...] = ("input", "output", "both")
+PROXY = "input"
 # The data-free configuration recommended for merging without a validation split (issue 21): chosen on the
 # validation split of the quality benchmark across full fine-tunes and LoRA experts, then fixed. ``solver:
 # adam`` (no parameters) stays the authors' algorithm.
@@ -142,8 +147,13 @@ def closed_form_solve(problem: InterferenceProblem, *, ridge: float = RIDGE) -> 
     return coef @ problem.X.T if problem.dual else coef
 
 
-def check_prior_options(prior: float, prior_scale: str, solver: str, rank=None) -> None:
-    """A clear error for a bad ``prior`` / ``prior_scale`` or a solver without the prior."""
+def check_prior_options(prior: float, prior_scale: str, solver: str, rank=None, proxy: str = PROXY) -> None:
+    """A clear error for a bad ``prior`` / ``prior_scale`` / ``proxy`` or a solver without them."""
+    if proxy not in PROXIES:
+        raise ValueError(f"parameter 'proxy' must be one of {', '.join(PROXIES)}, got {proxy!r}")
+    if proxy != "input" and (solver != "closed_form" or rank is not None):
+        raise ValueError(f"parameter 'proxy' {proxy!r} works with the exact closed_form solver only "
+                         f"(solver {solver!r}, rank {rank!r})")
     if not (isinstance(prior, (int, float)) and math.isfinite(prior) and prior >= 0):
         raise ValueError(f"parameter 'prior' must be a finite number >= 0, got {prior!r}")
     if prior_scale not in PRIOR_SCALES:
@@ -286,13 +296,17 @@ def wudi_merged_task_vector(
     rank_energy: float = RANK_ENERGY,
     prior: float = PRIOR,
     prior_scale: str = PRIOR_SCALE,
+    proxy: str = PROXY,
     sq_norms: Optional[torch.Tensor] = None,
     overwrite_task_vectors: bool = False,
 ) -> torch.Tensor:
     """``tau_m`` of Eq. 1 for nonzero task vectors ``[T, out, in]``, by the named solver.
 
     ``prior`` > 0 (``closed_form`` only): Eq. 3 with the isotropic input prior of strength ``prior``
-    scaled by ``prior_scale`` (:func:`prior_strengths`, :func:`prior_closed_form_solve`).
+    scaled by ``prior_scale`` (:func:`prior_strengths`, :func:`prior_closed_form_solve`). ``proxy``
+    (``closed_form`` only): ``"output"`` solves Eq. 1 (or 3) for the transposed task vectors, whose proxy is the
+    output Gram ``tau_i tau_i^T`` (for a LoRA update ``s B A`` the column space of ``B``, learned from zero,
+    where ``A``'s row space stays near its random init), ``"both"`` averages the input and output solutions.
 
     ``rank`` (``closed_form``/``spectral`` only; None: the exact solvers): an int ``k`` truncates
     each task vector to rank ``k``, ``"auto"`` to the smallest rank keeping ``rank_energy`` of each
@@ -301,7 +315,14 @@ def wudi_merged_task_vector(
     ``sq_norms`` (the task vectors' squared norms, if known) and ``overwrite_task_vectors`` (their
     buffer may hold the result) save passes and allocations on the fast path; the result is the same.
     """
-    check_prior_options(prior, prior_scale, solver, rank)
+    check_prior_options(prior, prior_scale, solver, rank, proxy)
+    if proxy != "input":
+        tvs = _stack(task_vectors)
+        same = dict(ridge=ridge, prior=prior, prior_scale=prior_scale, sq_norms=sq_norms)
+        out = wudi_merged_task_vector(tvs.transpose(1, 2), solver, **same).T.contiguous()
+        if proxy == "both":
+            out.add_(wudi_merged_task_vector(tvs, solver, **same)).mul_(0.5)
+        return out
     if rank is not None or not 0 < rank_energy <= 1:
         from mergekit_wudi.solvers.wudi_lowrank import check_rank_options, low_rank_merged_task_vector
 
