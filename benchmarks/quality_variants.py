@@ -167,7 +167,8 @@ def main(argv=None) -> int:
                 if not wanted(name):
                     return
                 for v in values:
-                    res[f"{name} @{v:g}"] = val(scaled(sd0, merged, v))
+                    if f"{name} @{v:g}" not in res:  # kept from an earlier run of the same --out
+                        res[f"{name} @{v:g}"] = val(scaled(sd0, merged, v))
                 best = max(values, key=lambda v: res[f"{name} @{v:g}"])
                 print(f"seed {seed} k {k} {name}: best @{best:g} {res[f'{name} @{best:g}']:.4f}", flush=True)
                 if row:

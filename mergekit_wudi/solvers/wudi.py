@@ -84,7 +84,7 @@ PROXY = "input"
 # The data-free configuration recommended for merging without a validation split (issue 21): chosen on the
 # validation split of the quality benchmark across full fine-tunes and LoRA experts, then fixed. ``solver:
 # adam`` (no parameters) stays the authors' algorithm.
-RECOMMENDED = {"solver": "closed_form", "prior": 1.0, "prior_scale": "rank"}
+RECOMMENDED = {"solver": "closed_form", "prior": 0.3, "prior_scale": "rank"}
 
 def adam_solve(
     problem: InterferenceProblem,
