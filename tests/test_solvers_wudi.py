@@ -185,19 +185,20 @@ def test_prior_closed_form_matches_written_out_objective(T, n_out, n_in, scale):
 def test_prior_on_disjoint_row_spaces_is_a_hand_computed_shrink():
     """Two rank-1 task vectors with orthogonal rows (LoRA-like): Eq. 1 returns their sum; with the prior each
     keeps (g + a)/(g + 2a) of itself (g = 1 here, a = prior / r = prior): the other task is zero there."""
-    tvs = torch.zeros(2, 3, 4, dtype=torch.float64)
+    tvs = torch.zeros(2, 8, 12, dtype=torch.float64)
     tvs[0, 0, 0], tvs[1, 1, 1] = 2.0, 5.0
+    assert W.numerical_ranks(tvs).tolist() == [1, 1]
     plain = W.wudi_merged_task_vector(tvs, "closed_form", ridge=0.0)
     assert torch.allclose(plain, tvs.sum(0))
     a = 0.5
     ours = W.wudi_merged_task_vector(tvs, "closed_form", prior=a, ridge=0.0)
-    expected = torch.zeros(3, 4, dtype=torch.float64)
+    expected = torch.zeros(8, 12, dtype=torch.float64)
     expected[0, 0] = (1 + a) / (1 + 2 * a) * 2.0
     expected[1, 1] = (1 + a) / (1 + 2 * a) * 5.0
-    # directions 2, 3: nobody's support, the solution is the (rank-weighted) mean there: zero here
+    # directions 2..11: nobody's support, the solution is the (rank-weighted) mean there: zero here
     assert torch.allclose(ours, expected, atol=1e-12)
     # "dim": a = prior / in for every task
-    ours_dim = W.wudi_merged_task_vector(tvs, "closed_form", prior=4 * a, prior_scale="dim", ridge=0.0)
+    ours_dim = W.wudi_merged_task_vector(tvs, "closed_form", prior=12 * a, prior_scale="dim", ridge=0.0)
     assert torch.allclose(ours_dim, expected, atol=1e-12)
 
 
@@ -226,13 +227,15 @@ def test_prior_option_errors():
 
 def test_numerical_ranks_of_lora_and_full_updates():
     """A LoRA-like update B A of rank r counts r (float32 rounding of W0 + BA - W0 does not add rank); a dense
-    delta counts min(out, in)."""
+    delta counts min(out, in), and so does a rank the sketch (min(out, in) // 4 columns) cannot tell from full."""
     g = torch.Generator().manual_seed(0)
     w0 = torch.randn(48, 40, generator=g) * 0.05
     lora = torch.stack([(w0 + 0.01 * torch.randn(48, r, generator=g) @ torch.randn(r, 40, generator=g)) - w0
                         for r in (3, 8)])
     assert W.numerical_ranks(lora).tolist() == [3, 8]
     assert W.numerical_ranks(task_vectors(2, 48, 40)).tolist() == [40, 40]
+    wide = (torch.randn(1, 48, 20, generator=g) @ torch.randn(1, 20, 40, generator=g))  # rank 20 > 40 // 4
+    assert W.numerical_ranks(wide).tolist() == [40]
 
 
 def test_output_proxy_is_eq1_on_the_transposed_task_vectors_and_both_averages():

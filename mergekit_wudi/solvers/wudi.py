@@ -164,17 +164,30 @@ def check_prior_options(prior: float, prior_scale: str, solver: str, rank=None, 
         raise ValueError("parameter 'prior' works with the exact closed_form solver only (rank: null)")
 
 
+# numerical_ranks looks for ranks below this share of min(out, in); a larger rank counts as full.
+RANK_SKETCH_SHARE = 4
+
+
 def numerical_ranks(tvs: torch.Tensor) -> torch.Tensor:
-    """Numerical rank of each task vector ``[T, out, in]``: singular values above ``s_max * max(out, in) * eps``
-    of the task vectors' dtype (numpy's ``matrix_rank`` rule), from the eigenvalues of the smaller Gram, formed
-    in float64 (a float32 Gram's rounding, ``eps * s_max^2``, would count as rank). A LoRA update ``s B A`` has
-    rank ``r``; a full fine-tune's delta is full rank."""
+    """Numerical rank of each task vector ``[T, out, in]``, or ``min(out, in)`` when it is not clearly low.
+
+    The rank of ``tau_i`` is the rank of the sketch ``tau_i Omega`` for a Gaussian ``Omega`` with ``k =
+    min(out, in) // RANK_SKETCH_SHARE`` columns whenever it is below ``k`` (with probability 1); its singular
+    values above ``s_max * max(out, in) * eps`` of the dtype count (numpy's ``matrix_rank`` rule). At
+    O(out in k) per task vector, a quarter of one Gram. A LoRA update ``s B A`` has rank ``r``; a full
+    fine-tune's delta counts as ``min(out, in)``. ``Omega`` comes from a generator with a fixed seed.
+    """
     T, n_out, n_in = tvs.shape
-    t64 = tvs.double()
-    grams = t64 @ t64.transpose(1, 2) if n_out <= n_in else t64.transpose(1, 2) @ t64
-    lam = torch.linalg.eigvalsh(grams)  # squared singular values, ascending
-    tol = (max(n_out, n_in) * torch.finfo(tvs.dtype).eps) ** 2
-    return (lam > lam[:, -1:] * tol).sum(dim=1).clamp_min(1).to(tvs.dtype)
+    full = min(n_out, n_in)
+    k = full // RANK_SKETCH_SHARE
+    if k < 2:
+        return torch.full((T,), float(full), dtype=tvs.dtype, device=tvs.device)
+    generator = torch.Generator(device=tvs.device).manual_seed(0)
+    omega = torch.randn(n_in, k, generator=generator, dtype=tvs.dtype, device=tvs.device)
+    sv = torch.linalg.svdvals(tvs @ omega)  # [T, k], descending
+    tol = max(n_out, n_in) * torch.finfo(tvs.dtype).eps
+    ranks = (sv > sv[:, :1] * tol).sum(dim=1)
+    return torch.where(ranks < k, ranks, torch.full_like(ranks, full)).clamp_min(1).to(tvs.dtype)
 
 
 def prior_strengths(tvs: torch.Tensor, sq_norms: torch.Tensor, prior: float, prior_scale: str) -> torch.Tensor:
