@@ -50,6 +50,7 @@ TIES_GRID = [0.5, 1.0, 1.5, 2.0, 3.0]
 REF_GRID = [0.5, 1.0, 1.5, 2.0]
 PRIOR_DIM = [0.1, 0.3, 1.0, 3.0, 10.0, 100.0]
 PRIOR_RANK = [0.3, 1.0, 3.0]
+DECORRELATED_PRIOR = 0.2  # the value main's mergekit_wudi.solvers.subspace_merging.DECORRELATED_PRIOR holds
 
 
 def scaled(sd0, merged, s):
@@ -94,7 +95,35 @@ def variants():
     both = (solver(solver="closed_form", prior=1.0, ridge=0.0),
             transposed(solver(solver="closed_form", prior=1.0, ridge=0.0)))
     out["two-sided prior rank 1"] = lambda tvs: 0.5 * (both[0](tvs) + both[1](tvs))
+    for pw in (0.5, 0.75, 1.0):
+        for a in (0.5, 0.75, 1.0):
+            out[f"gram power {pw:g} x{a:g}"] = (lambda pw, a: lambda tvs: a * gram_power_merge(tvs, pw))(pw, a)
+    for c in (0.05, 0.1, 0.15, 0.2, 0.3):
+        out[f"decorrelated prior {c:g}"] = (lambda c: lambda tvs: decorrelated_prior(tvs, c))(c)
     return out
+
+
+def decorrelated_prior(tvs, c):
+    """Eq. 1 with projector Grams plus c I on TSV-decorrelated task vectors: (1 + c) / (1 + c T) x TSV-M."""
+    from benchmarks import reference_methods as ref
+
+    T = tvs.shape[0]
+    return (1 + c) / (1 + c * T) * ref.tsv_merge(torch.zeros_like(tvs[0]), list(tvs))
+
+
+def gram_power_merge(tvs, p, eps=1e-2):
+    """U (U^T U + eps)^-p S (V^T V + eps)^-p V^T over the stacked per-task top-(min/T) SVD triplets: p = 1/2 is
+    TSV-M's whitening (eps aside), p = 1 the projector-Gram minimiser of Eq. 1 on each side."""
+    T = tvs.shape[0]
+    k = max(1, int(min(tvs.shape[1:]) / T))
+    us, ss, vs = [], [], []
+    for tv in tvs:
+        u, s, vh = torch.linalg.svd(tv, full_matrices=False)
+        us.append(u[:, :k]); ss.append(s[:k]); vs.append(vh[:k].T)
+    def whiten(m):
+        pm, sm, qh = torch.linalg.svd(m, full_matrices=False)
+        return (pm * (sm * (sm * sm + eps) ** (-p))) @ qh
+    return whiten(torch.cat(us, 1)) @ torch.diag(torch.cat(ss)) @ whiten(torch.cat(vs, 1)).T
 
 
 def main(argv=None) -> int:
@@ -202,6 +231,9 @@ def main(argv=None) -> int:
                 res[name] = val(sd)
                 res[f"_{name} seconds"] = secs
                 print(f"seed {seed} k {k} {name}: {res[name]:.4f} ({secs:.1f}s)", flush=True)
+                if name == f"decorrelated prior {DECORRELATED_PRIOR:g}":
+                    test_rows[report.DECORRELATED_ROW] = (sd, secs, {"solver": "decorrelated",
+                                                                      "prior": DECORRELATED_PRIOR})
                 if name == "closed_form":
                     for s in (0.5, 0.75):
                         res[f"{name} x{s:g}"] = val(scaled(sd0, sd, s))
@@ -226,8 +258,7 @@ def score_test_rows(section, seed, k, subset, sd0, experts, heads, ev, limit, te
 
     models = {"base": sd0, **{t: experts[t] for t in subset}}
     lin, _ = linear_flags(sd0)
-    for row, params in ((report.RECOMMENDED_ROW, dict(RECOMMENDED)),
-                        ("wudi closed_form (ridge 0.01)", {"solver": "closed_form"})):
+    for row, params in (("wudi closed_form (ridge 0.01)", {"solver": "closed_form"}),):
         sd, secs = merge(models, "wudi", {**params, "linear": lin})
         test_rows[row] = (sd, secs, params)
     rec = section["seeds"].setdefault(str(seed), {"subsets": {}})
