@@ -363,6 +363,48 @@ def test_report_ranks_rows_and_gives_paired_intervals_against_wudi_default():
     assert "WUDI default" not in table[2] and table[2].count("|") == table[3].count("|") == table[4].count("|") == 8
 
 
+def test_claims_from_a_tiny_results_dict(tmp_path):
+    """summary.claims: paired differences per seed, the 95% t-interval, the rule, met / not met / not measured,
+    written into <name>.json by write_report."""
+    from benchmarks.qualitybench import report
+
+    def row(norm):
+        return {"test": {"a": norm}, "mean_acc": norm, "normalized": norm, "merge_seconds": 0.5}
+
+    cand, iso = report.FULL_ROW, report.SUBSPACE_ROWS[0]
+    seeds = {str(s): {"subsets": {"7": {"methods": {cand: row(c), iso: row(i)}},
+                                  "2": {"methods": {cand: row(c - 0.05), iso: row(i)}}}}
+             for s, (c, i) in enumerate([(0.96, 0.95), (0.962, 0.95), (0.958, 0.95)])}
+    lora = {"0": {"subsets": {"4": {"methods": {cand: row(0.90), report.TA_ROW: row(0.88)}}}}}
+    results = {"seeds": seeds, "lora": {"seeds": lora, "config": {"lora": {"r": 8}, "lr_encoder": 1e-3}}}
+    claims = [report.Claim("full fine-tunes", 7, cand, iso, "ahead"),
+              report.Claim("full fine-tunes", 2, cand, iso, "at least as good"),
+              report.Claim("LoRA, independent init", 4, cand, report.TA_ROW, "at least as good"),
+              report.Claim("LoRA, shared init", 4, cand, report.TA_ROW, "at least as good")]
+    ahead, worse, lora_one, missing = report.evaluate_claims(results, claims)
+    diffs = [0.01, 0.012, 0.008]
+    half = 4.302652729 * (sum((d - 0.01) ** 2 for d in diffs) / 2) ** 0.5 / 3 ** 0.5  # t(0.975, 2)
+    assert ahead["n_seeds"] == 3 and abs(ahead["paired_difference"] - 0.01) < 1e-12
+    assert abs(ahead["ci95"][0] - (0.01 - half)) < 1e-9 and abs(ahead["ci95"][1] - (0.01 + half)) < 1e-9
+    assert ahead["met"] is True and ahead["status"] == "met" and ahead["rule"] == report.CLAIM_RULES["ahead"]
+    assert worse["met"] is False and worse["status"] == "not met" and abs(worse["paired_difference"] + 0.04) < 1e-12
+    # one seed: no interval, decided by the mean
+    assert lora_one["n_seeds"] == 1 and lora_one["ci95"] is None and lora_one["met"] is True
+    assert missing["status"] == "not measured" and missing["met"] is None and missing["n_seeds"] == 0
+    # "ahead" needs the whole interval above 0: a positive mean with a wide interval is not met
+    seeds["2"]["subsets"]["7"]["methods"][cand] = row(0.90)
+    assert report.evaluate_claims(results, claims[:1])[0]["status"] == "not met"
+    # write_report puts the default claims list into summary.claims of the JSON, next to the per-k rows
+    results.update(config={"quick": True, "seeds": [0, 1, 2], "steps": 1, "batch_size": 1, "lr_encoder": 1,
+                           "lr_head": 1, "max_length": 8}, command="test")
+    report.write_report(results, "claims", lambda msg: None, tmp_path)
+    written = json.loads((tmp_path / "claims.json").read_text())["summary"]
+    assert "7" in written and len(written["claims"]) == len(report.issue21_claims())
+    by_name = {c["name"]: c for c in written["claims"]}
+    assert by_name[report.Claim("full fine-tunes", 7, cand, iso, "ahead").name]["status"] == "not met"
+    assert "Claims (issue 21)" in (tmp_path / "claims.md").read_text()
+
+
 def test_lora_rows_on_a_tiny_bert(tmp_path, tiny_source, monkeypatch):
     """``--lora``: PEFT LoRA experts whose cached weights are W0 + (alpha/r) B A, the LoRA rows, and
     ``--combine`` of a main file with the LoRA file."""
@@ -402,3 +444,63 @@ def test_lora_rows_on_a_tiny_bert(tmp_path, tiny_source, monkeypatch):
     both = json.loads((tmp_path / "res" / "both.json").read_text())
     assert set(both["seeds"]) == {"0"} and set(both["lora"]["seeds"]) == {"0"}
     assert "# LoRA experts" in (tmp_path / "res" / "both.md").read_text()
+
+
+def test_lora_init_regimes_on_a_tiny_bert(tmp_path, tiny_source, monkeypatch):
+    """``--lora-init shared``: every adapter of a seed starts from the same A, so the experts' updates share
+    their row space (independent inits do not); ``--lora-init callback``: the experts come from one PEFT encoder
+    fitted task after task through WUDIMergeCallback. Each regime has its own results key and cache entries."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from benchmarks.qualitybench import report
+    from benchmarks.qualitybench.model import load_encoder
+
+    monkeypatch.setattr(bench_run, "REQUIRED", [("lightning", "lightning")])
+    monkeypatch.setattr(report, "plot", lambda *a, **k: None)
+    model = _tiny_bert(tmp_path / "bert")
+    common = ["--tasks-from", tiny_source, "--model", str(model), "--steps", "3", "--seeds", "0", "--lora",
+              "--results-dir", str(tmp_path / "res"), "--cache-dir", str(tmp_path / "c"), "--subsets", "2"]
+    sd0 = load_encoder(str(model)).state_dict()
+    name = "encoder.layer.0.attention.self.query.weight"  # the cached files prefix the encoder's keys: encoder.<k>
+
+    def row_overlap(paths):
+        """Share of the second expert's update (on one weight) inside the first one's row space."""
+        d1, d2 = (load_file(str(p))[f"encoder.{name}"] - sd0[name] for p in paths)
+        _, sv, vh = torch.linalg.svd(d1)
+        q = vh[sv > 1e-4 * sv[0]].T  # the row space of the rank-r update
+        return float((d2 @ q).norm() / d2.norm())
+
+    overlaps = {}
+    for init, key in (("independent", "lora"), ("shared", "lora_shared_init"), ("callback", "lora_callback")):
+        before = set((tmp_path / "c" / "lora_experts").glob("*.safetensors")) if init != "independent" else set()
+        assert bench_run.main(common + ["--lora-init", init, "--name", init]) == 0
+        results = json.loads((tmp_path / "res" / f"{init}.json").read_text())
+        assert set(results) & {"lora", "lora_shared_init", "lora_callback"} == {key}
+        assert "task_arithmetic (val lambda)" in results[key]["seeds"]["0"]["subsets"]["2"]["methods"]
+        new = sorted(set((tmp_path / "c" / "lora_experts").glob("*.safetensors")) - before)
+        assert len(new) == 2  # its own cache entries, one per task
+        vias = {json.loads(p.with_suffix(".json").read_text())["via"] for p in new}
+        assert vias == ({"WUDIMergeCallback (sequential, PEFT LoRA)"} if init == "callback"
+                        else {"Lightning fit of a PEFT LoRA encoder"})
+        overlaps[init] = row_overlap(new)
+    assert overlaps["shared"] > 0.95 and overlaps["callback"] > 0.95 and overlaps["independent"] < 0.8, overlaps
+
+
+def test_quality_variants_screen_functions():
+    """The issue 21 screen's variants: the package's `decorrelated` at each prior, the rank-truncated variant
+    equal to it on full-rank task vectors, and gram power 1/2 close to TSV-M (exactly it as eps -> 0)."""
+    from benchmarks import quality_variants as qv
+    from mergekit_wudi.solvers.subspace_merging import decorrelated_wudi_merged_task_vector, tsv_merged_task_vector
+
+    torch.manual_seed(11)
+    tvs = torch.randn(3, 10, 9)
+    found = qv.variants()
+    for c in (0.1, 0.2, 0.3):
+        expected = decorrelated_wudi_merged_task_vector(tvs, prior=c)
+        torch.testing.assert_close(found[f"decorrelated prior {c:g}"](tvs), expected)
+        torch.testing.assert_close(found[f"decorrelated numrank prior {c:g}"](tvs), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(qv.gram_power_merge(tvs, 0.5, eps=0.0), tsv_merged_task_vector(tvs), rtol=1e-4, atol=1e-5)
+    low_rank = torch.randn(3, 10, 2) @ torch.randn(3, 2, 9)  # rank 2 < min(out, in) / T = 3: zero triplets dropped
+    assert not torch.allclose(found["decorrelated numrank prior 0.2"](low_rank),
+                              found["decorrelated prior 0.2"](low_rank), atol=1e-4)

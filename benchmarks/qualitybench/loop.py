@@ -30,6 +30,8 @@ def row_group(row: str) -> str:
     """The ``--refresh`` group a recorded row (or ``_``-prefixed grid) belongs to."""
     if "(rank " in row or row.endswith(("_rank_energy_val", "_rank_cap_val")):
         return "rank"
+    if row.startswith("wudi decorrelated"):
+        return "decorrelated"
     for g in ("closed_form", "spectral"):
         if row.startswith(f"wudi {g}") or row.startswith(f"_{g}_"):
             return g

@@ -27,14 +27,29 @@ from .subset import reference_rows
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["query", "key", "value", "dense"], "lora_dropout": 0.0}
 # LoRA's factors start at B = 0: with the full fine-tune's 1e-4 they barely move in 50 steps
 LORA_LR = 1e-3
+# The ways users get LoRA experts: each task's A from its own seed (the default rows), every task's A from one
+# seed ("shared": the same initial A for every adapter of a seed, e.g. one training script run per task with a
+# fixed seed), or the callback's own sequential path ("callback": ONE PEFT encoder fitted task after task through
+# WUDIMergeCallback, which resets lora_B to 0 at every fit start and leaves lora_A where the previous fit left
+# it). Results go under results["lora"], results["lora_shared_init"], results["lora_callback"].
+LORA_INITS = ("independent", "shared", "callback")
+SHARED_INIT_POSITION = 999  # the task position whose training seed draws the shared A (no task has it)
+
+
+def lora_results_key(init: str) -> str:
+    return {"independent": "lora", "shared": "lora_shared_init", "callback": "lora_callback"}[init]
 
 
 def lora_config(cfg: dict) -> dict:
-    return {**cfg, "lr_encoder": LORA_LR, "lora": dict(LORA), "lora_wudi_scale_grid": [0.2, 0.35, 0.5, 0.75, 1.0]}
+    return {"lora_init": "independent", **cfg, "lr_encoder": LORA_LR, "lora": dict(LORA),
+            "lora_wudi_scale_grid": [0.2, 0.35, 0.5, 0.75, 1.0]}
 
 
 def lora_expert_path(lcfg: dict, cache: Path, task: dict, seed: int, position: int) -> Path:
-    key = stable_hash([expert_key(lcfg, task, seed, position), lcfg["lora"]])
+    parts = [expert_key(lcfg, task, seed, position), lcfg["lora"]]
+    if lcfg.get("lora_init", "independent") != "independent":  # the independent experts keep their cache keys
+        parts.append({"lora_init": lcfg["lora_init"]})
+    key = stable_hash(parts)
     return cache / "lora_experts" / f"s{seed}-{key}.safetensors"
 
 
@@ -44,7 +59,8 @@ def train_lora_expert(lcfg: dict, data, task_name: str, num_labels: int, seed: i
 
     from mergekit_wudi.io import atomic_file, save_safetensors_atomic
 
-    torch.manual_seed(training_seed(seed, position))  # the LoRA A factors' init
+    shared = lcfg.get("lora_init", "independent") == "shared"
+    torch.manual_seed(training_seed(seed, SHARED_INIT_POSITION if shared else position))  # the A factors' init
     encoder = get_peft_model(load_encoder(lcfg["model"]), LoraConfig(**lcfg["lora"]))
     seconds, module = fit_one(lcfg, data, task_name, num_labels, seed, position, [], encoder=encoder)
     effective = module.encoder.merge_and_unload()
@@ -57,9 +73,45 @@ def train_lora_expert(lcfg: dict, data, task_name: str, num_labels: int, seed: i
     return seconds
 
 
+def train_lora_callback_experts(lcfg: dict, cache: Path, data, tasks, positions, seed: int, paths: dict, log):
+    """The callback's own sequential LoRA path: ONE PEFT encoder (A drawn once, from the shared-init seed), one
+    ``trainer.fit`` per task (the source's order) through one ``WUDIMergeCallback`` that snapshots each expert's
+    effective weights; cached like the other experts (all tasks retrained together: each fit starts where the
+    previous one left ``lora_A``)."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+
+    from mergekit_wudi.io import atomic_file, load_state_dict, save_safetensors_atomic
+    from mergekit_wudi.lightning import WUDIMergeCallback
+
+    torch.manual_seed(training_seed(seed, SHARED_INIT_POSITION))
+    encoder = get_peft_model(load_encoder(lcfg["model"]), LoraConfig(**lcfg["lora"]))
+    out_dir = cache / "callback" / f"lora-seed{seed}-{stable_hash([p.name for p in paths.values()], 10)}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    callback = WUDIMergeCallback(method="wudi", parameters={"solver": "closed_form"}, exclude=["head"],
+                                 output=str(out_dir), num_tasks=len(tasks), load_merged=False, progress=False)
+    seconds = {}
+    for task in tasks:
+        seconds[task], _ = fit_one(lcfg, data, task, len(tasks[task]["labels"]), seed, positions[task], [callback],
+                                   encoder=encoder)
+        log(f"  trained LoRA expert {task} seed {seed}: {seconds[task]:.0f}s (WUDIMergeCallback, sequential PEFT)")
+    heads = callback.task_heads
+    for i, task in enumerate(tasks):
+        sd = {**load_state_dict(callback.expert_paths[i]), **heads[i]}
+        with atomic_file(paths[task].with_suffix(".json")) as tmp:
+            Path(tmp).write_text(json.dumps({"task": task, "seed": seed, "train_seconds": seconds[task],
+                                             "via": "WUDIMergeCallback (sequential, PEFT LoRA)", **lcfg}))
+        save_safetensors_atomic(sd, paths[task])
+
+
 def lora_experts(lcfg, cache: Path, data, tasks, positions, seed, log):
     """({task: effective encoder state dict}, {task: head}, {task: train seconds}), training missing ones."""
     experts, heads, secs = {}, {}, {}
+    if lcfg.get("lora_init") == "callback":
+        paths = {t: lora_expert_path(lcfg, cache, tasks[t], seed, positions[t]) for t in tasks}
+        if not all(p.exists() for p in paths.values()):
+            train_lora_callback_experts(lcfg, cache, data, tasks, positions, seed, paths, log)
     for task in tasks:
         path = lora_expert_path(lcfg, cache, tasks[task], seed, positions[task])
         if not path.exists():
@@ -87,7 +139,7 @@ def _wudi_val_scaled(ctx):
 
 
 LORA_SPECS = [spec for spec in BUILTIN_SPECS
-              if spec.name in ("task_arithmetic", "ties", "wudi closed_form", "wudi spectral")]
+              if spec.name in ("task_arithmetic", "ties", "wudi closed_form", "wudi spectral", "wudi recommended")]
 # adam (300 Adam steps per weight, 1-2.5 min per merge here) is left out of the LoRA rows to fit the CPU budget
 LORA_SPECS.append(MethodSpec("wudi rank = total LoRA rank", _wudi_total_rank, group="rank"))
 LORA_SPECS.append(MethodSpec("wudi val scaling", _wudi_val_scaled))
@@ -96,7 +148,9 @@ LORA_SPECS.append(MethodSpec("wudi val scaling", _wudi_val_scaled))
 def run_lora_seeds(cfg, tasks, results, ev, sd0, cache, save, log) -> None:
     """The LoRA rows for every seed and subset size, into ``results["lora"]`` (same layout as the main run)."""
     lcfg = lora_config(cfg)
-    lora = results.setdefault("lora", {"config": {"lora": LORA, "lr_encoder": LORA_LR}, "seeds": {}})
+    lora = results.setdefault(lora_results_key(lcfg["lora_init"]),
+                              {"config": {"lora": LORA, "lr_encoder": LORA_LR, "lora_init": lcfg["lora_init"]},
+                               "seeds": {}})
     t0 = time.perf_counter()
     for seed in cfg["seeds"]:
         lcfg["_seed"] = seed

@@ -19,10 +19,13 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from mergekit_wudi.solvers import lwptv
+from mergekit_wudi.solvers.subspace_merging import DECORRELATED_PRIOR
 from mergekit_wudi.solvers.wudi import FLOW_TIME, RANK_ENERGY, RIDGE
 
 from ..common import mean
 from .subset import SubsetContext, linear_flags, merge, scaled
+
+DECORRELATED_ROW = f"wudi decorrelated (prior {DECORRELATED_PRIOR:g})"  # issue 21: recommended for LoRA experts
 
 EXTRA_SPEC_MODULES = ("benchmarks.baselines",)
 
@@ -226,6 +229,13 @@ def _preprocessed(ctx):
             _preprocess_variant(ctx, method, pre)
 
 
+def _wudi_decorrelated(ctx):
+    """``solver: decorrelated`` at its default prior (issue 21), nothing tuned on validation: the configuration
+    recommended for LoRA experts (the callback's default for them), checked in ``summary.claims``."""
+    sd, secs = ctx.merge("wudi", {"solver": "decorrelated", "linear": ctx.lin})
+    ctx.record(DECORRELATED_ROW, sd, secs, {"solver": "decorrelated"}, with_ood=True)
+
+
 BUILTIN_SPECS = [
     MethodSpec("task_arithmetic", lambda_tuned("task_arithmetic (val lambda)", "task_arithmetic", {"weight": 1.0},
                                                "ta_grid", with_ood=True)),
@@ -236,6 +246,7 @@ BUILTIN_SPECS = [
     MethodSpec("wudi lowrank", _wudi_lowrank, when=_lowrank_wanted),
     MethodSpec("wudi rank fast path", _wudi_rank_fast_path, group="rank",
                when=lambda ctx: len(ctx.subset) in ctx.cfg["rank_subsets"]),
+    MethodSpec("wudi decorrelated", _wudi_decorrelated, group="decorrelated"),
     MethodSpec("awd / lwptv", _preprocessed, group="preprocess",
                when=lambda ctx: len(ctx.subset) in ctx.cfg["preprocess_subsets"]),
 ]

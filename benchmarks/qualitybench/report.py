@@ -6,13 +6,102 @@ number of tasks, one line per method family, and merge time against accuracy).""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+
 from ..common import RESULTS, mean, mean_std
+from .methods import DECORRELATED_ROW
 
 TA_ROW = "task_arithmetic (val lambda)"
+TIES_ROW = "ties (d=0.2, val lambda)"
 DEFAULT_ROW = "wudi adam (scaling 1.0)"  # WUDI's default: the authors' solver at their scaling
 REFERENCE_ROWS = ("expert (own task, upper bound)", "pretrained encoder")
+# Issue 21: the recommended data-free configuration per expert kind (the callback's RECOMMENDED_WUDI), nothing
+# tuned on validation: full fine-tunes -> closed_form, LoRA experts -> decorrelated.
+FULL_ROW = "wudi closed_form (ridge 0.01)"
+# The data-free subspace methods the full fine-tune row has to beat, at their validation-tuned best.
+SUBSPACE_ROWS = ("iso_c (val grid)", "iso_cts (val grid)", "tsv_merge (val grid)")
+# Where each regime's seeds live in the results dict ("seeds": the full fine-tunes).
+REGIMES = {"full fine-tunes": "seeds", "LoRA, independent init": "lora", "LoRA, shared init": "lora_shared_init",
+           "LoRA, callback path": "lora_callback"}
+# How a claim's paired differences (row - versus, normalized accuracy, per seed) decide it.
+CLAIM_RULES = {"ahead": "95% interval of the paired difference entirely above 0",
+               "at least as good": "mean paired difference >= 0"}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A sentence of the README as a check on the rows: ``row`` against ``versus`` at ``tasks`` merged."""
+
+    regime: str  # a key of REGIMES
+    tasks: int
+    row: str
+    versus: str
+    rule: str  # a key of CLAIM_RULES
+
+    @property
+    def name(self) -> str:
+        return f"{self.regime}, {self.tasks} tasks: {self.row} {self.rule} {self.versus}"
+
+
+def issue21_claims(row: str = FULL_ROW, lora_row: str = DECORRELATED_ROW) -> list:
+    """Part 1 of issue 21, with the recommended configuration per expert kind (main's RECOMMENDED_WUDI):
+    ahead of Iso-C / Iso-CTS / TSV-M at 7 tasks, no worse at 2 and 4 (full fine-tunes, closed_form);
+    at least as good as tuned task arithmetic and TIES at 4 and 7 tasks in every LoRA regime (decorrelated)."""
+    claims = [Claim("full fine-tunes", k, row, versus, "ahead" if k == 7 else "at least as good")
+              for k in (7, 4, 2) for versus in SUBSPACE_ROWS]
+    claims += [Claim(regime, k, lora_row, versus, "at least as good")
+               for regime in list(REGIMES)[1:] for k in (4, 7) for versus in (TA_ROW, TIES_ROW)]
+    return claims
+
+
+def paired_differences(section: dict, tasks: int, row: str, versus: str) -> list:
+    """Per seed that has both rows at ``tasks`` merged: normalized(row) - normalized(versus)."""
+    out = []
+    for seed in sorted((section or {}).get("seeds", {}), key=int):
+        methods = section["seeds"][seed]["subsets"].get(str(tasks), {}).get("methods", {})
+        a, b = methods.get(row), methods.get(versus)
+        if isinstance(a, dict) and isinstance(b, dict) and "normalized" in a and "normalized" in b:
+            out.append(a["normalized"] - b["normalized"])
+    return out
+
+
+def evaluate_claims(results: dict, claims: list | None = None) -> list:
+    """``summary.claims``: for each claim its measured paired difference (mean over seeds, normalized accuracy
+    points as fractions), the 95% t-interval, the number of seeds, and ``status`` met / not met / not measured
+    (no seed with both rows; one seed gives an interval of NaN, decided by the mean alone)."""
+    out = []
+    for claim in issue21_claims() if claims is None else claims:
+        section = results if REGIMES[claim.regime] == "seeds" else results.get(REGIMES[claim.regime])
+        ds = paired_differences(section, claim.tasks, claim.row, claim.versus)
+        rec = {"name": claim.name, "regime": claim.regime, "tasks": claim.tasks, "row": claim.row,
+               "versus": claim.versus, "rule": CLAIM_RULES[claim.rule], "n_seeds": len(ds)}
+        if not ds:
+            out.append({**rec, "paired_difference": None, "ci95": None, "met": None, "status": "not measured"})
+            continue
+        d, h = mean(ds), ci95(ds)
+        low = d - h if h == h else d  # h != h: NaN (one seed)
+        met = low > 0 if claim.rule == "ahead" else d >= 0
+        out.append({**rec, "paired_difference": d, "ci95": [d - h, d + h] if h == h else None, "met": met,
+                    "status": "met" if met else "not met"})
+    return out
+
+
+def claims_table(claims: list) -> list:
+    """The claims as a markdown table (points of normalized accuracy)."""
+    lines = ["## Claims (issue 21): the recommended configuration against its targets", "",
+             "| regime | tasks | versus | rule | paired Δ (pts) [95% CI] | seeds | status |",
+             "|---|---|---|---|---|---|---|"]
+    for c in claims:
+        if c["paired_difference"] is None:
+            delta = ""
+        else:
+            delta = f"{100 * c['paired_difference']:+.2f}" + (
+                f" [{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}]" if c["ci95"] else "")
+        lines.append(f"| {c['regime']} | {c['tasks']} | {c['versus']} | {c['rule']} | {delta} | {c['n_seeds']} "
+                     f"| {c['status']} |")
+    return lines + [""]
 
 
 def family(row: str) -> str:
@@ -226,26 +315,36 @@ def _grid_lines(results: dict, summary: dict) -> list:
 
 
 def _lora_section(results: dict) -> list:
-    """The LoRA rows (``--lora``): one table per subset, paired differences against the LoRA experts' own task
-    arithmetic and WUDI default rows."""
-    lora = results.get("lora")
-    if not lora or not lora.get("seeds"):
-        return []
-    cfg = lora["config"]
-    lines = ["# LoRA experts", "",
-             f"One PEFT LoRA expert per task ({cfg['lora']}, encoder lr {cfg['lr_encoder']}), same tasks, seeds, "
-             "steps and subsets. Merges see each expert's effective weights W0 + (alpha/r) B A. Normalized = "
-             "merged / the LoRA expert's accuracy; Δ columns are paired against the LoRA rows.", ""]
-    return lines + [line.replace("## ", "## LoRA experts, ", 1) if line.startswith("## ") else line
-                    for line in _summary_tables(lora["summary"])]
+    """The LoRA rows (``--lora``), one part per init regime: one table per subset, paired differences against
+    the LoRA experts' own task arithmetic and WUDI default rows."""
+    lines = []
+    for regime, key in list(REGIMES.items())[1:]:
+        lora = results.get(key)
+        if not lora or not lora.get("seeds"):
+            continue
+        cfg = lora["config"]
+        lines += [f"# LoRA experts ({regime})", "",
+                  f"One PEFT LoRA expert per task ({cfg['lora']}, encoder lr {cfg['lr_encoder']}), same tasks, seeds, "
+                  "steps and subsets. Merges see each expert's effective weights W0 + (alpha/r) B A. Normalized = "
+                  "merged / the LoRA expert's accuracy; Δ columns are paired against the LoRA rows.", ""]
+        lines += [line.replace("## ", f"## LoRA experts ({regime}), ", 1) if line.startswith("## ") else line
+                  for line in _summary_tables(lora["summary"])]
+    return lines
 
 
 def write_report(results: dict, name: str, log, results_dir: Path = RESULTS) -> None:
-    summary = results["summary"] = summarise(results)
-    if results.get("lora", {}).get("seeds"):
-        results["lora"]["summary"] = summarise({"seeds": results["lora"]["seeds"]})
+    summary = summarise(results)
+    for key in [REGIMES[r] for r in list(REGIMES)[1:]]:
+        if results.get(key, {}).get("seeds"):
+            results[key]["summary"] = summarise({"seeds": results[key]["seeds"]})
+    claims = evaluate_claims(results)
+    # summary: {k: rows} plus the machine-readable claims (the markdown code reads the per-k part only)
+    results["summary"] = {**summary, "claims": claims}
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"{name}.json").write_text(json.dumps(results, indent=1))
+    from mergekit_wudi.io import atomic_file
+
+    with atomic_file(results_dir / f"{name}.json") as tmp:
+        Path(tmp).write_text(json.dumps(results, indent=1))
     cfg = results["config"]
     lines = [f"# Quality benchmark ({'quick' if cfg['quick'] else 'full'})", "",
              f"Command: `{results['command']}`", "",
@@ -257,7 +356,8 @@ def write_report(results: dict, name: str, log, results_dir: Path = RESULTS) -> 
              "form the 2- and 4-task subsets). Normalized = merged / expert accuracy, averaged over tasks.", ""]
     lines += (_ranking_table(summary) + ["## Overview: normalized accuracy (%) at every subset size", ""]
               + overview_table(summary) + _summary_tables(summary) + _per_task_table(results, summary)
-              + _grid_lines(results, summary) + _lora_section(results))
+              + _grid_lines(results, summary) + _lora_section(results)
+              + (claims_table(claims) if any(c["n_seeds"] for c in claims) else []))
     lines.append("")
     (results_dir / f"{name}.md").write_text("\n".join(lines))
     plot(summary, results_dir / f"{name}.png", cfg.get("model", "all-MiniLM-L6-v2"))

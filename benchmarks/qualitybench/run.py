@@ -16,6 +16,7 @@ REQUIRED = [("torch", "torch"), ("lightning", "lightning"), ("transformers", "tr
             ("safetensors", "safetensors"), ("mergekit", "mergekit"), ("mergekit_wudi", "mergekit-wudi"),
             ("matplotlib", "matplotlib")]
 DATA_SEED = 1234  # the seed the task source builds its splits with
+LORA_KEYS = ("lora", "lora_shared_init", "lora_callback")  # results keys of the LoRA regimes (lora.lora_results_key)
 
 
 def parse_args(argv, doc=None):
@@ -45,7 +46,7 @@ def parse_args(argv, doc=None):
     p.add_argument("--preprocess-only", action="store_true",
                    help="only the AWD / LwPTV rows (to run beside the main runs; --combine merges them in)")
     p.add_argument("--preprocess-variants", nargs="+", default=["awd", "lwptv"], choices=["awd", "lwptv"])
-    p.add_argument("--refresh", nargs="+", choices=["closed_form", "spectral", "rank"], default=None,
+    p.add_argument("--refresh", nargs="+", choices=["closed_form", "spectral", "rank", "decorrelated"], default=None,
                    help="with --resume: recompute only these rows of the subsets already in <name>.json "
                         "(e.g. after a solver default changed), keeping the experts and every other row")
     p.add_argument("--test-limit", type=int, default=None,
@@ -53,6 +54,10 @@ def parse_args(argv, doc=None):
     p.add_argument("--lora", action="store_true",
                    help="the LoRA rows (issue #14): one PEFT LoRA expert per task, merged by task arithmetic, TIES "
                         "and WUDI (results under 'lora'; default name quality_lora[_quick])")
+    p.add_argument("--lora-init", choices=["independent", "shared", "callback"], default="independent",
+                   help="with --lora: each adapter's A drawn from its own seed (default; results under 'lora'), every "
+                        "adapter of a seed from the same A ('lora_shared_init'), or one PEFT encoder trained task "
+                        "after task through WUDIMergeCallback ('lora_callback')")
     p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                    help="merge per-seed result files (from parallel --seeds N runs) into --name")
     return p.parse_args(argv)
@@ -81,6 +86,7 @@ def build_config(args, task_names: list[str], quick_tasks: list[str]) -> dict:
         "preprocess_variants": [{"name": v, "params": {"preprocess": v}} for v in ("awd", "lwptv")
                                 if v in args.preprocess_variants],
         "lwptv_drop_fraction": 0.3, "preprocess_only": args.preprocess_only,
+        "lora_init": getattr(args, "lora_init", "independent"),
     }
     n = len(cfg["tasks"])
     cfg["subsets"] = sorted(set(args.subsets or ([n] if quick else [2, 4, n])))
@@ -101,12 +107,14 @@ def combine(files: list[str]) -> dict:
     results["config"]["seeds"] = sorted({int(s) for p in parts for s in p["seeds"]})
     results["wall_seconds_per_part"] = [p.get("wall_seconds") for p in parts]
     results["seeds"] = {}
-    results.pop("lora", None)
+    for key in LORA_KEYS:
+        results.pop(key, None)
     for part in parts:
         merge_seed_records(results["seeds"], part["seeds"])
-        if part.get("lora"):  # the LoRA rows (--lora) of a part
-            lora = results.setdefault("lora", {"config": part["lora"]["config"], "seeds": {}})
-            merge_seed_records(lora["seeds"], part["lora"]["seeds"])
+        for key in LORA_KEYS:
+            if part.get(key):  # the LoRA rows (--lora) of a part
+                lora = results.setdefault(key, {"config": part[key]["config"], "seeds": {}})
+                merge_seed_records(lora["seeds"], part[key]["seeds"])
     return results
 
 

@@ -1,0 +1,284 @@
+"""Validation-split screen of data-free WUDI variants against the tuned baselines (issue 21, Part 1).
+
+    HF_HUB_OFFLINE=1 python benchmarks/quality_variants.py --kind full --seeds 0 --subsets 7 \\
+        --cache-dir /work/cache-quality --out variants_full.json
+
+Scores every variant on the VALIDATION split only (the same capped split the quality benchmark tunes on), so
+that a configuration can be chosen without touching the test split; the chosen one then gets its test rows in
+``benchmarks/quality.py``. ``--kind full`` uses the cached full fine-tunes (never trains them: run
+``benchmarks/quality.py --train-only`` first), ``--kind lora`` / ``lora_shared`` the LoRA experts of the two
+init regimes (trained and cached if missing, as ``benchmarks/quality.py --lora [--lora-init shared]`` does).
+
+Variants (per nn.Linear weight; every other tensor stays at the base, as WUDI's kernel does):
+- ``closed_form``: the exact minimiser of Eq. 1 (ridge 1e-2), ``spectral t=8``: the flow at t = 8;
+- ``gram power p xa``: ``a U (U^T U + eps)^-p S (V^T V + eps)^-p V^T`` over the stacked per-task top-(min/T) SVD
+  triplets (p = 1/2: TSV-M's whitening; p = 1: each side's projector-Gram minimiser of Eq. 1);
+- ``decorrelated prior c``: WUDI's ``solver: decorrelated`` (Eq. 1 with an isotropic prior c on TSV-decorrelated
+  task vectors, ``(1 + c) / (1 + c T)`` x TSV-M), through :func:`mergekit_wudi.solvers.wudi.merge_task_vectors`;
+- ``closed_form flat xa``: Iso-C's flat spectrum applied to the ``closed_form`` solution, times ``a``;
+- ``decorrelated numrank prior c``: the same keeping, per task, only the triplets above ``1e-4 s_max`` (the zero
+  singular values' arbitrary singular vectors then stay out of the polar factors);
+and the baselines at every point of their validation grid: task arithmetic (lambda), TIES (d 0.2, lambda),
+Iso-C, Iso-CTS and TSV-M (alpha; the registered methods on every 2-D tensor, others averaged as in the
+authors' code). Output: ``{seed: {k: {variant: val accuracy}}}`` in ``--out`` and a table on stdout. The variants an
+earlier version of this screen also ran (an isotropic prior on the proxy Gram of ``closed_form``, the output-Gram
+proxy, both sides) needed solver options that lost and were not kept; their screens are in
+``benchmarks/results/issue21/`` (``screen_*``, ``val_*``), produced at commit 2fac84c of branch quality-defaults.
+
+``--test-out FILE``: then the test rows, in the quality benchmark's results layout (so that
+``benchmarks/qualitybench/report.py`` computes ``summary.claims`` from them): task arithmetic, TIES, Iso-C,
+Iso-CTS, TSV-M at the grid point validation chose, and WUDI ``closed_form`` and ``decorrelated`` at their
+defaults (nothing tuned), merged through mergekit's registry and timed; normalized by each expert's own test
+accuracy (``--test-limit`` texts per task).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.common import mean  # noqa: E402
+from benchmarks.qualitybench import report  # noqa: E402
+
+TA_GRID = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
+TIES_GRID = [0.5, 1.0, 1.5, 2.0, 3.0]
+REF_GRID = [0.5, 1.0, 1.5, 2.0]
+
+
+def scaled(sd0, merged, s):
+    return {k: (sd0[k] + s * (merged[k] - sd0[k])) if merged[k].is_floating_point() else merged[k] for k in sd0}
+
+
+def linear_merge(sd0, experts, solve):
+    """W0 + solve(task vectors) on every nn.Linear weight, base elsewhere; (state dict, seconds)."""
+    from mergekit_wudi.linear_weights import is_linear_weight
+
+    t0 = time.perf_counter()
+    out = {}
+    for k, w0 in sd0.items():
+        if is_linear_weight(k, w0.shape):
+            tvs = torch.stack([e[k].float() - w0.float() for e in experts])
+            out[k] = (w0.float() + solve(tvs)).to(w0.dtype)
+        else:
+            out[k] = w0.clone()
+    return out, time.perf_counter() - t0
+
+
+def variants():
+    from mergekit_wudi.solvers.wudi import merge_task_vectors
+
+    def solver(**opts):
+        return lambda tvs: merge_task_vectors(torch.zeros_like(tvs[0]), tvs, **opts)
+
+    out = {"closed_form": solver(solver="closed_form"), "spectral t=8": solver(solver="spectral")}
+    for p in (0.5, 0.75, 1.0):
+        for a in (0.5, 0.75, 1.0):
+            out[f"gram power {p:g} x{a:g}"] = (lambda p, a: lambda tvs: a * gram_power_merge(tvs, p))(p, a)
+    for c in (0.05, 0.1, 0.15, 0.2, 0.3):
+        out[f"decorrelated prior {c:g}"] = solver(solver="decorrelated", prior=c)
+    for c in (0.1, 0.2, 0.3):
+        out[f"decorrelated numrank prior {c:g}"] = (lambda c: lambda tvs: decorrelated_numrank(tvs, c))(c)
+    closed = solver(solver="closed_form")
+    for a in (1.0, 1.5, 2.0, 3.0):
+        out[f"closed_form flat x{a:g}"] = (lambda a: lambda tvs: a * flat_spectrum(closed(tvs)))(a)
+    return out
+
+
+def flat_spectrum(tau):
+    """Iso-C's step on one matrix: every singular value replaced by their mean."""
+    u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+    return s.mean() * (u @ vh)
+
+
+def _top_triplets(tvs, drop_zero: bool = False, rtol: float = 1e-4):
+    """Per task its top ``min(out, in) / T`` SVD triplets (TSV-M's), stacked; ``drop_zero``: only those above
+    ``rtol`` times the task's largest singular value."""
+    k = max(1, int(min(tvs.shape[1:]) / tvs.shape[0]))
+    us, ss, vs = [], [], []
+    for tv in tvs:
+        u, s, vh = torch.linalg.svd(tv, full_matrices=False)
+        keep = min(k, int((s > rtol * s[0]).sum())) if drop_zero else k
+        us.append(u[:, :keep])
+        ss.append(s[:keep])
+        vs.append(vh[:keep].T)
+    return torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1)
+
+
+def gram_power_merge(tvs, p, eps=1e-2):
+    """``U (U^T U + eps)^-p S (V^T V + eps)^-p V^T`` over :func:`_top_triplets`."""
+    u, s, v = _top_triplets(tvs)
+
+    def whiten(m):
+        pm, sm, qh = torch.linalg.svd(m, full_matrices=False)
+        return (pm * (sm * (sm * sm + eps) ** (-p))) @ qh
+
+    return (whiten(u) * s) @ whiten(v).T
+
+
+def decorrelated_numrank(tvs, c):
+    from mergekit_wudi.solvers.subspace_merging import polar_factor
+
+    u, s, v = _top_triplets(tvs, drop_zero=True)
+    return (1 + c) / (1 + c * tvs.shape[0]) * (polar_factor(u) * s) @ polar_factor(v).T
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kind", choices=["full", "lora", "lora_shared", "lora_callback"], default="full")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--subsets", type=int, nargs="+", default=[7])
+    p.add_argument("--cache-dir", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--only", nargs="*", default=None, help="variant / baseline names to run (default: all)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--test-out", default=None, help="also score the test rows into this results file")
+    p.add_argument("--test-limit", type=int, default=None, help="test texts per task (default: all)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from benchmarks.qualitybench import run as qrun
+    from benchmarks.qualitybench.evaluate import Evaluator
+    from benchmarks.qualitybench.experts import expert_path, load_expert
+    from benchmarks.qualitybench.model import load_encoder, tokenised
+    from benchmarks.qualitybench.tasks import load_tasks
+
+    cache = Path(args.cache_dir)
+    all_tasks, quick = load_tasks(qrun.DEFAULT_SOURCE, qrun.DATA_SEED)
+    cfg = qrun.build_config(qrun.parse_args(["--seeds", *map(str, args.seeds)]), list(all_tasks), quick)
+    positions = {t: list(all_tasks).index(t) for t in all_tasks}
+    data = tokenised(all_tasks, cfg["max_length"], cache, cfg["model"])
+    ev = Evaluator(data, cfg["model"])
+    sd0 = {k: v.detach().clone() for k, v in load_encoder(cfg["model"]).state_dict().items()}
+    out_path = Path(args.out)
+    results = json.loads(out_path.read_text()) if out_path.exists() else {}
+    wanted = (lambda name: True) if args.only is None else (lambda name: any(name.startswith(o) for o in args.only))
+
+    section_key = {"full": "seeds", "lora": "lora", "lora_shared": "lora_shared_init", "lora_callback": "lora_callback"}
+    test_path = Path(args.test_out) if args.test_out else None
+    tests = json.loads(test_path.read_text()) if test_path and test_path.exists() else {
+        "command": "HF_HUB_OFFLINE=1 python benchmarks/quality_variants.py " + " ".join(argv or sys.argv[1:]),
+        "config": {**cfg, "test_limit": args.test_limit}, "seeds": {}}
+    section = tests if args.kind == "full" else tests.setdefault(
+        section_key[args.kind], {"config": {"lora": None, "lr_encoder": None}, "seeds": {}})
+
+    for seed in args.seeds:
+        if args.kind == "full":
+            experts, heads = {}, {}
+            for t in all_tasks:
+                path = expert_path(cfg, cache, all_tasks[t], seed, positions[t])
+                if not path.exists():
+                    sys.exit(f"error: no cached full expert {t} seed {seed} ({path}); train it first")
+                experts[t], heads[t], _ = load_expert(path)
+        else:
+            from benchmarks.qualitybench.lora import lora_config, lora_experts
+
+            init = {"lora": "independent", "lora_shared": "shared", "lora_callback": "callback"}[args.kind]
+            lcfg = lora_config({**cfg, "lora_init": init})
+            experts, heads, _ = lora_experts(lcfg, cache, data, all_tasks, positions, seed, print)
+            section["config"] = {"lora": lcfg["lora"], "lr_encoder": lcfg["lr_encoder"], "lora_init": init}
+        order = list(cfg["tasks"])
+        random.Random(seed).shuffle(order)
+        for k in args.subsets:
+            subset = sorted(order[:k], key=positions.__getitem__)
+            res = results.setdefault(str(seed), {}).setdefault(str(k), {})
+            exps = [experts[t] for t in subset]
+
+            def val(sd):
+                acc = ev.accuracy(sd, {t: heads[t] for t in subset}, "validation", cfg["val_limit"])
+                return mean(acc.values())
+
+            test_rows = {}
+
+            def grid(name, merged, values, row=None, seconds=0.0):
+                if not wanted(name):
+                    return
+                for v in values:
+                    if f"{name} @{v:g}" not in res:  # kept from an earlier run of the same --out
+                        res[f"{name} @{v:g}"] = val(scaled(sd0, merged, v))
+                best = max(values, key=lambda v: res[f"{name} @{v:g}"])
+                print(f"seed {seed} k {k} {name}: best @{best:g} {res[f'{name} @{best:g}']:.4f}", flush=True)
+                if row:
+                    test_rows[row] = (scaled(sd0, merged, best), seconds, {"scale": best})
+
+            t0 = time.perf_counter()
+            summed = {key: (w0 + sum(e[key] - w0 for e in exps)) if w0.is_floating_point() else w0
+                      for key, w0 in sd0.items()}
+            grid("task_arithmetic", summed, TA_GRID, report.TA_ROW, time.perf_counter() - t0)
+            if any(wanted(n) for n in ("ties", "iso_c", "iso_cts", "tsv_merge")):
+                from mergekit.merge_methods import merge_state_dicts
+
+                from benchmarks.baselines import authors_matrices, mergekit_merge
+
+                from mergekit_wudi.solvers.subspace_merging import ISO_CTS_COMMON_SPACE_FRACTION
+
+                if wanted("ties"):
+                    models = {"base": sd0, **{t: experts[t] for t in subset}}
+                    t0 = time.perf_counter()
+                    ties = merge_state_dicts(models, "ties", base="base",
+                                             parameters={"weight": 1.0, "density": 0.2, "lambda": 1.0})
+                    grid("ties", ties, TIES_GRID, report.TIES_ROW, time.perf_counter() - t0)
+                for name in ("iso_c", "iso_cts", "tsv_merge"):
+                    if wanted(name):  # the registered methods, on every 2-D tensor, others averaged (the authors')
+                        params = {"common_space_fraction": ISO_CTS_COMMON_SPACE_FRACTION} if name == "iso_cts" else {}
+                        t0 = time.perf_counter()
+                        merged = mergekit_merge(name, stochastic=False, linear=authors_matrices)(
+                            sd0, {t: experts[t] for t in subset}, {"alpha": 1.0, **params}, seed)
+                        grid(name, merged, REF_GRID, f"{name} (val grid)", time.perf_counter() - t0)
+            for name, solve in variants().items():
+                if not wanted(name):
+                    continue
+                sd, secs = linear_merge(sd0, exps, solve)
+                res[name] = val(sd)
+                res[f"_{name} seconds"] = secs
+                print(f"seed {seed} k {k} {name}: {res[name]:.4f} ({secs:.1f}s)", flush=True)
+                if name == "closed_form":
+                    for s in (0.5, 0.75):
+                        res[f"{name} x{s:g}"] = val(scaled(sd0, sd, s))
+            out_path.write_text(json.dumps(results, indent=1))
+            if test_path:
+                score_test_rows(section, seed, k, subset, sd0, experts, heads, ev, args.test_limit, test_rows)
+                from mergekit_wudi.io import atomic_file
+
+                with atomic_file(test_path) as tmp:
+                    Path(tmp).write_text(json.dumps(tests, indent=1))
+    if test_path:
+        report.write_report(tests, test_path.stem, print, test_path.parent)
+    return 0
+
+
+def score_test_rows(section, seed, k, subset, sd0, experts, heads, ev, limit, test_rows) -> None:
+    """The test rows of one (seed, subset) into ``section`` (the benchmark's layout): the baselines at their
+    validation-chosen point, WUDI ``closed_form`` and ``decorrelated`` at their defaults."""
+    from benchmarks.qualitybench.methods import linear_flags, merge
+
+    models = {"base": sd0, **{t: experts[t] for t in subset}}
+    lin, _ = linear_flags(sd0)
+    for row, params in ((report.FULL_ROW, {"solver": "closed_form"}),
+                        (report.DECORRELATED_ROW, {"solver": "decorrelated"})):
+        sd, secs = merge(models, "wudi", {**params, "linear": lin})
+        test_rows[row] = (sd, secs, params)
+    rec = section["seeds"].setdefault(str(seed), {"subsets": {}})
+    if "expert_test" not in rec:
+        rec["expert_test"] = {}
+    for t in subset:
+        if t not in rec["expert_test"]:
+            rec["expert_test"][t] = ev.accuracy(experts[t], {t: heads[t]}, "test", limit)[t]
+    methods = rec["subsets"].setdefault(str(k), {"tasks": subset, "methods": {}})["methods"]
+    for row, (sd, secs, chosen) in test_rows.items():
+        acc = ev.accuracy(sd, {t: heads[t] for t in subset}, "test", limit)
+        methods[row] = {"test": acc, "merge_seconds": secs, "chosen": chosen, "mean_acc": mean(acc.values()),
+                        "normalized": mean([acc[t] / rec["expert_test"][t] for t in subset])}
+        print(f"seed {seed} k {k} TEST {row}: norm {methods[row]['normalized']:.4f} ({secs:.1f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
