@@ -300,7 +300,7 @@ def test_decorrelated_solver_spans_tsv_m_to_its_mean_and_refuses_a_negative_prio
     tsv = tsv_merged_task_vector(tvs)
     torch.testing.assert_close(decorrelated_wudi_merged_task_vector(tvs, prior=0.0), tsv)
     torch.testing.assert_close(decorrelated_wudi_merged_task_vector(tvs, prior=1e6), tsv / 4, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="prior must be >= 0"):
+    with pytest.raises(ValueError, match="prior must be a finite number >= 0"):
         decorrelated_wudi_merged_task_vector(tvs, prior=-0.1)
 
 

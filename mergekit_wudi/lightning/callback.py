@@ -387,6 +387,8 @@ class WUDIMergeCallback(Callback):
         """
         if trainer is not None:
             self._output_dir = self._resolve_output(trainer)
+        if pl_module is not None:
+            self._resolve_recommended(pl_module)
         self._refuse_inputs_in_output()
         strategy = self.build_strategy()
         strategy.check()
@@ -413,8 +415,8 @@ class WUDIMergeCallback(Callback):
                 module_state.load_weights(pl_module, merged)
         world_size, _ = distributed_world(trainer)
         where = f", sharded over {world_size} ranks" if world_size > 1 and getattr(strategy, "shard", False) else ""
-        rank_zero_info(f"{type(self).__name__}: merged {len(experts)} experts with {self.method!r}{where}"
-                       f" -> {self._merged_path}")
+        rank_zero_info(f"{type(self).__name__}: merged {len(experts)} experts with {self.method!r} "
+                       f"{self.parameters}{where} -> {self._merged_path}")
         return merged
 
     def _write_results(self, trainer, pl_module, base, merged: StateDict, expert_states: List[StateDict],
@@ -430,7 +432,8 @@ class WUDIMergeCallback(Callback):
         kept = any(heads)
         self._head_paths = [store.save(trainer, h, store.head_path(i)) for i, h in enumerate(heads)] if kept else []
         self._task_heads = heads if kept else []
-        metadata = {"method": self.method, "experts": json.dumps(expert_paths), "base": str(self._base_path)}
+        metadata = {"method": self.method, "parameters": json.dumps(self.parameters, default=str),
+                    "experts": json.dumps(expert_paths), "base": str(self._base_path)}
         self._merged_path = store.save(trainer, merged, store.merged_path, metadata=metadata)
 
     # ------------------------------------------------------------------ helpers
@@ -535,6 +538,11 @@ class WUDIMergeCallback(Callback):
     def _check_patterns(self, state, where: str) -> None:
         check_patterns(list(state), self.include, self.exclude, where)
 
+    def _resolve_recommended(self, pl_module: LightningModule) -> None:
+        """``parameters=None``: :data:`RECOMMENDED_WUDI` for the module's kind (a PEFT LoRA model or not)."""
+        if self._recommended:
+            self.parameters = dict(RECOMMENDED_WUDI["lora" if lora.is_peft_model(pl_module) else "full"])
+
     def _check_module(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The patterns and ``lora_output`` against the module (PEFT modules: in base naming)."""
         module_state.check_module(pl_module, is_sharded_module(trainer))
@@ -542,8 +550,7 @@ class WUDIMergeCallback(Callback):
         self._check_patterns(names, "the module")
         merged = set(self._merge_names(names))
         self.build_strategy().check_kept_out([n for n in names if n not in merged])
-        if self._recommended:
-            self.parameters = dict(RECOMMENDED_WUDI["lora" if lora.is_peft_model(pl_module) else "full"])
+        self._resolve_recommended(pl_module)
         lora_adapters.check_lora_output(self.lora_output, pl_module, self.method, self.parameters, sorted(merged))
         self._plan_input_grams(pl_module)
 

@@ -171,6 +171,23 @@ class RegistryMerge(MergeStrategy):
 
         self._method()
         check_parameters(self.name, self.parameters, where=WHERE)
+        self._refuse_per_expert_globals()
+
+    def _refuse_per_expert_globals(self) -> None:
+        """A list or mapping given for a global parameter (one value for the whole merge, e.g. ``ridge``,
+        ``prior``) would only fail inside mergekit after training: refused here, naming it."""
+        from mergekit.merge_methods.base import ParameterScope, PerGroupValues
+
+        spec = self._method().spec
+        per_input = [p.name for p in spec.parameters if p.scope != ParameterScope.SHARED]
+        for parameter in spec.parameters:
+            value = self.parameters.get(parameter.name)
+            if parameter.scope == ParameterScope.SHARED and isinstance(value, (list, tuple, Mapping)) and not isinstance(
+                    value, PerGroupValues):
+                raise MergeInputError(
+                    f"{WHERE}: parameter {parameter.name!r} of method {self.name!r} takes one value for the whole "
+                    f"merge, got {value!r}; per-expert values are for {', '.join(per_input) or 'no parameter'}"
+                )
 
     @property
     def needs_base(self) -> bool:  # type: ignore[override]

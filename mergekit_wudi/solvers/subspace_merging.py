@@ -30,6 +30,7 @@ of the other tasks' vectors (TSV-M, Iso-CTS) and lower Iso-CTS's mean singular v
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -42,22 +43,36 @@ DECORRELATED_PRIOR = 0.2  # chosen on the quality benchmark's validation split, 
 AUTHORS_ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 31))  # linspace(0, 3, 31)[1:]
 
 
-def polar_factor(a: torch.Tensor) -> torch.Tensor:
+def _numerically_nonzero(s: torch.Tensor, shape) -> torch.Tensor:
+    """Which of the singular values ``s`` (descending) of a matrix of ``shape`` are nonzero, with
+    ``torch.linalg.matrix_rank``'s tolerance ``max(shape) * eps * s_max``."""
+    return s > s[0] * max(shape) * torch.finfo(s.dtype).eps
+
+
+def polar_factor(a: torch.Tensor, *, partial: bool = False) -> torch.Tensor:
     """The orthogonal polar factor ``P Q^T`` of ``a = P S Q^T`` (thin SVD): the nearest matrix with
     orthonormal columns (rows, if ``a`` is wide) in Frobenius norm (orthogonal Procrustes). Both
-    papers' "orthogonalisation/whitening" of stacked singular vectors is this map."""
-    p, _, qh = torch.linalg.svd(a, full_matrices=False)
+    papers' "orthogonalisation/whitening" of stacked singular vectors is this map. ``partial``: only
+    over the numerically nonzero singular values (a partial isometry onto ``a``'s own range), so that
+    a rank-deficient ``a`` is not completed with arbitrary directions."""
+    p, s, qh = torch.linalg.svd(a, full_matrices=False)
+    if partial:
+        keep = _numerically_nonzero(s, a.shape)
+        p, qh = p[:, keep], qh[keep]
     return p @ qh
 
 
-def _stacked_low_rank(task_vectors: Sequence[torch.Tensor], rank: int):
-    """Per task the top-``rank`` SVD triplet, stacked: ``U [m, T*rank]``, ``s [T*rank]``, ``Vh [T*rank, n]``."""
+def _stacked_low_rank(task_vectors: Sequence[torch.Tensor], rank: int, *, nonzero_only: bool = False):
+    """Per task the top-``rank`` SVD triplet, stacked: ``U [m, T*rank]``, ``s [T*rank]``, ``Vh [T*rank, n]``.
+    ``nonzero_only``: per task only those with a numerically nonzero singular value (a LoRA update of rank
+    ``r < rank`` then gives ``r`` triplets, not ``rank`` with arbitrary null-space vectors)."""
     us, ss, vhs = [], [], []
     for tau in task_vectors:
         u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-        us.append(u[:, :rank])
-        ss.append(s[:rank])
-        vhs.append(vh[:rank])
+        k = min(rank, int(_numerically_nonzero(s, tau.shape).sum())) if nonzero_only else rank
+        us.append(u[:, :k])
+        ss.append(s[:k])
+        vhs.append(vh[:k])
     return torch.cat(us, dim=1), torch.cat(ss), torch.cat(vhs, dim=0)
 
 
@@ -98,24 +113,41 @@ def decorrelated_wudi_merged_task_vector(
 ) -> torch.Tensor:
     """``tau_m`` of WUDI's Eq. 1 with an isotropic input prior, solved on decorrelated task vectors.
 
-    1. Decorrelate as TSV-M does (:func:`tsv_merged_task_vector`, steps 1-3): ``tau_i' = U_perp,i S_i V_perp,i^T``
-       with ``U_perp = [U_perp,i]`` and ``V_perp = [V_perp,i]`` orthonormal, so the tasks' row spaces
-       ``P_i = V_perp,i V_perp,i^T`` are mutually orthogonal projectors.
+    1. Decorrelate as TSV-M does (:func:`tsv_merged_task_vector`, steps 1-3), with two changes: per task only
+       its top-``k`` triplets whose singular value is numerically nonzero, and the stacked ``U`` / ``V``
+       replaced by their partial-isometry polar factors (:func:`polar_factor` ``partial=True``). TSV-M keeps
+       ``k = min(out, in) / T`` triplets per task even when a task vector has lower rank (a LoRA update), and
+       the arbitrary singular vectors of its zero singular values then rotate the other tasks' directions:
+       the result leaves the span of the experts' rows and depends on the SVD routine. Here the merge lies in
+       the span of the task vectors' rows and columns. ``tau_i' = U_perp,i S_i V_perp,i^T``; when the kept
+       right singular vectors are linearly independent (``sum_i k_i <= in``, e.g. ``T r <= in`` for rank-``r``
+       LoRA updates), ``V_perp`` has orthonormal rows and the tasks' row spaces ``P_i = V_perp,i V_perp,i^T``
+       are mutually orthogonal projectors.
     2. Solve Eq. 1 with each task's (normalised) input Gram ``P_i`` plus an isotropic prior ``c I``, the inputs a
        task also sees outside its own update's row space (``c = prior``):
        ``min_tau sum_i ||(tau - tau_i') (P_i + c I)^{1/2}||_F^2``, whose minimiser is
        ``tau = sum_i tau_i' (P_i + c I) (P + c T I)^{-1}`` with ``P = sum_i P_i``. Every ``tau_i'`` lies in the
        span of ``P``, where ``(P + c T I)^{-1} = 1 / (1 + c T)``, so ``tau_m = (1 + c) / (1 + c T) * sum_i tau_i'``.
 
-    ``c = 0`` is TSV-M; ``c -> inf`` is the mean of the decorrelated task vectors. The shrink grows with the number
-    of tasks ``T`` (each other task adds ``c`` of interference on a task's inputs), which is what a fixed
-    task-arithmetic ``lambda`` cannot do. ``prior`` was chosen on the quality benchmark's validation split for
-    LoRA experts (``docs/lora.md``); on full fine-tunes it shrinks what needs none, use ``closed_form`` there.
+    Where the kept right singular vectors are linearly dependent (``sum_i k_i > in``), the ``P_i`` overlap and
+    the same closed form is kept: a shrink of the decorrelated sum, no longer the exact minimiser.
+    ``c = 0`` is the decorrelated sum (TSV-M on full-rank task vectors); ``c -> inf`` is its mean. The shrink
+    grows with the number of tasks ``T`` (each other task adds ``c`` of interference on a task's inputs), which a
+    fixed task-arithmetic ``lambda`` cannot do. ``T`` counts the nonzero task vectors given. ``prior`` was chosen
+    on the quality benchmark's validation split for LoRA experts (``docs/lora.md``); on full fine-tunes it
+    shrinks what needs none, use ``closed_form`` there.
     """
-    if prior < 0:
-        raise ValueError(f"prior must be >= 0, got {prior}")
-    n_tasks = task_vectors.shape[0] if task_vectors.ndim == 3 else 0
-    return tsv_merged_task_vector(task_vectors, sv_reduction=sv_reduction).mul_((1 + prior) / (1 + prior * n_tasks))
+    if not (math.isfinite(prior) and prior >= 0):
+        raise ValueError(f"prior must be a finite number >= 0, got {prior}")
+    _check_stack(task_vectors)
+    if sv_reduction is None:
+        sv_reduction = 1.0 / task_vectors.shape[0]
+    if not 0.0 < sv_reduction <= 1.0:
+        raise ValueError(f"sv_reduction must be in (0, 1], got {sv_reduction}")
+    rank = max(1, int(min(task_vectors.shape[1:]) * sv_reduction))
+    u, s, vh = _stacked_low_rank(task_vectors, rank, nonzero_only=True)
+    shrink = (1 + prior) / (1 + prior * task_vectors.shape[0])
+    return (polar_factor(u, partial=True) * (shrink * s)) @ polar_factor(vh, partial=True)
 
 
 def iso_c_merged_task_vector(task_vectors: torch.Tensor) -> torch.Tensor:
