@@ -67,6 +67,13 @@ WHAT_TO_USE = [
 ]
 
 
+# Issue 21: the recommended configuration per expert kind against the tuned baselines, 3 LoRA init regimes and
+# full fine-tunes (benchmarks/quality_variants.py --test-out, combined by benchmarks/quality.py --combine).
+ISSUE21 = "issue21/issue21.json"
+ISSUE21_ROWS = ("task_arithmetic (val lambda)", "ties (d=0.2, val lambda)", "tsv_merge (val grid)", "iso_c (val grid)",
+                "iso_cts (val grid)", "wudi closed_form (ridge 0.01)", quality_report.DECORRELATED_ROW)
+
+
 def _load(name: str) -> dict:
     return json.loads((RESULTS / name).read_text())
 
@@ -94,7 +101,7 @@ def what_to_use(quality: dict, wall_ratios: Dict[str, dict]) -> List[str]:
 
 def render_regions() -> Dict[str, str]:
     """{region name: its generated text} from the committed results."""
-    quality, speed = _load("quality.json"), _load("speed.json")
+    quality, speed, issue21 = _load("quality.json"), _load("speed.json"), _load(ISSUE21)
     sweeps = {name: _load(name) for name in (*SWEEPS, FULLFT_SWEEP)}
     wall_ratios = {"lora": speed_report.sweep_wall_ratios(*(sweeps[name] for name in SWEEPS)),
                    "full": speed_report.sweep_wall_ratios(sweeps[FULLFT_SWEEP])}
@@ -118,6 +125,13 @@ def render_regions() -> Dict[str, str]:
         "speed-sweep-fastpath": lambda: speed_report.sweep_tables(sweeps["speed_sweep_fastpath.json"]),
         "speed-sweep-fullft": lambda: speed_report.sweep_tables(sweeps[FULLFT_SWEEP]),
         "mudsc": lambda: mudsc_table(_load("mudsc.json")),
+        "issue21-lora-readme": lambda: quality_report.regime_table(
+            {k: v for k, v in issue21.items() if k != "seeds"},
+            (quality_report.TA_ROW, quality_report.TIES_ROW, quality_report.DECORRELATED_ROW), tasks=(7,)),
+        "issue21-lora": lambda: quality_report.regime_table(
+            {k: v for k, v in issue21.items() if k != "seeds"}, ISSUE21_ROWS),
+        "issue21-full": lambda: quality_report.regime_table({"seeds": issue21["seeds"]}, ISSUE21_ROWS, tasks=(7, 4, 2)),
+        "issue21-claims": lambda: quality_report.claims_table(issue21["summary"]["claims"])[2:],
     }
     return {name: "\n".join(build()).rstrip("\n") + "\n" for name, build in builders.items()}
 

@@ -143,3 +143,22 @@ def test_overlapping_decorrelated_rows_keep_the_shrink_closed_form():
     u, s, vh = _stacked_low_rank(tvs, 1, nonzero_only=True)
     expected = (1 + 0.2) / (1 + 0.2 * 6) * (polar_factor(u, partial=True) * s) @ polar_factor(vh, partial=True)
     torch.testing.assert_close(decorrelated_wudi_merged_task_vector(tvs, prior=0.2), expected)
+
+
+def test_low_rank_task_vectors_take_the_exact_sketch_and_match_the_full_svd(monkeypatch):
+    """LoRA-rank task vectors of a wide layer get their nonzero triplets from a range sketch (O(out in 64)), used
+    only when exact: the merge equals the one from full SVDs; a full-rank task vector falls back to the full SVD."""
+    from mergekit_wudi.solvers import subspace_merging as sm
+
+    g = torch.Generator().manual_seed(6)
+    lora = torch.stack([torch.randn(600, 8, generator=g) @ torch.randn(8, 520, generator=g) for _ in range(3)])
+    dense = torch.randn(3, 600, 520, generator=g)
+    calls = []
+    real = sm.randomized_svd
+    monkeypatch.setattr(sm, "randomized_svd", lambda tau, q: calls.append(q) or real(tau, q))
+    sketched, sketched_dense = (decorrelated_wudi_merged_task_vector(t) for t in (lora, dense))
+    assert len(calls) == 6  # tried for every task vector, kept for the low-rank ones only
+    monkeypatch.setattr(sm, "LOW_RANK_SKETCH", 10 ** 6)  # never sketch
+    full = decorrelated_wudi_merged_task_vector(lora)
+    assert float(torch.linalg.matrix_norm(sketched - full) / torch.linalg.matrix_norm(full)) < 1e-5
+    torch.testing.assert_close(sketched_dense, decorrelated_wudi_merged_task_vector(dense))

@@ -91,16 +91,46 @@ def evaluate_claims(results: dict, claims: list | None = None) -> list:
 def claims_table(claims: list) -> list:
     """The claims as a markdown table (points of normalized accuracy)."""
     lines = ["## Claims (issue 21): the recommended configuration against its targets", "",
-             "| regime | tasks | versus | rule | paired Δ (pts) [95% CI] | seeds | status |",
-             "|---|---|---|---|---|---|---|"]
+             "| regime | tasks | configuration | versus | rule | paired Δ (pts) [95% CI] | seeds | status |",
+             "|---|---|---|---|---|---|---|---|"]
     for c in claims:
         if c["paired_difference"] is None:
             delta = ""
         else:
             delta = f"{100 * c['paired_difference']:+.2f}" + (
                 f" [{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}]" if c["ci95"] else "")
-        lines.append(f"| {c['regime']} | {c['tasks']} | {c['versus']} | {c['rule']} | {delta} | {c['n_seeds']} "
-                     f"| {c['status']} |")
+        lines.append(f"| {c['regime']} | {c['tasks']} | {c['row']} | {c['versus']} | {c['rule']} | {delta} "
+                     f"| {c['n_seeds']} | {c['status']} |")
+    return lines + [""]
+
+
+def regime_table(results: dict, rows: tuple, tasks: tuple = (7, 4)) -> list:
+    """One line per (regime, tasks, row): normalized accuracy (mean +- std over seeds, %), the paired difference
+    from tuned task arithmetic and from tuned TIES (points, 95% t-interval), merge seconds, seeds."""
+    lines = ["| regime | tasks | method | normalized acc (%) | Δ vs tuned TA [95% CI] | Δ vs tuned TIES [95% CI] "
+             "| merge s | seeds |", "|---|---|---|---|---|---|---|---|"]
+
+    def delta(section, k, row, versus):
+        ds = paired_differences(section, k, row, versus)
+        if not ds or row == versus:
+            return ""
+        h = ci95(ds)
+        return f"{100 * mean(ds):+.1f}" + (f" [{100 * (mean(ds) - h):+.1f}, {100 * (mean(ds) + h):+.1f}]" if h == h else "")
+
+    for regime, key in REGIMES.items():
+        section = results if key == "seeds" else results.get(key)
+        if not section or not section.get("seeds"):
+            continue
+        for k in tasks:
+            for row in rows:
+                recs = [s["subsets"].get(str(k), {}).get("methods", {}).get(row) for s in section["seeds"].values()]
+                recs = [r for r in recs if isinstance(r, dict) and "normalized" in r]
+                if not recs:
+                    continue
+                mu, sd = mean_std([100 * r["normalized"] for r in recs])
+                lines.append(f"| {regime} | {k} | {row} | {mu:.1f} ± {sd:.1f} | {delta(section, k, row, TA_ROW)} "
+                             f"| {delta(section, k, row, TIES_ROW)} | {mean([r['merge_seconds'] for r in recs]):.1f} "
+                             f"| {len(recs)} |")
     return lines + [""]
 
 
