@@ -11,9 +11,8 @@ then writes and runs this config:
       - model: <workdir>/base+<workdir>/adapter_math     # mergekit's base+adapter: W0 + (alpha/r) B A
       - model: <workdir>/base+<workdir>/adapter_code
     parameters:
-      solver: closed_form
-      rank: 8          # >= every adapter's rank: the low-rank fast path, exact for LoRA experts
-    dtype: float32
+      solver: decorrelated   # the data-free configuration recommended for LoRA experts (docs/lora.md)
+    dtype: float32           # float32 keeps the updates exactly low rank: each is decomposed from a small sketch
 
     mergekit-yaml merge.yml <workdir>/merged --lora-merge-cache <workdir>/lora_cache --no-copy-tokenizer
 
@@ -59,7 +58,7 @@ def build(workdir: Path) -> dict:
         "merge_method": "wudi",
         "base_model": str(workdir / "base"),
         "models": [{"model": f"{workdir / 'base'}+{workdir / name}"} for name in ADAPTERS],
-        "parameters": {"solver": "closed_form", "rank": max(r for r, _ in ADAPTERS.values())},
+        "parameters": {"solver": "decorrelated"},
         "dtype": "float32",
     }
 
