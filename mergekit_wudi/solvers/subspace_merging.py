@@ -100,6 +100,16 @@ def _check_stack(task_vectors: torch.Tensor) -> None:
                          f"{tuple(task_vectors.shape)}")
 
 
+def _per_task_rank(task_vectors: torch.Tensor, sv_reduction: Optional[float]) -> int:
+    """TSV-M's ``k = floor(min(out, in) * sv_reduction)`` (at least 1), ``sv_reduction`` defaulting to ``1/T``."""
+    _check_stack(task_vectors)
+    if sv_reduction is None:
+        sv_reduction = 1.0 / task_vectors.shape[0]
+    if not 0.0 < sv_reduction <= 1.0:
+        raise ValueError(f"sv_reduction must be in (0, 1], got {sv_reduction}")
+    return max(1, int(min(task_vectors.shape[1:]) * sv_reduction))
+
+
 def tsv_merged_task_vector(task_vectors: torch.Tensor, *, sv_reduction: Optional[float] = None) -> torch.Tensor:
     """``tau_m`` of TSV-Merge (TSV-M) for nonzero task vectors ``[T, out, in]`` (arXiv 2412.00081, Sec. 5).
 
@@ -116,12 +126,7 @@ def tsv_merged_task_vector(task_vectors: torch.Tensor, *, sv_reduction: Optional
     stacked matrices hold only the ``T k`` kept columns (theirs zero-pads to ``r`` columns; the padding
     has zero singular values and changes nothing).
     """
-    _check_stack(task_vectors)
-    if sv_reduction is None:
-        sv_reduction = 1.0 / task_vectors.shape[0]
-    if not 0.0 < sv_reduction <= 1.0:
-        raise ValueError(f"sv_reduction must be in (0, 1], got {sv_reduction}")
-    rank = max(1, int(min(task_vectors.shape[1:]) * sv_reduction))
+    rank = _per_task_rank(task_vectors, sv_reduction)
     u, s, vh = _stacked_low_rank(task_vectors, rank)
     return (polar_factor(u) * s) @ polar_factor(vh)
 
@@ -157,12 +162,7 @@ def decorrelated_wudi_merged_task_vector(
     """
     if not (math.isfinite(prior) and prior >= 0):
         raise ValueError(f"prior must be a finite number >= 0, got {prior}")
-    _check_stack(task_vectors)
-    if sv_reduction is None:
-        sv_reduction = 1.0 / task_vectors.shape[0]
-    if not 0.0 < sv_reduction <= 1.0:
-        raise ValueError(f"sv_reduction must be in (0, 1], got {sv_reduction}")
-    rank = max(1, int(min(task_vectors.shape[1:]) * sv_reduction))
+    rank = _per_task_rank(task_vectors, sv_reduction)
     u, s, vh = _stacked_low_rank(task_vectors, rank, nonzero_only=True)
     shrink = (1 + prior) / (1 + prior * task_vectors.shape[0])
     return (polar_factor(u, partial=True) * (shrink * s)) @ polar_factor(vh, partial=True)
