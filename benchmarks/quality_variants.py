@@ -16,8 +16,8 @@ Variants (per nn.Linear weight; every other tensor stays at the base, as WUDI's 
 - ``decorrelated prior c``: WUDI's ``solver: decorrelated`` (Eq. 1 with an isotropic prior c on TSV-decorrelated
   task vectors, ``(1 + c) / (1 + c T)`` x TSV-M), through :func:`mergekit_wudi.solvers.wudi.merge_task_vectors`;
 - ``closed_form flat xa``: Iso-C's flat spectrum applied to the ``closed_form`` solution, times ``a``;
-- ``decorrelated numrank prior c``: the same keeping, per task, only the triplets above ``1e-4 s_max`` (the zero
-  singular values' arbitrary singular vectors then stay out of the polar factors);
+- ``decorrelated tsv-triplets prior c``: its first version, on TSV-M's own triplets (for a low-rank update the zero
+  singular values' arbitrary singular vectors enter the polar factors);
 and the baselines at every point of their validation grid: task arithmetic (lambda), TIES (d 0.2, lambda),
 Iso-C, Iso-CTS and TSV-M (alpha; the registered methods on every 2-D tensor, others averaged as in the
 authors' code). Output: ``{seed: {k: {variant: val accuracy}}}`` in ``--out`` and a table on stdout. The variants an
@@ -87,7 +87,7 @@ def variants():
     for c in (0.05, 0.1, 0.15, 0.2, 0.3):
         out[f"decorrelated prior {c:g}"] = solver(solver="decorrelated", prior=c)
     for c in (0.1, 0.2, 0.3):
-        out[f"decorrelated numrank prior {c:g}"] = (lambda c: lambda tvs: decorrelated_numrank(tvs, c))(c)
+        out[f"decorrelated tsv-triplets prior {c:g}"] = (lambda c: lambda tvs: decorrelated_tsv_triplets(tvs, c))(c)
     closed = solver(solver="closed_form")
     for a in (1.0, 1.5, 2.0, 3.0):
         out[f"closed_form flat x{a:g}"] = (lambda a: lambda tvs: a * flat_spectrum(closed(tvs)))(a)
@@ -100,17 +100,15 @@ def flat_spectrum(tau):
     return s.mean() * (u @ vh)
 
 
-def _top_triplets(tvs, drop_zero: bool = False, rtol: float = 1e-4):
-    """Per task its top ``min(out, in) / T`` SVD triplets (TSV-M's), stacked; ``drop_zero``: only those above
-    ``rtol`` times the task's largest singular value."""
+def _top_triplets(tvs):
+    """Per task its top ``min(out, in) / T`` SVD triplets (TSV-M's), stacked."""
     k = max(1, int(min(tvs.shape[1:]) / tvs.shape[0]))
     us, ss, vs = [], [], []
     for tv in tvs:
         u, s, vh = torch.linalg.svd(tv, full_matrices=False)
-        keep = min(k, int((s > rtol * s[0]).sum())) if drop_zero else k
-        us.append(u[:, :keep])
-        ss.append(s[:keep])
-        vs.append(vh[:keep].T)
+        us.append(u[:, :k])
+        ss.append(s[:k])
+        vs.append(vh[:k].T)
     return torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1)
 
 
@@ -125,11 +123,12 @@ def gram_power_merge(tvs, p, eps=1e-2):
     return (whiten(u) * s) @ whiten(v).T
 
 
-def decorrelated_numrank(tvs, c):
-    from mergekit_wudi.solvers.subspace_merging import polar_factor
+def decorrelated_tsv_triplets(tvs, c):
+    """The first version of ``solver: decorrelated``: TSV-M's own triplets (``min(out, in) / T`` per task, zero
+    singular values and their arbitrary singular vectors included), times ``(1 + c) / (1 + c T)``."""
+    from mergekit_wudi.solvers.subspace_merging import tsv_merged_task_vector
 
-    u, s, v = _top_triplets(tvs, drop_zero=True)
-    return (1 + c) / (1 + c * tvs.shape[0]) * (polar_factor(u) * s) @ polar_factor(v).T
+    return (1 + c) / (1 + c * tvs.shape[0]) * tsv_merged_task_vector(tvs)
 
 
 def main(argv=None) -> int:

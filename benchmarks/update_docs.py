@@ -59,11 +59,10 @@ WHAT_TO_USE = [
      "`solver: spectral`, `flow_time` chosen on it from 0.5 / 2 / 8 / 32", "full", "wudi spectral (val flow_time)"),
     ("full fine-tunes", "GPU", "none", "no parameters: `solver: adam`, the authors' algorithm", "full",
      "wudi adam (scaling 1.0)"),
-    ("LoRA adapters", "any", "none", "`solver: closed_form`, `rank:` the sum of the adapters' ranks", "lora",
-     "wudi closed_form (rank 56 = total LoRA rank)"),
     ("LoRA adapters", "any", "validation split", "`solver: closed_form`, `scaling` chosen on it", "lora",
      "wudi closed_form (val scaling)"),
     # Further situations (e.g. training data seen by the Lightning callback) go here, as rows of quality.json.
+    # LoRA adapters without a validation split: `solver: decorrelated`, its own table (ISSUE21, three init regimes).
 ]
 
 

@@ -488,8 +488,8 @@ def test_lora_init_regimes_on_a_tiny_bert(tmp_path, tiny_source, monkeypatch):
 
 
 def test_quality_variants_screen_functions():
-    """The issue 21 screen's variants: the package's `decorrelated` at each prior, the rank-truncated variant
-    equal to it on full-rank task vectors, and gram power 1/2 close to TSV-M (exactly it as eps -> 0)."""
+    """The issue 21 screen's variants: the package's `decorrelated` at each prior, its first version on TSV-M's own
+    triplets (equal on full-rank task vectors, not on low-rank ones), and gram power 1/2 = TSV-M as eps -> 0."""
     from benchmarks import quality_variants as qv
     from mergekit_wudi.solvers.subspace_merging import decorrelated_wudi_merged_task_vector, tsv_merged_task_vector
 
@@ -499,8 +499,8 @@ def test_quality_variants_screen_functions():
     for c in (0.1, 0.2, 0.3):
         expected = decorrelated_wudi_merged_task_vector(tvs, prior=c)
         torch.testing.assert_close(found[f"decorrelated prior {c:g}"](tvs), expected)
-        torch.testing.assert_close(found[f"decorrelated numrank prior {c:g}"](tvs), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(found[f"decorrelated tsv-triplets prior {c:g}"](tvs), expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(qv.gram_power_merge(tvs, 0.5, eps=0.0), tsv_merged_task_vector(tvs), rtol=1e-4, atol=1e-5)
-    low_rank = torch.randn(3, 10, 2) @ torch.randn(3, 2, 9)  # rank 2 < min(out, in) / T = 3: zero triplets dropped
-    assert not torch.allclose(found["decorrelated numrank prior 0.2"](low_rank),
+    low_rank = torch.randn(3, 10, 2) @ torch.randn(3, 2, 9)  # rank 2 < min(out, in) / T = 3: zero triplets
+    assert not torch.allclose(found["decorrelated tsv-triplets prior 0.2"](low_rank),
                               found["decorrelated prior 0.2"](low_rank), atol=1e-4)
