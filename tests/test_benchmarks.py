@@ -363,10 +363,12 @@ def test_report_ranks_rows_and_gives_paired_intervals_against_wudi_default():
     assert "WUDI default" not in table[2] and table[2].count("|") == table[3].count("|") == table[4].count("|") == 8
 
 
-def test_claims_from_a_tiny_results_dict(tmp_path):
+def test_claims_from_a_tiny_results_dict(tmp_path, monkeypatch):
     """summary.claims: paired differences per seed, the 95% t-interval, the rule, met / not met / not measured,
     written into <name>.json by write_report."""
     from benchmarks.qualitybench import report
+
+    monkeypatch.setattr(report, "plot", lambda *a, **k: None)  # matplotlib is a benchmark extra
 
     def row(norm):
         return {"test": {"a": norm}, "mean_acc": norm, "normalized": norm, "merge_seconds": 0.5}
