@@ -75,6 +75,7 @@ def linear_merge(sd0, experts, solve):
 
 
 def variants():
+    from mergekit_wudi.solvers.subspace_merging import iso_c_merged_task_vector
     from mergekit_wudi.solvers.wudi import merge_task_vectors
 
     def solver(**opts):
@@ -90,37 +91,21 @@ def variants():
         out[f"decorrelated tsv-triplets prior {c:g}"] = (lambda c: lambda tvs: decorrelated_tsv_triplets(tvs, c))(c)
     closed = solver(solver="closed_form")
     for a in (1.0, 1.5, 2.0, 3.0):
-        out[f"closed_form flat x{a:g}"] = (lambda a: lambda tvs: a * flat_spectrum(closed(tvs)))(a)
+        out[f"closed_form flat x{a:g}"] = (lambda a: lambda tvs: a * iso_c_merged_task_vector(closed(tvs)[None]))(a)
     return out
 
 
-def flat_spectrum(tau):
-    """Iso-C's step on one matrix: every singular value replaced by their mean."""
-    u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-    return s.mean() * (u @ vh)
-
-
-def _top_triplets(tvs):
-    """Per task its top ``min(out, in) / T`` SVD triplets (TSV-M's), stacked."""
-    k = max(1, int(min(tvs.shape[1:]) / tvs.shape[0]))
-    us, ss, vs = [], [], []
-    for tv in tvs:
-        u, s, vh = torch.linalg.svd(tv, full_matrices=False)
-        us.append(u[:, :k])
-        ss.append(s[:k])
-        vs.append(vh[:k].T)
-    return torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1)
-
-
 def gram_power_merge(tvs, p, eps=1e-2):
-    """``U (U^T U + eps)^-p S (V^T V + eps)^-p V^T`` over :func:`_top_triplets`."""
-    u, s, v = _top_triplets(tvs)
+    """``U (U^T U + eps)^-p S (V^T V + eps)^-p V^T`` over TSV-M's stacked per-task triplets."""
+    from mergekit_wudi.solvers.subspace_merging import _per_task_rank, _stacked_low_rank
+
+    u, s, vh = _stacked_low_rank(tvs, _per_task_rank(tvs, None))
 
     def whiten(m):
         pm, sm, qh = torch.linalg.svd(m, full_matrices=False)
         return (pm * (sm * (sm * sm + eps) ** (-p))) @ qh
 
-    return (whiten(u) * s) @ whiten(v).T
+    return (whiten(u) * s) @ whiten(vh)
 
 
 def decorrelated_tsv_triplets(tvs, c):

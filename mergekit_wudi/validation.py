@@ -119,7 +119,7 @@ def check_parameters(
     if cross_checks and "preprocess" in by_name:
         check_preprocess_settings([parameters], method)
     if cross_checks and "rank" in by_name:
-        check_rank_settings([parameters], method)
+        check_solver_settings([parameters], method)
 
 
 def _parameter_blocks(raw: Mapping[str, Any]) -> Iterator[Tuple[Optional[Mapping], str, bool]]:
@@ -198,7 +198,7 @@ def check_config_text(raw: Mapping[str, Any]) -> None:
 
 def check_merge_config(raw: Mapping[str, Any]) -> None:
     """:func:`check_config_text`, then the method's cross-parameter rules over all blocks
-    (:func:`check_preprocess_settings`, :func:`check_rank_settings`) and the models' list
+    (:func:`check_preprocess_settings`, :func:`check_solver_settings`) and the models' list
     (:func:`check_model_list`)."""
     check_config_text(raw)
     method = raw["merge_method"]
@@ -208,7 +208,7 @@ def check_merge_config(raw: Mapping[str, Any]) -> None:
     if "preprocess" in names:
         check_preprocess_settings([b for b, _, _ in blocks if b], method)
     if "rank" in names:
-        check_rank_settings([b for b, _, _ in blocks if b], method)
+        check_solver_settings([b for b, _, _ in blocks if b], method)
 
 
 def _pydantic_models(annotation) -> list:
@@ -351,9 +351,10 @@ def check_preprocess_settings(blocks, method: str) -> None:
         load_mask_file(path)
 
 
-def check_rank_settings(blocks, method: str) -> None:
-    """``rank`` is for the ``closed_form`` and ``spectral`` solvers: an error when it is set and no
-    setting of ``solver`` picks one of them (the default solver is ``adam``)."""
+def check_solver_settings(blocks, method: str) -> None:
+    """Options only some solvers read: ``rank`` (``closed_form``, ``spectral``) is an error when no setting
+    of ``solver`` picks one of them (the default solver is ``adam``); ``rank_energy`` without ``rank: auto`` and
+    ``prior`` without ``solver: decorrelated`` are named in a warning."""
     ranks = [v for v in _all_values(blocks, "rank") if v is not None]
     if any(name == "rank_energy" for block in blocks for name in block) and "auto" not in ranks:
         logging.getLogger(__name__).warning(

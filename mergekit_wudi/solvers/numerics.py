@@ -58,6 +58,12 @@ def one_cpu_thread(device: torch.device):
         torch.set_num_threads(threads)
 
 
+def singular_value_floor(s: torch.Tensor, shape) -> torch.Tensor:
+    """The largest singular value counted as zero for a matrix of ``shape`` whose singular values are ``s``
+    (descending): ``torch.linalg.matrix_rank``'s tolerance ``max(shape) * eps * s_max``."""
+    return s[0] * max(shape) * torch.finfo(s.dtype).eps
+
+
 def squared_norms(tensors: torch.Tensor) -> torch.Tensor:
     """``[||t_i||_F^2]_i`` of a stack ``[T, ...]``, as accurate as ``t.square().sum()``.
 

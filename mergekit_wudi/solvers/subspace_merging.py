@@ -35,7 +35,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from mergekit_wudi.solvers.numerics import add_cast_, finite_squared_norms
+from mergekit_wudi.solvers.numerics import add_cast_, finite_squared_norms, singular_value_floor
 from mergekit_wudi.solvers.task_vectors import task_vector_stack
 from mergekit_wudi.solvers.wudi_lowrank import OVERSAMPLE, randomized_svd
 
@@ -47,12 +47,6 @@ LOW_RANK_SKETCH = 54
 AUTHORS_ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 31))  # linspace(0, 3, 31)[1:]
 
 
-def _numerically_nonzero(s: torch.Tensor, shape) -> torch.Tensor:
-    """Which of the singular values ``s`` (descending) of a matrix of ``shape`` are nonzero, with
-    ``torch.linalg.matrix_rank``'s tolerance ``max(shape) * eps * s_max``."""
-    return s > s[0] * max(shape) * torch.finfo(s.dtype).eps
-
-
 def polar_factor(a: torch.Tensor, *, partial: bool = False) -> torch.Tensor:
     """The orthogonal polar factor ``P Q^T`` of ``a = P S Q^T`` (thin SVD): the nearest matrix with
     orthonormal columns (rows, if ``a`` is wide) in Frobenius norm (orthogonal Procrustes). Both
@@ -61,7 +55,7 @@ def polar_factor(a: torch.Tensor, *, partial: bool = False) -> torch.Tensor:
     a rank-deficient ``a`` is not completed with arbitrary directions."""
     p, s, qh = torch.linalg.svd(a, full_matrices=False)
     if partial:
-        keep = _numerically_nonzero(s, a.shape)
+        keep = s > singular_value_floor(s, a.shape)
         p, qh = p[:, keep], qh[keep]
     return p @ qh
 
@@ -74,7 +68,7 @@ def _nonzero_svd(tau: torch.Tensor, rank: int):
     q = min(rank, LOW_RANK_SKETCH) + OVERSAMPLE
     if 8 * q <= min(tau.shape):  # below that a full SVD is as fast
         u, s, vh = randomized_svd(tau, q)
-        floor = s[0] * max(tau.shape) * torch.finfo(s.dtype).eps
+        floor = singular_value_floor(s, tau.shape)
         if s[-1] <= floor and torch.linalg.matrix_norm(tau - (u * s) @ vh) <= floor:
             return u, s, vh
     return torch.linalg.svd(tau, full_matrices=False)
@@ -87,7 +81,7 @@ def _stacked_low_rank(task_vectors: Sequence[torch.Tensor], rank: int, *, nonzer
     us, ss, vhs = [], [], []
     for tau in task_vectors:
         u, s, vh = _nonzero_svd(tau, rank) if nonzero_only else torch.linalg.svd(tau, full_matrices=False)
-        k = min(rank, int(_numerically_nonzero(s, tau.shape).sum())) if nonzero_only else rank
+        k = min(rank, int((s > singular_value_floor(s, tau.shape)).sum())) if nonzero_only else rank
         us.append(u[:, :k])
         ss.append(s[:k])
         vhs.append(vh[:k])

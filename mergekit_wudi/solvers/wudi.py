@@ -28,8 +28,8 @@ Solvers (``solver=`` in :func:`wudi`):
   ``k = floor(min(out, in) / T)``; target ``A_i = mean + rank-k SVD of (tau_i - mean)``,
   projector ``P_i = diag(s_k) V_k^T`` of ``tau_i``; the same Adam loop.
 - ``decorrelated``: Eq. 1 with an isotropic input prior ``prior * I`` added to each task's Gram, solved on
-  TSV-M-decorrelated task vectors: ``(1 + prior) / (1 + prior T)`` times TSV-M's merge (derivation in
-  :func:`.subspace_merging.decorrelated_wudi_merged_task_vector`). The recommended solver for LoRA experts,
+  task vectors decorrelated as TSV-M does (numerically nonzero triplets only): ``(1 + prior) / (1 + prior T)``
+  times the decorrelated sum (derivation in :func:`.subspace_merging.decorrelated_wudi_merged_task_vector`). The recommended solver for LoRA experts,
   whose row spaces (their ``A``'s, near a random init) say little about the inputs.
 
 ``rank=`` (``closed_form`` and ``spectral`` only) solves Eq. 1 for rank-``k`` truncations of the

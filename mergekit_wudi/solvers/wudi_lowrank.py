@@ -55,7 +55,13 @@ from mergekit_wudi.solvers.interference_solvers import (
     closed_form_solve,
     spectral_solve,
 )
-from mergekit_wudi.solvers.numerics import check_finite, compute_dtype, finite_squared_norms, one_cpu_thread
+from mergekit_wudi.solvers.numerics import (
+    check_finite,
+    compute_dtype,
+    finite_squared_norms,
+    one_cpu_thread,
+    singular_value_floor,
+)
 
 FAST_SOLVERS: tuple[str, ...] = ("closed_form", "spectral")
 # Randomized range finder (Halko, Martinsson & Tropp 2011): extra columns beyond the rank sought,
@@ -150,7 +156,7 @@ def _truncate(svd, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors ``(U_k diag(s_k), Vh_k)``, without numerically-zero singular values."""
     u, s, vh = svd
     k = min(k, len(s))
-    floor = float(s[0]) * max(u.shape[0], vh.shape[1]) * torch.finfo(s.dtype).eps
+    floor = singular_value_floor(s, (u.shape[0], vh.shape[1]))
     k = max(1, min(k, int((s[:k] > floor).sum())))
     return u[:, :k] * s[:k], vh[:k]
 
