@@ -34,9 +34,9 @@ karcher               defaults (max_iter 10, tol 1e-5), experts only: no knob ch
 linear                plain average of the experts (weight 1, normalize True), no knob
 multislerp            with_base in {True, False} (task vectors on the sphere around the base, or the
                       raw expert weights), weight 1
-tsv_merge             alpha in {0.5, 1.0, 1.5, 2.0}, sv_reduction 1/T
-iso_c                 alpha in {0.5, 1.0, 1.5, 2.0}
-iso_cts               alpha in {0.5, 1.0, 1.5, 2.0}, common_space_fraction 0.8
+tsv_merge             alpha in ALPHAS_REFERENCE (0.5 ... 16), sv_reduction 1/T
+iso_c                 alpha in ALPHAS_REFERENCE
+iso_cts               alpha in ALPHAS_REFERENCE, common_space_fraction 0.8
 ====================  ==========================================================================
 
 The subspace rows decompose every 2-D floating tensor, as the authors' code does (embeddings
@@ -44,8 +44,12 @@ included; the ``linear`` parameter is set per tensor), and give every other tens
 ``W0 + alpha * mean tau`` (their ``non_linear: mean`` default, the authors' rule). The lambda grids
 for the sum-based rows (normalize=False) centre on ~1/T..1 as task arithmetic's does; the normalized
 rows (ties, della: mean of the kept deltas) on 1..2 as TIES's paper. The alpha grids of the subspace
-rows cover the part of the authors' ``linspace(0, 3, 31)[1:]`` search where
-their chosen values lie for 8 tasks (about 1); widen them if the chosen value sits at an edge.
+rows first covered the part of the authors' ``linspace(0, 3, 31)[1:]`` search where their chosen values
+lie for 8 tasks (about 1: 0.5 ... 2); on the benchmark's full fine-tunes Iso-C and Iso-CTS chose the edge, 2, in
+almost every subset and seed, and kept improving on validation up to 4-8 (``benchmarks/results/issue21/
+variants_t_full.json``): their flat spectrum puts every singular value at the MEAN over all ``min(out, in)``
+of them, and the task-vector sums of these short fine-tunes have a low effective rank, so that mean sits far
+below the singular values that carry the tasks. The grid now runs to 16 (the chosen values lie inside it).
 WUDI, AWD, LwPTV and lowrank are not here: the quality code already runs them.
 """
 
@@ -66,7 +70,8 @@ MergeFn = Callable[[StateDict, Mapping[str, StateDict], Mapping[str, Any], int],
 BASE_ID = "base"
 
 LAMBDAS_SUM = (0.3, 0.5, 0.7, 1.0)
-ALPHAS_REFERENCE = (0.5, 1.0, 1.5, 2.0)
+ALPHAS_REFERENCE = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0)
+SUBSPACE_METHODS = ("tsv_merge", "iso_c", "iso_cts")  # the "subspace" family: alpha-scaled, --refresh subspace
 PER_MODEL = {  # mergekit parameters with ParameterScope.NON_BASE / INPUT (a value per model)
     "task_arithmetic": ("weight",),
     "ties": ("weight", "density"),
@@ -252,7 +257,8 @@ def quality_rows(table: Optional[list[MethodSpec]] = None, skip=("task_arithmeti
             largest = len(ctx.subset) == max(ctx.cfg["subsets"]) and not ctx.cfg.get("quick")
             return len(ctx.subset) >= spec.min_experts and (every is None or largest or spec.name in every)
 
-        return QualityRow(spec.name, run, group="baselines", when=wanted)
+        return QualityRow(spec.name, run, group="subspace" if spec.family == "subspace" else "baselines",
+                          when=wanted)
 
     return [row(spec) for spec in (table if table is not None else method_table()) if spec.name not in skip]
 

@@ -20,6 +20,18 @@ Rows, one subset of ``--tasks-merged`` tasks per seed (the quality benchmark's t
     HF_HUB_OFFLINE=1 python benchmarks/input_grams_quality.py --cache-dir /work/cache-quality --seeds 0 1 2
     HF_HUB_OFFLINE=1 python benchmarks/input_grams_quality.py --cache-dir /work/cache-quality --lora \
         --data-free-rows task_arithmetic ties "wudi closed_form" "wudi val scaling" --output .../input_grams_quality_lora.json
+
+The 5-seed files behind README's "what to use" rows and ``summary.claims`` (default rows only: ``--gram-rows default``
+skips the validation grids and RegMean):
+
+    HF_HUB_OFFLINE=1 python benchmarks/input_grams_quality.py --cache-dir /work/cache-quality --seeds 0 1 2 3 4 \
+        --data-free-rows task_arithmetic "wudi closed_form" --gram-rows default \
+        --output benchmarks/results/input_grams_quality_full.json
+    HF_HUB_OFFLINE=1 python benchmarks/input_grams_quality.py --cache-dir /work/cache-quality --lora --seeds 0 1 2 3 4 \
+        --data-free-rows task_arithmetic ties "wudi decorrelated" --gram-rows default \
+        --output benchmarks/results/input_grams_quality_lora_s04.json
+
+``--lora-init shared / callback`` scores the LoRA experts of the other init regimes.
 """
 
 from __future__ import annotations
@@ -38,7 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 DATA_FREE_ROWS = ("task_arithmetic", "wudi closed_form", "tsv_merge", "iso_c", "iso_cts",
-                  "ties", "wudi val scaling")  # the last two: rows of the LoRA table (--lora)
+                  "ties", "wudi val scaling", "wudi decorrelated")  # the last three: rows of the LoRA table (--lora)
+GRAM_ROWS = ("default", "val-grid", "regmean")
 
 
 def post_hoc_grams(cfg, data, task, seed, expert_sd, last_batches):
@@ -89,6 +102,10 @@ def main():
     parser.add_argument("--lora", action="store_true",
                         help="the LoRA experts of `quality.py --lora` (cached as effective weights; Grams of the "
                              "merged layer's input = the LoRA base layer's input) and the LoRA table's rows")
+    parser.add_argument("--lora-init", choices=["independent", "shared", "callback"], default="independent",
+                        help="with --lora: which LoRA experts (the quality benchmark's --lora-init regimes)")
+    parser.add_argument("--gram-rows", nargs="*", choices=GRAM_ROWS, default=list(GRAM_ROWS),
+                        help="which input-Gram rows to score (default: all; 'default' alone skips the validation grids)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "input_grams_quality.json"))
     args = parser.parse_args()
@@ -104,7 +121,7 @@ def main():
     from benchmarks.qualitybench.subset import SubsetContext
     from benchmarks.qualitybench.tasks import DEFAULT_SOURCE, load_tasks, select_tasks
 
-    qargs = parse_args(["--cache-dir", args.cache_dir] if args.cache_dir else [])
+    qargs = parse_args((["--cache-dir", args.cache_dir] if args.cache_dir else []) + ["--lora-init", args.lora_init])
     all_tasks, quick = load_tasks(DEFAULT_SOURCE, DATA_SEED)
     cfg = build_config(qargs, list(all_tasks), quick)
     tasks = select_tasks(all_tasks, cfg["tasks"])
@@ -123,7 +140,7 @@ def main():
         from benchmarks.qualitybench.lora import LORA_SPECS, lora_config, lora_experts
 
         cfg, specs = lora_config(cfg), LORA_SPECS
-        out["lora"] = cfg["lora"]
+        out["lora"] = {**cfg["lora"], "init": cfg["lora_init"]}
     def save(seed, subset, expert_acc, rows):
         out["seeds"].setdefault(str(seed), {}).update(subset=subset, expert_test=expert_acc, rows=rows)
         names = sorted({r for s in out["seeds"].values() for r in s["rows"] if not r.startswith("_")})
@@ -167,29 +184,32 @@ def main():
             sd = mergekit_wudi.merge_with_input_grams(base, expert_list, gram_list, **options)
             return sd, time.perf_counter() - start
 
-        sd, secs = gram_merge(parameters={"solver": "closed_form"})
-        ctx.record("input grams (default, post hoc)", sd, secs, {"ridge": 1e-2, "shrink": 1.0})
+        if "default" in args.gram_rows:
+            sd, secs = gram_merge(parameters={"solver": "closed_form"})
+            ctx.record("input grams (default, post hoc)", sd, secs, {"ridge": 1e-2, "shrink": 1.0})
         grid, best = {}, None
-        for ridge in args.ridges:
+        for ridge in args.ridges if "val-grid" in args.gram_rows else []:
             for shrink in args.shrinks:
                 sd, secs = gram_merge(parameters={"solver": "closed_form"}, ridge=ridge, shrink=shrink)
                 score = mean(ctx.val(sd).values())
                 grid[f"ridge={ridge:g},shrink={shrink:g}"] = score
                 if best is None or score > best[0]:
                     best = (score, {"ridge": ridge, "shrink": shrink}, sd, secs)
-        log("    [input grams val] " + " ".join(f"{k}:{v:.3f}" for k, v in grid.items()))
-        ctx.record("input grams (val grid, post hoc)", best[2], best[3], best[1], grid)
+        if best:
+            log("    [input grams val] " + " ".join(f"{k}:{v:.3f}" for k, v in grid.items()))
+            ctx.record("input grams (val grid, post hoc)", best[2], best[3], best[1], grid)
         mean_rest = {"weight": 1.0, "lambda": 1.0 / len(subset)}  # the average of the experts
         grid, best = {}, None
-        for shrink in args.shrinks:
+        for shrink in args.shrinks if "regmean" in args.gram_rows else []:
             sd, secs = gram_merge(method="task_arithmetic", parameters=mean_rest, normalize="none", ridge=0.0,
                                   shrink=shrink)
             score = mean(ctx.val(sd).values())
             grid[f"alpha={shrink:g}"] = score
             if best is None or score > best[0]:
                 best = (score, {"alpha": shrink}, sd, secs)
-        log("    [regmean val] " + " ".join(f"{k}:{v:.3f}" for k, v in grid.items()))
-        ctx.record("regmean (whole weights, val alpha, post hoc)", best[2], best[3], best[1], grid)
+        if best:
+            log("    [regmean val] " + " ".join(f"{k}:{v:.3f}" for k, v in grid.items()))
+            ctx.record("regmean (whole weights, val alpha, post hoc)", best[2], best[3], best[1], grid)
         out["seeds"][str(seed)].update(gram_seconds=gram_seconds, gram_metadata=meta)
         save(seed, subset, expert_acc, ctx.res)
         for r, v in sorted(out["summary"].items(), key=lambda kv: -kv[1]["normalized_mean"]):

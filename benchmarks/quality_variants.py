@@ -16,11 +16,18 @@ Variants (per nn.Linear weight; every other tensor stays at the base, as WUDI's 
 - ``decorrelated prior c``: WUDI's ``solver: decorrelated`` (Eq. 1 with an isotropic prior c on TSV-decorrelated
   task vectors, ``(1 + c) / (1 + c T)`` x TSV-M), through :func:`mergekit_wudi.solvers.wudi.merge_task_vectors`;
 - ``closed_form flat xa``: Iso-C's flat spectrum applied to the ``closed_form`` solution, times ``a``;
+- ``closed_form flat rms-level`` / ``energy-level``, ``iso_c rms-level`` / ``energy-level``: the flat spectrum of
+  the ``closed_form`` solution / of the task-vector sum at a level set without data (:func:`flat_spectrum`);
+- ``<iso_c | iso_cts | tsv_merge | closed_form flat> eq1-scale``: that method's merged direction at the scale that
+  minimises Eq. 1 along it (:func:`eq1_scaled`: no validation split);
+- ``ace``: ACE-Merging (arXiv 2603.02945) as its authors' code computes it (:func:`ace_merge`); ``ace
+  always-refine`` with its spectral refinement forced on; ``closed_form ace-refine``: that refinement added to the
+  ``closed_form`` solution;
 - ``decorrelated tsv-triplets prior c``: its first version, on TSV-M's own triplets (for a low-rank update the zero
   singular values' arbitrary singular vectors enter the polar factors);
 and the baselines at every point of their validation grid: task arithmetic (lambda), TIES (d 0.2, lambda),
-Iso-C, Iso-CTS and TSV-M (alpha; the registered methods on every 2-D tensor, others averaged as in the
-authors' code). Output: ``{seed: {k: {variant: val accuracy}}}`` in ``--out`` and a table on stdout. The variants an
+Iso-C, Iso-CTS and TSV-M (alpha in ``benchmarks.baselines.ALPHAS_REFERENCE``; the registered methods on every
+2-D tensor, others averaged as in the authors' code). Output: ``{seed: {k: {variant: val accuracy}}}`` in ``--out`` and a table on stdout. The variants an
 earlier version of this screen also ran (an isotropic prior on the proxy Gram of ``closed_form``, the output-Gram
 proxy, both sides) needed solver options that lost and were not kept; their screens are in
 ``benchmarks/results/issue21/`` (``screen_*``, ``val_*``), produced at commit 2fac84c of branch quality-defaults.
@@ -51,8 +58,9 @@ from benchmarks.common import mean  # noqa: E402
 from benchmarks.qualitybench import report  # noqa: E402
 
 TA_GRID = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
+# the subspace methods at their authors' default scale (alpha 1), beside their validation-tuned rows
+UNTUNED_ROWS = {name: f"{name} (alpha 1, untuned)" for name in ("iso_c", "iso_cts", "tsv_merge")}
 TIES_GRID = [0.5, 1.0, 1.5, 2.0, 3.0]
-REF_GRID = [0.5, 1.0, 1.5, 2.0]
 
 
 def scaled(sd0, merged, s):
@@ -85,13 +93,26 @@ def variants():
     for p in (0.5, 0.75, 1.0):
         for a in (0.5, 0.75, 1.0):
             out[f"gram power {p:g} x{a:g}"] = (lambda p, a: lambda tvs: a * gram_power_merge(tvs, p))(p, a)
-    for c in (0.05, 0.1, 0.15, 0.2, 0.3):
+    for c in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5):
         out[f"decorrelated prior {c:g}"] = solver(solver="decorrelated", prior=c)
     for c in (0.1, 0.2, 0.3):
         out[f"decorrelated tsv-triplets prior {c:g}"] = (lambda c: lambda tvs: decorrelated_tsv_triplets(tvs, c))(c)
     closed = solver(solver="closed_form")
-    for a in (1.0, 1.5, 2.0, 3.0):
+    out["ace"] = ace_merge
+    out["ace always-refine"] = lambda tvs: ace_merge(tvs, refine=True)
+    out["closed_form ace-refine"] = lambda tvs: ace_merge(tvs, refine=True, base=closed(tvs))
+    for a in (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0):
         out[f"closed_form flat x{a:g}"] = (lambda a: lambda tvs: a * iso_c_merged_task_vector(closed(tvs)[None]))(a)
+    from mergekit_wudi.solvers.subspace_merging import iso_cts_merged_task_vector, tsv_merged_task_vector
+
+    directions = {"iso_c": lambda tvs: iso_c_merged_task_vector(tvs), "iso_cts": iso_cts_merged_task_vector,
+                  "tsv_merge": tsv_merged_task_vector, "closed_form flat": lambda tvs: iso_c_merged_task_vector(
+                      closed(tvs)[None])}
+    for name, direction in directions.items():
+        out[f"{name} eq1-scale"] = (lambda d: lambda tvs: eq1_scaled(d(tvs), tvs))(direction)
+    for level in ("rms", "energy"):
+        out[f"closed_form flat {level}-level"] = (lambda lv: lambda tvs: flat_spectrum(closed(tvs), lv))(level)
+        out[f"iso_c {level}-level"] = (lambda lv: lambda tvs: flat_spectrum(tvs.sum(0), lv))(level)
     return out
 
 
@@ -106,6 +127,62 @@ def gram_power_merge(tvs, p, eps=1e-2):
         return (pm * (sm * (sm * sm + eps) ** (-p))) @ qh
 
     return (whiten(u) * s) @ whiten(vh)
+
+
+def eq1_scaled(direction, tvs):
+    """``a * direction`` with the scale ``a`` that minimises Eq. 1 along it: ``<M, D> / <M C, M>`` with WUDI's
+    ``C = sum_i w_i G_i``, ``D = sum_i w_i tau_i G_i``, ``G_i = tau_i^T tau_i``, ``w_i = 1 / ||tau_i||^2``."""
+    w = 1.0 / tvs.flatten(1).pow(2).sum(1)
+    grams = tvs.transpose(1, 2) @ tvs
+    c = (w[:, None, None] * grams).sum(0)
+    d = (w[:, None, None] * (tvs @ grams)).sum(0)
+    den = float(((direction @ c) * direction).sum())
+    return direction * (float((direction * d).sum()) / den) if den > 0 else torch.zeros_like(direction)
+
+
+def flat_spectrum(m, level):
+    """``m``'s singular vectors with one singular value: the root mean square of its singular values (``"rms"``:
+    the Frobenius norm kept) or their energy-weighted mean ``sum s^2 / sum s`` (``"energy"``: the mean singular
+    value over the participation-ratio rank instead of over all ``min(out, in)`` values as Iso-C's)."""
+    u, sv, vh = torch.linalg.svd(m, full_matrices=False)
+    total = sv.sum()
+    if float(total) == 0.0:
+        return torch.zeros_like(m)
+    value = sv.pow(2).mean().sqrt() if level == "rms" else sv.pow(2).sum() / total
+    return value * (u @ vh)
+
+
+def ace_merge(tvs, eps=1e-2, k_frac=0.3, refine=None, base=None):
+    """ACE-Merging (arXiv 2603.02945), as its authors' ``ace_merging`` computes it: per-task covariance
+    ``S_t = Wc_t^T Wc_t`` of the row-centred task vector (trace-normalised, and the ridge with it, when the log
+    traces vary: ``var / mean^2 > 0.3``), ``W_0 = sum Wc_t (S_t + eps_t I) (sum (S_t + eps_t I) + 1 m^T)^-1``
+    with ``m`` the column mean of ``sum S_t``; then, in the heterogeneous case, a flat-spectrum refinement: the
+    top ``k_frac`` singular directions of ``W_0 + sum tau_t (S_t - mean S)`` added at their mean singular value.
+    ``refine=True`` forces the refinement (and the normalisation); ``base`` replaces ``W_0``."""
+    t, _, n = tvs.shape
+    traces = tvs.flatten(1).pow(2).sum(1)
+    logs = torch.log(traces + 1e-12)
+    hetero = bool(torch.var(logs) / (logs.mean() ** 2 + 1e-12) > 0.3) if refine is None else refine
+    eye = torch.eye(n, dtype=tvs.dtype)
+    sigmas, lhs, rhs = [], torch.zeros(n, n, dtype=tvs.dtype), torch.zeros_like(tvs[0])
+    for w in tvs:
+        wc = w - w.mean(0, keepdim=True)
+        s = wc.T @ wc
+        tr = s.trace() + 1e-12
+        s, e = (s / tr, eps / tr) if hetero else (s, eps)
+        sigmas.append(s)
+        rhs += wc @ (s + e * eye)
+        lhs += s + e * eye
+    total = sum(sigmas)
+    agg = total.mean(0, keepdim=True) / ((traces.mean() + 1e-12) if hetero else 1.0)
+    w0 = rhs @ torch.linalg.inv(lhs + agg) if base is None else base
+    if not hetero:
+        return w0
+    mean_s = total / t
+    fused = w0 + sum(w @ (s - mean_s) for w, s in zip(tvs, sigmas))
+    u, sv, vh = torch.linalg.svd(fused, full_matrices=False)
+    k = int(sv.numel() * k_frac)
+    return w0 + sv[:k].mean() * (u[:, :k] @ vh[:k])
 
 
 def decorrelated_tsv_triplets(tvs, c):
@@ -124,6 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", required=True)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", nargs="*", default=None, help="variant / baseline names to run (default: all)")
+    p.add_argument("--exact", action="store_true", help="--only names whole rows, not prefixes")
     p.add_argument("--out", required=True)
     p.add_argument("--test-out", default=None, help="also score the test rows into this results file")
     p.add_argument("--test-limit", type=int, default=None, help="test texts per task (default: all)")
@@ -144,7 +222,8 @@ def main(argv=None) -> int:
     sd0 = {k: v.detach().clone() for k, v in load_encoder(cfg["model"]).state_dict().items()}
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
-    wanted = (lambda name: True) if args.only is None else (lambda name: any(name.startswith(o) for o in args.only))
+    wanted = (lambda name: True) if args.only is None else (lambda name: any(
+        name == o if args.exact else name.startswith(o) for o in args.only))
 
     section_key = {"full": "seeds", "lora": "lora", "lora_shared": "lora_shared_init", "lora_callback": "lora_callback"}
     test_path = Path(args.test_out) if args.test_out else None
@@ -192,6 +271,8 @@ def main(argv=None) -> int:
                 print(f"seed {seed} k {k} {name}: best @{best:g} {res[f'{name} @{best:g}']:.4f}", flush=True)
                 if row:
                     test_rows[row] = (scaled(sd0, merged, best), seconds, {"scale": best})
+                if row and name in UNTUNED_ROWS:  # what a user without a validation split gets from it
+                    test_rows[UNTUNED_ROWS[name]] = (merged, seconds, {"scale": 1.0})
 
             t0 = time.perf_counter()
             summed = {key: (w0 + sum(e[key] - w0 for e in exps)) if w0.is_floating_point() else w0
@@ -200,7 +281,7 @@ def main(argv=None) -> int:
             if any(wanted(n) for n in ("ties", "iso_c", "iso_cts", "tsv_merge")):
                 from mergekit.merge_methods import merge_state_dicts
 
-                from benchmarks.baselines import authors_matrices, mergekit_merge
+                from benchmarks.baselines import ALPHAS_REFERENCE, authors_matrices, mergekit_merge
 
                 from mergekit_wudi.solvers.subspace_merging import ISO_CTS_COMMON_SPACE_FRACTION
 
@@ -216,7 +297,7 @@ def main(argv=None) -> int:
                         t0 = time.perf_counter()
                         merged = mergekit_merge(name, stochastic=False, linear=authors_matrices)(
                             sd0, {t: experts[t] for t in subset}, {"alpha": 1.0, **params}, seed)
-                        grid(name, merged, REF_GRID, f"{name} (val grid)", time.perf_counter() - t0)
+                        grid(name, merged, ALPHAS_REFERENCE, f"{name} (val grid)", time.perf_counter() - t0)
             for name, solve in variants().items():
                 if not wanted(name):
                     continue

@@ -45,32 +45,43 @@ SWEEP_METHOD = {
 }
 HEADLINE_ROWS = (
     "expert (own task, upper bound)", "wudi spectral (val flow_time)", "wudi closed_form (ridge 0.01)",
-    "iso_c (val grid)", "tsv_merge (val grid)", "wudi spectral (rank auto <= 8, energy 0.9)", "wudi adam (scaling 1.0)",
+    "iso_cts (val grid)", "iso_c (val grid)", "tsv_merge (val grid)", "wudi spectral (rank auto <= 8, energy 0.9)", "wudi adam (scaling 1.0)",
     "ties (d=0.2, val lambda)", "dare_ties (val grid)", "task_arithmetic (val lambda)", "pretrained encoder",
 )
-# README's "what to use": (your experts, hardware, data at hand, configuration, results ("full" or "lora"), row).
-# Every number in the table is read from quality.json and the size sweeps; add a situation by adding a line.
+# README's "what to use": (your experts, hardware, data at hand, configuration, results, row). ``results`` names
+# the results a row is read from (:func:`what_to_use_sources`); add a situation by adding a line.
 WHAT_TO_USE = [
     ("full fine-tunes", "CPU, LLM-sized", "none", "`solver: spectral`, `rank: auto`", "full",
      "wudi spectral (rank auto <= 8, energy 0.9)"),
     ("full fine-tunes", "GPU, or a small model on CPU", "none", "`solver: closed_form` (exact)", "full",
      "wudi closed_form (ridge 0.01)"),
-    ("full fine-tunes", "GPU, or a small model on CPU", "validation split",
-     "`solver: spectral`, `flow_time` chosen on it from 0.5 / 2 / 8 / 32", "full", "wudi spectral (val flow_time)"),
+    ("full fine-tunes", "any", "validation split",
+     "`merge_method: iso_cts` (Iso-CTS, registered by this plugin), `alpha` chosen on it from 0.5 ... 16", "full",
+     "iso_cts (val grid)"),
     ("full fine-tunes", "GPU", "none", "no parameters: `solver: adam`, the authors' algorithm", "full",
      "wudi adam (scaling 1.0)"),
-    ("LoRA adapters", "any", "validation split", "`solver: closed_form`, `scaling` chosen on it", "lora",
-     "wudi closed_form (val scaling)"),
-    # Further situations (e.g. training data seen by the Lightning callback) go here, as rows of quality.json.
-    # LoRA adapters without a validation split: `solver: decorrelated`, its own table (ISSUE21, three init regimes).
+    ("full fine-tunes", "any", "training data in the callback",
+     "`WUDIMergeCallback(input_grams=InputGrams())`: measured BELOW `closed_form` here, keep `closed_form`",
+     "grams, full", "input grams (default, post hoc)"),
+    ("LoRA adapters", "any", "none", "`solver: decorrelated`", "lora, 300 texts", quality_report.DECORRELATED_ROW),
+    ("LoRA adapters", "any", "validation split",
+     "`merge_method: iso_c` (Iso-C, registered by this plugin), `alpha` chosen on it from 0.5 ... 16",
+     "lora, 300 texts", "iso_c (val grid)"),
+    ("LoRA adapters", "any", "training data in the callback", "`WUDIMergeCallback(input_grams=InputGrams())`",
+     "grams, lora", "input grams (default, post hoc)"),
 ]
+# Where each results name of WHAT_TO_USE is read from (benchmarks/results/...), for the table's last column.
+WHAT_TO_USE_FILES = {"full": "quality.json", "lora": "quality.json (lora)",
+                     "lora, 300 texts": "issue21/issue21.json (lora)", "grams, full": "input_grams_quality_full.json",
+                     "grams, lora": "input_grams_quality_lora_s04.json"}
 
 
 # Issue 21: the recommended configuration per expert kind against the tuned baselines, 3 LoRA init regimes and
 # full fine-tunes (benchmarks/quality_variants.py --test-out, combined by benchmarks/quality.py --combine).
 ISSUE21 = "issue21/issue21.json"
 ISSUE21_ROWS = ("task_arithmetic (val lambda)", "ties (d=0.2, val lambda)", "tsv_merge (val grid)", "iso_c (val grid)",
-                "iso_cts (val grid)", "wudi closed_form (ridge 0.01)", quality_report.DECORRELATED_ROW)
+                "iso_cts (val grid)", "iso_c (alpha 1, untuned)", "iso_cts (alpha 1, untuned)",
+                "wudi closed_form (ridge 0.01)", quality_report.DECORRELATED_ROW)
 
 
 def _load(name: str) -> dict:
@@ -81,20 +92,42 @@ def _sizes_cell(ratios: Dict[str, float]) -> str:
     return " / ".join(f"{ratios[s]:.2f}" if s in ratios else "–" for s in SIZES)
 
 
-def what_to_use(quality: dict, wall_ratios: Dict[str, dict]) -> List[str]:
+def per_subset(summary: dict) -> dict:
+    """A results file's summary without its ``claims`` list: ``{number of tasks: rows}``."""
+    return {k: v for k, v in summary.items() if k != "claims"}
+
+
+def input_grams_summary(grams: dict) -> dict:
+    """``benchmarks/input_grams_quality.py``'s rows (one subset per seed) as the quality report's summary."""
+    results = quality_report.input_grams_as_results(grams)
+    lora_key = next((k for k in results if k not in ("config", "seeds")), None)
+    return quality_report.summarise(results[lora_key] if lora_key else results)
+
+
+def what_to_use_sources(quality: dict, issue21: dict) -> Dict[str, dict]:
+    """{results name of WHAT_TO_USE: the quality report's summary it reads}."""
+    return {"full": per_subset(quality["summary"]), "lora": quality["lora"]["summary"], "lora, 300 texts": issue21["lora"]["summary"],
+            "grams, full": input_grams_summary(_load(WHAT_TO_USE_FILES["grams, full"])),
+            "grams, lora": input_grams_summary(_load(WHAT_TO_USE_FILES["grams, lora"]))}
+
+
+def what_to_use(summaries: Dict[str, dict], wall_ratios: Dict[str, dict]) -> List[str]:
     """README's table: situation -> configuration, with its measured quality and cost (from the JSON);
-    ``wall_ratios[kind]``: the size sweep of that kind of experts ("full" or "lora")."""
-    summaries = {"full": quality["summary"], "lora": quality["lora"]["summary"]}
-    lines = ["| your experts | hardware | data at hand | configuration (`merge_method: wudi`) "
+    ``summaries``: :func:`what_to_use_sources`; ``wall_ratios[kind]``: the size sweep of that kind of experts
+    ("full" or "lora")."""
+    lines = ["| your experts | hardware | data at hand | configuration (`merge_method: wudi` unless named) "
              "| normalized acc at 7 tasks (%) | Δ vs tuned task arithmetic (pts) | merge s (TA) at 7 tasks "
-             f"| wall x TA of the same kind of experts, {' / '.join(SIZES)} |", "|---|---|---|---|---|---|---|---|"]
-    for experts, hardware, data, configuration, kind, row in WHAT_TO_USE:
-        summary = summaries[kind]
+             f"| wall x TA of the same kind of experts, {' / '.join(SIZES)} | seeds | results |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for experts, hardware, data, configuration, source, row in WHAT_TO_USE:
+        summary = summaries[source]
         cells = quality_report.row_cells(summary, row)
         ta = quality_report.row_cells(summary, quality_report.TA_ROW)
+        kind = "full" if experts.startswith("full") else "lora"
         ratios = wall_ratios[kind].get(SWEEP_METHOD.get(row, ""), {})
         lines.append(f"| {experts} | {hardware} | {data} | {configuration} | {cells['normalized']} | {cells['vs_ta']} "
-                     f"| {cells['merge_seconds']} ({ta['merge_seconds']}) | {_sizes_cell(ratios) if ratios else '–'} |")
+                     f"| {cells['merge_seconds']} ({ta['merge_seconds']}) | {_sizes_cell(ratios) if ratios else '–'} "
+                     f"| {cells['seeds']} | {WHAT_TO_USE_FILES[source]} |")
     return lines + [""]
 
 
@@ -113,10 +146,10 @@ def render_regions() -> Dict[str, str]:
 
     builders: Dict[str, Callable[[], List[str]]] = {
         "headline": lambda: quality_report.overview_table(
-            quality["summary"], only=HEADLINE_ROWS,
+            per_subset(quality["summary"]), only=HEADLINE_ROWS,
             extra_columns=[(f"wall x TA (full-fine-tune-like experts), {' / '.join(SIZES)}", wall_cell)]),
-        "what-to-use": lambda: what_to_use(quality, wall_ratios),
-        "quality-overview": lambda: quality_report.overview_table(quality["summary"]),
+        "what-to-use": lambda: what_to_use(what_to_use_sources(quality, issue21), wall_ratios),
+        "quality-overview": lambda: quality_report.overview_table(per_subset(quality["summary"])),
         "quality-lora": lambda: quality_report.overview_table(quality["lora"]["summary"]),
         "speed-whole-model": lambda: speed_report.whole_model_table(speed),
         "speed-micro": lambda: speed_report.micro_table(speed),
@@ -130,7 +163,7 @@ def render_regions() -> Dict[str, str]:
         "issue21-lora": lambda: quality_report.regime_table(
             {k: v for k, v in issue21.items() if k != "seeds"}, ISSUE21_ROWS),
         "issue21-full": lambda: quality_report.regime_table({"seeds": issue21["seeds"]}, ISSUE21_ROWS, tasks=(7, 4, 2)),
-        "issue21-claims": lambda: quality_report.claims_table(issue21["summary"]["claims"])[2:],
+        "issue21-claims": lambda: quality_report.claims_table(quality["summary"]["claims"])[2:],
     }
     return {name: "\n".join(build()).rstrip("\n") + "\n" for name, build in builders.items()}
 

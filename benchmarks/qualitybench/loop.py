@@ -6,6 +6,8 @@ import json
 import random
 import time
 
+from benchmarks.baselines import SUBSPACE_METHODS
+
 from .evaluate import Evaluator
 from .experts import seed_experts
 from .methods import linear_flags, merge, run_subset
@@ -32,6 +34,8 @@ def row_group(row: str) -> str:
         return "rank"
     if row.startswith("wudi decorrelated"):
         return "decorrelated"
+    if row.split(" (")[0] in SUBSPACE_METHODS:
+        return "subspace"
     for g in ("closed_form", "spectral"):
         if row.startswith(f"wudi {g}") or row.startswith(f"_{g}_"):
             return g

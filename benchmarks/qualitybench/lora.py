@@ -139,7 +139,8 @@ def _wudi_val_scaled(ctx):
 
 
 LORA_SPECS = [spec for spec in BUILTIN_SPECS
-              if spec.name in ("task_arithmetic", "ties", "wudi closed_form", "wudi spectral", "wudi recommended")]
+              if spec.name in ("task_arithmetic", "ties", "wudi closed_form", "wudi spectral", "wudi recommended",
+                               "wudi decorrelated")]
 # adam (300 Adam steps per weight, 1-2.5 min per merge here) is left out of the LoRA rows to fit the CPU budget
 LORA_SPECS.append(MethodSpec("wudi rank = total LoRA rank", _wudi_total_rank, group="rank"))
 LORA_SPECS.append(MethodSpec("wudi val scaling", _wudi_val_scaled))

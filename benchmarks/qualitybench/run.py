@@ -46,7 +46,8 @@ def parse_args(argv, doc=None):
     p.add_argument("--preprocess-only", action="store_true",
                    help="only the AWD / LwPTV rows (to run beside the main runs; --combine merges them in)")
     p.add_argument("--preprocess-variants", nargs="+", default=["awd", "lwptv"], choices=["awd", "lwptv"])
-    p.add_argument("--refresh", nargs="+", choices=["closed_form", "spectral", "rank", "decorrelated"], default=None,
+    p.add_argument("--refresh", nargs="+", choices=["closed_form", "spectral", "rank", "decorrelated", "subspace"],
+                   default=None,
                    help="with --resume: recompute only these rows of the subsets already in <name>.json "
                         "(e.g. after a solver default changed), keeping the experts and every other row")
     p.add_argument("--test-limit", type=int, default=None,
@@ -60,6 +61,9 @@ def parse_args(argv, doc=None):
                         "after task through WUDIMergeCallback ('lora_callback')")
     p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                    help="merge per-seed result files (from parallel --seeds N runs) into --name")
+    p.add_argument("--claims-from", nargs="+", default=(), metavar="JSON",
+                   help="with --combine: other results files whose rows may decide summary.claims (each claim on "
+                        "the file that measures it on the most seeds; every file's numbers are kept in the claim)")
     return p.parse_args(argv)
 
 
@@ -81,7 +85,7 @@ def build_config(args, task_names: list[str], quick_tasks: list[str]) -> dict:
         # uncapped rule of #12) and the rank_energy grid of rank "auto" (spectral)
         "ranks": [8, 32], "rank_caps": [8, 16, 32, "none"], "rank_energies": [0.5, 0.9],
         # mergekit / reference baselines run at the largest subset; these family representatives at every subset
-        "baselines_every_subset": ["dare_ties", "breadcrumbs_ties", "model_stock", "tsv_merge", "iso_cts"],
+        "baselines_every_subset": ["dare_ties", "breadcrumbs_ties", "model_stock", "tsv_merge", "iso_c", "iso_cts"],
         "preprocess_methods": ["preprocessed_task_arithmetic"],  # + "preprocessed_ties" if time allows
         "preprocess_variants": [{"name": v, "params": {"preprocess": v}} for v in ("awd", "lwptv")
                                 if v in args.preprocess_variants],
@@ -105,7 +109,8 @@ def combine(files: list[str]) -> dict:
     results = json.loads(json.dumps(parts[0]))
     results["command"] = " && ".join(sorted({p["command"] for p in parts}))
     results["config"]["seeds"] = sorted({int(s) for p in parts for s in p["seeds"]})
-    results["wall_seconds_per_part"] = [p.get("wall_seconds") for p in parts]
+    # a part that is itself a combination keeps its parts' times
+    results["wall_seconds_per_part"] = [w for p in parts for w in p.get("wall_seconds_per_part", [p.get("wall_seconds")])]
     results["seeds"] = {}
     for key in LORA_KEYS:
         results.pop(key, None)
@@ -162,7 +167,7 @@ def main(argv=None, doc=None) -> int:
     if args.combine:
         from .report import write_report
 
-        write_report(combine(args.combine), name, log, results_dir)
+        write_report(combine(args.combine), name, log, results_dir, claims_from=args.claims_from)
         return 0
     for module, package in REQUIRED:
         require(module, package)
