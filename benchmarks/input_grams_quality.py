@@ -31,7 +31,12 @@ skips the validation grids and RegMean):
         --data-free-rows task_arithmetic ties "wudi decorrelated" --gram-rows default \
         --output benchmarks/results/input_grams_quality_lora_s04.json
 
-``--lora-init shared / callback`` scores the LoRA experts of the other init regimes.
+    HF_HUB_OFFLINE=1 python benchmarks/input_grams_quality.py --cache-dir /work/cache-quality --lora --lora-init callback \
+        --seeds 0 1 2 3 4 --data-free-rows task_arithmetic ties "wudi decorrelated" --gram-rows default \
+        --output benchmarks/results/input_grams_quality_lora_callback.json
+
+``--lora-init shared / callback`` scores the LoRA experts of the other init regimes (``callback``: trained one after
+another through ``WUDIMergeCallback``).
 """
 
 from __future__ import annotations
