@@ -58,8 +58,6 @@ from benchmarks.common import mean  # noqa: E402
 from benchmarks.qualitybench import report  # noqa: E402
 
 TA_GRID = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
-# the subspace methods at their authors' default scale (alpha 1), beside their validation-tuned rows
-UNTUNED_ROWS = {name: f"{name} (alpha 1, untuned)" for name in ("iso_c", "iso_cts", "tsv_merge")}
 TIES_GRID = [0.5, 1.0, 1.5, 2.0, 3.0]
 
 
@@ -105,7 +103,7 @@ def variants():
         out[f"closed_form flat x{a:g}"] = (lambda a: lambda tvs: a * iso_c_merged_task_vector(closed(tvs)[None]))(a)
     from mergekit_wudi.solvers.subspace_merging import iso_cts_merged_task_vector, tsv_merged_task_vector
 
-    directions = {"iso_c": lambda tvs: iso_c_merged_task_vector(tvs), "iso_cts": iso_cts_merged_task_vector,
+    directions = {"iso_c": iso_c_merged_task_vector, "iso_cts": iso_cts_merged_task_vector,
                   "tsv_merge": tsv_merged_task_vector, "closed_form flat": lambda tvs: iso_c_merged_task_vector(
                       closed(tvs)[None])}
     for name, direction in directions.items():
@@ -131,13 +129,12 @@ def gram_power_merge(tvs, p, eps=1e-2):
 
 def eq1_scaled(direction, tvs):
     """``a * direction`` with the scale ``a`` that minimises Eq. 1 along it: ``<M, D> / <M C, M>`` with WUDI's
-    ``C = sum_i w_i G_i``, ``D = sum_i w_i tau_i G_i``, ``G_i = tau_i^T tau_i``, ``w_i = 1 / ||tau_i||^2``."""
-    w = 1.0 / tvs.flatten(1).pow(2).sum(1)
-    grams = tvs.transpose(1, 2) @ tvs
-    c = (w[:, None, None] * grams).sum(0)
-    d = (w[:, None, None] * (tvs @ grams)).sum(0)
-    den = float(((direction @ c) * direction).sum())
-    return direction * (float((direction * d).sum()) / den) if den > 0 else torch.zeros_like(direction)
+    primal ``C = sum_i w_i G_i`` and ``D = sum_i w_i tau_i G_i`` (:func:`mergekit_wudi.solvers.wudi.wudi_problem`)."""
+    from mergekit_wudi.solvers.wudi import wudi_problem
+
+    problem = wudi_problem(tvs, dual=False)
+    den = float(((direction @ problem.C) * direction).sum())
+    return direction * (float((direction * problem.D).sum()) / den) if den > 0 else torch.zeros_like(direction)
 
 
 def flat_spectrum(m, level):
@@ -207,6 +204,7 @@ def main(argv=None) -> int:
     p.add_argument("--test-limit", type=int, default=None, help="test texts per task (default: all)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from benchmarks.baselines import SUBSPACE_METHODS
     from benchmarks.qualitybench import run as qrun
     from benchmarks.qualitybench.evaluate import Evaluator
     from benchmarks.qualitybench.experts import expert_path, load_expert
@@ -271,8 +269,8 @@ def main(argv=None) -> int:
                 print(f"seed {seed} k {k} {name}: best @{best:g} {res[f'{name} @{best:g}']:.4f}", flush=True)
                 if row:
                     test_rows[row] = (scaled(sd0, merged, best), seconds, {"scale": best})
-                if row and name in UNTUNED_ROWS:  # what a user without a validation split gets from it
-                    test_rows[UNTUNED_ROWS[name]] = (merged, seconds, {"scale": 1.0})
+                if row and name in SUBSPACE_METHODS:  # also at alpha 1: what a user without a validation split gets
+                    test_rows[f"{name} (alpha 1, untuned)"] = (merged, seconds, {"scale": 1.0})
 
             t0 = time.perf_counter()
             summed = {key: (w0 + sum(e[key] - w0 for e in exps)) if w0.is_floating_point() else w0
@@ -291,7 +289,7 @@ def main(argv=None) -> int:
                     ties = merge_state_dicts(models, "ties", base="base",
                                              parameters={"weight": 1.0, "density": 0.2, "lambda": 1.0})
                     grid("ties", ties, TIES_GRID, report.TIES_ROW, time.perf_counter() - t0)
-                for name in ("iso_c", "iso_cts", "tsv_merge"):
+                for name in SUBSPACE_METHODS:
                     if wanted(name):  # the registered methods, on every 2-D tensor, others averaged (the authors')
                         params = {"common_space_fraction": ISO_CTS_COMMON_SPACE_FRACTION} if name == "iso_cts" else {}
                         t0 = time.perf_counter()

@@ -558,7 +558,15 @@ def test_screen_flat_spectrum_and_ace():
     assert refined.shape == (5, 4) and torch.isfinite(refined).all()
     found = qv.variants()
     assert {"ace", "ace always-refine", "closed_form ace-refine", "closed_form flat energy-level",
-            "iso_c rms-level"} <= set(found)
+            "iso_c rms-level", "iso_c eq1-scale"} <= set(found)
+    # eq1_scaled: the minimiser of Eq. 1 along the direction (a 1-D quadratic: both neighbours are worse)
+    tvs = torch.randn(3, 6, 5, dtype=torch.float64)
+
+    def eq1(tau):
+        return sum(((tau - t) @ t.T).pow(2).sum() / t.pow(2).sum() for t in tvs)
+
+    scaled = qv.eq1_scaled(m[:6, :5], tvs)
+    assert eq1(scaled) < eq1(1.01 * scaled) and eq1(scaled) < eq1(0.99 * scaled)
 
 
 def test_refresh_subspace_recomputes_only_the_subspace_rows():

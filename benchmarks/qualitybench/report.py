@@ -73,9 +73,9 @@ def input_grams_as_results(grams: dict) -> dict:
     config = {"test_limit": None}
     if "lora" not in grams:
         return {"config": config, "seeds": seeds}
-    init = grams["lora"].get("init", "independent")
-    regime = {"independent": "LoRA, independent init", "shared": "LoRA, shared init", "callback": "LoRA, callback path"}
-    return {"config": config, "seeds": {}, REGIMES[regime[init]]: {"seeds": seeds}}
+    from .lora import lora_results_key
+
+    return {"config": config, "seeds": {}, lora_results_key(grams["lora"].get("init", "independent")): {"seeds": seeds}}
 
 
 def paired_differences(section: dict, tasks: int, row: str, versus: str) -> list:
