@@ -202,6 +202,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--test-out", default=None, help="also score the test rows into this results file")
     p.add_argument("--test-limit", type=int, default=None, help="test texts per task (default: all)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="fine-tuning steps of the cached full experts to load (default: the benchmark's 50; "
+                        "train others with `quality.py --train-only --steps N`)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from benchmarks.baselines import SUBSPACE_METHODS
@@ -213,7 +216,8 @@ def main(argv=None) -> int:
 
     cache = Path(args.cache_dir)
     all_tasks, quick = load_tasks(qrun.DEFAULT_SOURCE, qrun.DATA_SEED)
-    cfg = qrun.build_config(qrun.parse_args(["--seeds", *map(str, args.seeds)]), list(all_tasks), quick)
+    steps = ["--steps", str(args.steps)] if args.steps else []
+    cfg = qrun.build_config(qrun.parse_args(["--seeds", *map(str, args.seeds), *steps]), list(all_tasks), quick)
     positions = {t: list(all_tasks).index(t) for t in all_tasks}
     data = tokenised(all_tasks, cfg["max_length"], cache, cfg["model"])
     ev = Evaluator(data, cfg["model"])

@@ -6,8 +6,9 @@ A tiny MLP is "pretrained" on the union of a few synthetic regression tasks, eac
 its own low-dimensional subspace and its own target map.
 Then one ``trainer.fit`` per task fine-tunes the same module; :class:`WUDIMergeCallback` snapshots
 the pretrained weights at the first fit, saves each expert, and after the last task merges them
-(WUDI-Merging, arXiv 2503.08099) into ``<out>/merge/merged.safetensors``. The per-task output
-heads are kept out of the merge (``exclude=["head"]``) and restored per task for evaluation.
+(WUDI-Merging, arXiv 2503.08099) into ``<out>/merge/merged.safetensors`` (``merge-v1``, ... on later
+runs). The per-task output heads are kept out of the merge (``exclude=["head"]``) and restored per task
+for evaluation.
 
 Printed: per-task test loss of the pretrained model, of each task's own expert, of plain task
 arithmetic (the sum of task vectors), and of the WUDI merge. Runs on CPU in about a minute.
@@ -99,13 +100,12 @@ def main() -> None:
     parameters = {"solver": "adam", "iterations": 300, "learning_rate": 1e-3} if args.method == "wudi" else {}
     merge = WUDIMergeCallback(
         method=args.method, parameters=parameters, exclude=["head"], num_tasks=args.tasks,
-        output=os.path.join(args.out, "merge"),
-    )
+    )  # output: <out>/merge (merge-v1, ... when an earlier run's files are there)
     for train, _ in tasks:  # one fit per task; the callback resets the body to the pretrained weights
         trainer(args.out, args.steps, [merge]).fit(model, DataLoader(TensorDataset(*train), batch_size=32, shuffle=True))
 
     experts = [load_state_dict(p) for p in merge.expert_paths]
-    base = load_state_dict(os.path.join(args.out, "merge", "base.safetensors"))
+    base = load_state_dict(os.path.join(merge.output_dir, "base.safetensors"))
     summed = copy.deepcopy(pretrained)
     summed.load_state_dict({n: base[n] + sum(e[n] - base[n] for e in experts) for n in base if not n.startswith("head")},
                            strict=False)

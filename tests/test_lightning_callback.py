@@ -206,6 +206,42 @@ def test_spawned_fits_are_recovered_from_the_files_they_wrote(tmp_path):
     assert_same(load_state_dict(parent.merged_path), expected)
 
 
+def test_a_new_run_never_replaces_an_earlier_runs_files(tmp_path):
+    """Default output: a second run moves on to merge-v1 (ModelCheckpoint's versioning); a given output= that
+    holds another run's files is refused before the first step, and those files stay as they were."""
+    first = WUDIMergeCallback(parameters=FAST_WUDI, num_tasks=1)
+    make_trainer(tmp_path, [first]).fit(TinyModel(), task_loader(0))
+    assert first.output_dir == str(tmp_path / "merge")
+    kept = {p: p.read_bytes() for p in Path(first.output_dir).rglob("*.safetensors")}
+    assert len(kept) == 3  # base, the expert, the merge
+
+    second = WUDIMergeCallback(parameters=FAST_WUDI, num_tasks=1)
+    make_trainer(tmp_path, [second]).fit(TinyModel(seed=1), task_loader(1))
+    assert second.output_dir == str(tmp_path / "merge-v1")
+    assert Path(second.merged_path).is_file()
+
+    given = WUDIMergeCallback(parameters=FAST_WUDI, num_tasks=1, output=first.output_dir)
+    model = TinyModel(seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"already holds files that this run did not write \(base.safetensors, "
+                                         r"merged.safetensors, experts/task_0.safetensors\)"):
+        make_trainer(tmp_path, [given]).fit(model, task_loader(2))
+    assert_same(model.state_dict(), before)  # refused before any training step
+    assert {p: p.read_bytes() for p in Path(first.output_dir).rglob("*.safetensors")} == kept
+
+    # Explicit mode merged by hand (inputs copied out of the folder): its earlier merge is not replaced either.
+    inputs = []
+    for name, path in (("base", Path(first.output_dir, "base.safetensors")), ("a", first.expert_paths[0]),
+                       ("b", second.expert_paths[0])):
+        inputs.append(tmp_path / f"{name}.safetensors")
+        inputs[-1].write_bytes(Path(path).read_bytes())
+    explicit = WUDIMergeCallback(parameters=FAST_WUDI, experts=[str(p) for p in inputs[1:]], base=str(inputs[0]),
+                                 output=first.output_dir, exclude=["head"])
+    with pytest.raises(ValueError, match=r"already holds files that this run did not write"):
+        explicit.merge()
+    assert {p: p.read_bytes() for p in Path(first.output_dir).rglob("*.safetensors")} == kept
+
+
 def test_picklable_and_checkpointable_state():
     callback = WUDIMergeCallback(method="ties", parameters={"weight": 1.0, "density": 0.5}, exclude=["head"])
     clone = pickle.loads(pickle.dumps(callback))

@@ -81,7 +81,9 @@ class WUDIMergeCallback(Callback):
         base: the pretrained weights (path or state dict); default: the module at the first fit.
         include: name patterns (glob; a plain name matches as a prefix) of tensors to merge.
         exclude: name patterns of tensors to keep out of the merge (e.g. ``["heads"]``).
-        output: folder for snapshots and results; default ``<trainer.default_root_dir>/merge``.
+        output: folder for snapshots and results; default ``<trainer.default_root_dir>/merge`` (``merge-v1``, ...
+            when an earlier run's files are there). A given folder holding files this run would replace
+            (another run's snapshots or merge) is refused before the first training step.
         load_merged: copy the merged weights into the module after the merge.
         num_tasks: sequential mode: merge automatically once this many experts are saved.
         progress: show a progress bar over tensors (also off when the trainer's bar is off).
@@ -253,6 +255,7 @@ class WUDIMergeCallback(Callback):
         A fit after the round is finished is refused here, before its first step: the checkpoint a
         resumed fit starts from has been restored by now (except under FSDP & co.), so the state
         checked is the one the fit runs with."""
+        self._claim_output(trainer)
         if is_overridden("configure_model", pl_module):
             self._check_module(trainer, pl_module)
         if not self.sequential:
@@ -390,6 +393,7 @@ class WUDIMergeCallback(Callback):
         if pl_module is not None:
             self._resolve_recommended(pl_module)
         self._refuse_inputs_in_output()
+        self._refuse_other_runs_output()
         strategy = self.build_strategy()
         strategy.check()
         self._recover()
@@ -610,6 +614,36 @@ class WUDIMergeCallback(Callback):
             root = trainer.default_root_dir if trainer is not None else "."
             self._output_dir = str(Path(self.output or os.path.join(root, "merge")).absolute())
         return self._output_dir
+
+    def _claim_output(self, trainer: Trainer) -> None:
+        """A fit's files must not replace what another run (or anyone) left in the output folder. The
+        default folder moves on to ``merge-v1``, ``merge-v2``, ... (as ModelCheckpoint versions a file name
+        rather than replace another run's checkpoint); a given ``output=`` is refused. Runs in
+        ``on_fit_start``, when a resumed fit's state (whose run id labels its files) is back."""
+        if trainer.ckpt_path is not None:  # resuming: under FSDP & co. the state (run id) comes back later
+            return
+        if self.output is None:
+            folder, version = Path(self._output_dir), 0
+            while SnapshotStore(str(folder), self._run_id).other_runs_files():
+                version += 1
+                folder = folder.parent / f"merge-v{version}"
+            folder = broadcast(trainer, str(folder))
+            if folder != self._output_dir:
+                rank_zero_info(f"{type(self).__name__}: {self._output_dir} holds an earlier run's files; this run "
+                               f"writes to {folder}")
+                self._output_dir = folder
+        self._refuse_other_runs_output()
+
+    def _refuse_other_runs_output(self) -> None:
+        found = self._store().other_runs_files()
+        if found:
+            names = ", ".join(str(p.relative_to(self._store().folder)) for p in found[:5])
+            more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+            raise MergeInputError(
+                f"output={self._output_dir!r} already holds files that this run did not write ({names}{more}), "
+                "which it would replace; give another output=, move them away, or leave output unset (a fresh "
+                "merge-v<N> folder under default_root_dir is then used)"
+            )
 
     def _store(self) -> SnapshotStore:
         return SnapshotStore(self._resolve_output(None), self._run_id)

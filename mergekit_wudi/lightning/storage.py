@@ -27,6 +27,7 @@ from mergekit_wudi.io import save_safetensors_atomic
 from mergekit_wudi.lightning.distributed import barrier, is_global_zero
 
 MERGED_NAME = "merged.safetensors"
+FOLDERS = ("experts", "grams", "heads", "adapters")  # what the store writes besides the base and merged files
 
 
 def expert_id(index: int) -> str:
@@ -78,7 +79,25 @@ class SnapshotStore:
         folder = Path(os.path.realpath(self.folder))
         if target in (folder / "base.safetensors", folder / MERGED_NAME):
             return True
-        return any(target.is_relative_to(folder / sub) for sub in ("experts", "grams", "heads", "adapters"))
+        return any(target.is_relative_to(folder / sub) for sub in FOLDERS)
+
+    def written(self) -> List[Path]:
+        """What lies where this store writes: the base and merged files, the ``.safetensors`` files of its
+        folders and the adapter folders (not the temporary files of an interrupted atomic write)."""
+        found = [p for p in (Path(self.base_path), Path(self.merged_path)) if p.exists()]
+        for sub in FOLDERS:
+            if (self.folder / sub).is_dir():
+                found += sorted(p for p in (self.folder / sub).iterdir() if not p.name.startswith(".")
+                                and (p.is_dir() if sub == "adapters" else p.suffix == ".safetensors"))
+        return found
+
+    def other_runs_files(self) -> List[Path]:
+        """The files another run (or anyone else) left where this store writes, which this run would
+        replace; empty once this run has written here (its own later writes replace its own files)."""
+        found = self.written()
+        if any(run_id_of(p) == self.run_id for p in found):
+            return []
+        return found
 
     def save(
         self,
