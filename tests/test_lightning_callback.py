@@ -242,6 +242,15 @@ def test_a_new_run_never_replaces_an_earlier_runs_files(tmp_path):
     assert {p: p.read_bytes() for p in Path(first.output_dir).rglob("*.safetensors")} == kept
 
 
+def test_a_settings_warning_is_said_once_per_run(tmp_path, caplog):
+    callback = WUDIMergeCallback(parameters={"solver": "closed_form", "prior": 0.3}, num_tasks=2)
+    with caplog.at_level("WARNING"):
+        for task in range(2):
+            make_trainer(tmp_path, [callback]).fit(TinyModel(), task_loader(task))
+    assert callback.merged_path is not None
+    assert caplog.text.count("prior is ignored") == 1
+
+
 def test_picklable_and_checkpointable_state():
     callback = WUDIMergeCallback(method="ties", parameters={"weight": 1.0, "density": 0.5}, exclude=["head"])
     clone = pickle.loads(pickle.dumps(callback))

@@ -168,6 +168,7 @@ class WUDIMergeCallback(Callback):
         self._merged_path: Optional[str] = None
         self._task_heads: Optional[List[StateDict]] = None
         self._saved_this_fit = False  # not state: per fit (see on_fit_end)
+        self._checked_settings: Optional[str] = None  # not state: the settings already checked
 
     @property
     def state_key(self) -> str:
@@ -236,7 +237,7 @@ class WUDIMergeCallback(Callback):
         self._refuse_inputs_in_output()
         self._recover()
         strategy = self.build_strategy()
-        strategy.check()
+        self._check_settings(strategy)
         strategy.check_experts(self.num_tasks if self.sequential else len(self.experts))
         if not is_overridden("configure_model", pl_module):  # else its layers exist only in on_fit_start
             self._check_module(trainer, pl_module)
@@ -395,7 +396,7 @@ class WUDIMergeCallback(Callback):
         self._refuse_inputs_in_output()
         self._refuse_other_runs_output()
         strategy = self.build_strategy()
-        strategy.check()
+        self._check_settings(strategy)
         self._recover()
         expert_paths = self.expert_paths
         if not expert_paths:
@@ -538,6 +539,14 @@ class WUDIMergeCallback(Callback):
                 name: torch.empty(t.shape, device="meta") for name, t in self.base.items()}
         experts = [(self._expert_label(i, p), self._read_shapes(p, "expert")) for i, p in enumerate(self.experts)]
         self._check_inputs(strategy, base, experts, require_change=False)
+
+    def _check_settings(self, strategy: MergeStrategy) -> None:
+        """``strategy.check()`` once per setting, so that its warnings (an option that is ignored) are said
+        once, not again at every fit and at the merge."""
+        settings = repr((self.method, self.parameters, self.input_grams))
+        if settings != self._checked_settings:
+            strategy.check()
+            self._checked_settings = settings
 
     def _check_patterns(self, state, where: str) -> None:
         check_patterns(list(state), self.include, self.exclude, where)
