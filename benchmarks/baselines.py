@@ -51,7 +51,8 @@ variants_t_full.json``): their flat spectrum puts every singular value at the ME
 of them, and the task-vector sums of these short fine-tunes have a low effective rank, so that mean sits far
 below the singular values that carry the tasks. The grid now runs to 16: on the full fine-tunes the chosen values
 (2.5-8) lie inside it; on the LoRA experts, whose sums have a lower rank still, Iso-C / Iso-CTS chose 16, the new
-edge, in 11 / 12 of 30 cases, so their LoRA rows are lower bounds (a wider grid is the next step there).
+edge, in 11 / 12 of 30 cases; issue 21's LoRA screen (``quality_variants.py``) runs them on ``ALPHAS_LORA``
+(... 64).
 WUDI, AWD, LwPTV and lowrank are not here: the quality code already runs them.
 """
 
@@ -73,6 +74,9 @@ BASE_ID = "base"
 
 LAMBDAS_SUM = (0.3, 0.5, 0.7, 1.0)
 ALPHAS_REFERENCE = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0)
+# LoRA experts (issue 21's screen): a sum of T rank-r updates has rank <= T r, far below min(out, in), so the
+# flat spectrum's mean singular value is lower still and 16 was the chosen edge in a third of the cases.
+ALPHAS_LORA = ALPHAS_REFERENCE + (24.0, 32.0, 48.0, 64.0)
 SUBSPACE_METHODS = ("tsv_merge", "iso_c", "iso_cts")  # the "subspace" family: alpha-scaled, --refresh subspace
 PER_MODEL = {  # mergekit parameters with ParameterScope.NON_BASE / INPUT (a value per model)
     "task_arithmetic": ("weight",),

@@ -26,8 +26,9 @@ Variants (per nn.Linear weight; every other tensor stays at the base, as WUDI's 
 - ``decorrelated tsv-triplets prior c``: its first version, on TSV-M's own triplets (for a low-rank update the zero
   singular values' arbitrary singular vectors enter the polar factors);
 and the baselines at every point of their validation grid: task arithmetic (lambda), TIES (d 0.2, lambda),
-Iso-C, Iso-CTS and TSV-M (alpha in ``benchmarks.baselines.ALPHAS_REFERENCE``; the registered methods on every
-2-D tensor, others averaged as in the authors' code). Output: ``{seed: {k: {variant: val accuracy}}}`` in ``--out`` and a table on stdout. The variants an
+Iso-C, Iso-CTS and TSV-M (alpha in ``benchmarks.baselines.ALPHAS_REFERENCE``, ``ALPHAS_LORA`` for LoRA
+experts; the registered methods on every 2-D tensor, others averaged as in the authors' code). Output:
+``{seed: {k: {variant: val accuracy}}}`` in ``--out`` and a table on stdout. The variants an
 earlier version of this screen also ran (an isotropic prior on the proxy Gram of ``closed_form``, the output-Gram
 proxy, both sides) needed solver options that lost and were not kept; their screens are in
 ``benchmarks/results/issue21/`` (``screen_*``, ``val_*``), produced at commit 2fac84c of branch quality-defaults.
@@ -283,7 +284,7 @@ def main(argv=None) -> int:
             if any(wanted(n) for n in ("ties", "iso_c", "iso_cts", "tsv_merge")):
                 from mergekit.merge_methods import merge_state_dicts
 
-                from benchmarks.baselines import ALPHAS_REFERENCE, authors_matrices, mergekit_merge
+                from benchmarks.baselines import ALPHAS_LORA, ALPHAS_REFERENCE, authors_matrices, mergekit_merge
 
                 from mergekit_wudi.solvers.subspace_merging import ISO_CTS_COMMON_SPACE_FRACTION
 
@@ -299,7 +300,8 @@ def main(argv=None) -> int:
                         t0 = time.perf_counter()
                         merged = mergekit_merge(name, stochastic=False, linear=authors_matrices)(
                             sd0, {t: experts[t] for t in subset}, {"alpha": 1.0, **params}, seed)
-                        grid(name, merged, ALPHAS_REFERENCE, f"{name} (val grid)", time.perf_counter() - t0)
+                        alphas = ALPHAS_REFERENCE if args.kind == "full" else ALPHAS_LORA
+                        grid(name, merged, alphas, f"{name} (val grid)", time.perf_counter() - t0)
             for name, solve in variants().items():
                 if not wanted(name):
                     continue

@@ -414,7 +414,13 @@ def test_claims_from_a_tiny_results_dict(tmp_path, monkeypatch):
     assert shared["source"] == "b.json" and shared["test_texts_per_task"] == 300 and shared["n_seeds"] == 2
     assert shared["status"] == "not met" and abs(shared["paired_difference"] + 0.1) < 1e-12 and not shared["also_measured"]
     # write_report puts the default claims list into summary.claims of the JSON, next to the per-k rows
-    results.update(config={"quick": True, "seeds": [0, 1, 2], "steps": 1, "batch_size": 1, "lr_encoder": 1,
+    # a full fine-tune regime is measured only by files of its experts' steps (50: the benchmark's own)
+    long = {"config": {"steps": 300, "test_limit": 300}, "seeds": {"0": seeds["1"], "1": seeds["2"]}}
+    by_steps = report.evaluate_claims(first, [report.Claim("full fine-tunes, 300 steps", 7, cand, iso, "ahead"),
+                                              claims[0]], sources=[("a.json", first), ("long.json", long)])
+    assert by_steps[0]["source"] == "long.json" and by_steps[0]["n_seeds"] == 2 and not by_steps[0]["also_measured"]
+    assert by_steps[1]["source"] == "a.json" and not by_steps[1]["also_measured"]
+    results.update(config={"quick": True, "seeds": [0, 1, 2], "steps": 50, "batch_size": 1, "lr_encoder": 1,
                            "lr_head": 1, "max_length": 8}, command="test")
     report.write_report(results, "claims", lambda msg: None, tmp_path)
     written = json.loads((tmp_path / "claims.json").read_text())["summary"]

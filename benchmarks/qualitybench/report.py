@@ -23,8 +23,13 @@ FULL_ROW = "wudi closed_form (ridge 0.01)"
 # The data-free subspace methods the full fine-tune row has to beat, at their validation-tuned best.
 SUBSPACE_ROWS = ("iso_c (val grid)", "iso_cts (val grid)", "tsv_merge (val grid)")
 # Where each regime's seeds live in the results dict ("seeds": the full fine-tunes).
-REGIMES = {"full fine-tunes": "seeds", "LoRA, independent init": "lora", "LoRA, shared init": "lora_shared_init",
-           "LoRA, callback path": "lora_callback"}
+LORA_REGIMES = {"LoRA, independent init": "lora", "LoRA, shared init": "lora_shared_init",
+                "LoRA, callback path": "lora_callback"}
+# The full fine-tune regimes, by the experts' fine-tuning steps (a results file's ``config.steps``): the
+# benchmark's 50-step experts, and experts trained 6x longer (`quality_variants.py --steps 300`), closer to
+# the long fine-tunes users merge. Both live under ``seeds`` of their own results files.
+FULL_REGIMES = {"full fine-tunes": 50, "full fine-tunes, 300 steps": 300}
+REGIMES = {**{regime: "seeds" for regime in FULL_REGIMES}, **LORA_REGIMES}
 # How a claim's paired differences (row - versus, normalized accuracy, per seed) decide it.
 # "ahead" as issue 21 defines it (paired difference > 0, interval reported); every claim also says whether its
 # interval lies entirely above 0 (``ci95_above_0``), the stricter reading.
@@ -54,10 +59,10 @@ def issue21_claims(row: str = FULL_ROW, lora_row: str = DECORRELATED_ROW) -> lis
     """Part 1 of issue 21, with the recommended configuration per expert kind (main's RECOMMENDED_WUDI):
     ahead of Iso-C / Iso-CTS / TSV-M at 7 tasks, no worse at 2 and 4 (full fine-tunes, closed_form);
     at least as good as tuned task arithmetic and TIES at 4 and 7 tasks in every LoRA regime (decorrelated)."""
-    claims = [Claim("full fine-tunes", k, row, versus, "ahead" if k == 7 else "at least as good")
-              for k in (7, 4, 2) for versus in SUBSPACE_ROWS]
+    claims = [Claim(regime, k, row, versus, "ahead" if k == 7 else "at least as good")
+              for regime in FULL_REGIMES for k in (7, 4, 2) for versus in SUBSPACE_ROWS]
     claims += [Claim(regime, k, lora_row, versus, "at least as good")
-               for regime in list(REGIMES)[1:] for k in (4, 7) for versus in (TA_ROW, TIES_ROW)]
+               for regime in LORA_REGIMES for k in (4, 7) for versus in (TA_ROW, TIES_ROW)]
     # part 2: the input-Gram merge at least 1 point above the best data-free row, 7 tasks
     claims += [Claim("full fine-tunes", 7, INPUT_GRAMS_ROW, row, "ahead by 1 point"),
                Claim("LoRA, independent init", 7, INPUT_GRAMS_ROW, lora_row, "ahead by 1 point"),
@@ -76,6 +81,12 @@ def input_grams_as_results(grams: dict) -> dict:
     from .lora import lora_results_key
 
     return {"config": config, "seeds": {}, lora_results_key(grams["lora"].get("init", "independent")): {"seeds": seeds}}
+
+
+def in_regime(results: dict, regime: str) -> bool:
+    """Whether a results file can measure ``regime``: a full fine-tune regime needs experts of its steps."""
+    steps = FULL_REGIMES.get(regime)
+    return steps is None or results.get("config", {}).get("steps", 50) == steps
 
 
 def paired_differences(section: dict, tasks: int, row: str, versus: str) -> list:
@@ -102,6 +113,8 @@ def evaluate_claims(results: dict, claims: list | None = None, sources: list | N
     for claim in issue21_claims() if claims is None else claims:
         measured = []
         for label, res in sources if sources is not None else [(None, results)]:
+            if not in_regime(res, claim.regime):
+                continue
             section = res if REGIMES[claim.regime] == "seeds" else res.get(REGIMES[claim.regime])
             ds = paired_differences(section, claim.tasks, claim.row, claim.versus)
             if ds:
@@ -162,7 +175,7 @@ def regime_table(results: dict, rows: tuple, tasks: tuple = (7, 4)) -> list:
 
     for regime, key in REGIMES.items():
         section = results if key == "seeds" else results.get(key)
-        if not section or not section.get("seeds"):
+        if not section or not section.get("seeds") or not in_regime(results, regime):
             continue
         for k in tasks:
             for row in rows:
@@ -391,7 +404,7 @@ def _lora_section(results: dict) -> list:
     """The LoRA rows (``--lora``), one part per init regime: one table per subset, paired differences against
     the LoRA experts' own task arithmetic and WUDI default rows."""
     lines = []
-    for regime, key in list(REGIMES.items())[1:]:
+    for regime, key in LORA_REGIMES.items():
         lora = results.get(key)
         if not lora or not lora.get("seeds"):
             continue
@@ -409,7 +422,7 @@ def write_report(results: dict, name: str, log, results_dir: Path = RESULTS, cla
     """``claims_from``: other results files whose rows may decide ``summary.claims`` (see :func:`evaluate_claims`);
     with none, the claims are decided on ``results`` alone."""
     summary = summarise(results)
-    for key in [REGIMES[r] for r in list(REGIMES)[1:]]:
+    for key in LORA_REGIMES.values():
         if results.get(key, {}).get("seeds"):
             results[key]["summary"] = summarise({"seeds": results[key]["seeds"]})
     sources = None
