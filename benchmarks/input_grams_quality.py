@@ -112,6 +112,8 @@ def main():
     parser.add_argument("--gram-rows", nargs="*", choices=GRAM_ROWS, default=list(GRAM_ROWS),
                         help="which input-Gram rows to score (default: all; 'default' alone skips the validation grids)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="fine-tuning steps of the full experts (default: the quality benchmark's 50)")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "input_grams_quality.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -126,7 +128,8 @@ def main():
     from benchmarks.qualitybench.subset import SubsetContext
     from benchmarks.qualitybench.tasks import DEFAULT_SOURCE, load_tasks, select_tasks
 
-    qargs = parse_args((["--cache-dir", args.cache_dir] if args.cache_dir else []) + ["--lora-init", args.lora_init])
+    qargs = parse_args((["--cache-dir", args.cache_dir] if args.cache_dir else []) + ["--lora-init", args.lora_init]
+                       + (["--steps", str(args.steps)] if args.steps else []))
     all_tasks, quick = load_tasks(DEFAULT_SOURCE, DATA_SEED)
     cfg = build_config(qargs, list(all_tasks), quick)
     tasks = select_tasks(all_tasks, cfg["tasks"])
@@ -139,7 +142,7 @@ def main():
     sd0 = {k: v.detach().clone() for k, v in load_encoder(cfg["model"]).state_dict().items()}
     out = {"command": "HF_HUB_OFFLINE=1 python benchmarks/input_grams_quality.py " + " ".join(sys.argv[1:]),
            "grams": f"post hoc: final expert weights, eval mode, the last {args.last_batches} of its {cfg['steps']} "
-                    "training batches", "seeds": {}}
+                    "training batches", "steps": cfg["steps"], "seeds": {}}
     specs = method_specs()
     if args.lora:
         from benchmarks.qualitybench.lora import LORA_SPECS, lora_config, lora_experts
