@@ -10,7 +10,9 @@ that a configuration can be chosen without touching the test split; the chosen o
 init regimes (trained and cached if missing, as ``benchmarks/quality.py --lora [--lora-init shared]`` does).
 
 Variants (per nn.Linear weight; every other tensor stays at the base, as WUDI's kernel does):
-- ``closed_form``: the exact minimiser of Eq. 1 (ridge 1e-2), ``spectral t=8``: the flow at t = 8;
+- ``closed_form``: the exact minimiser of Eq. 1 (ridge 1e-2), ``spectral t=8``: the flow at t = 8; ``adam``: the
+  authors' algorithm; ``closed_form rank k`` / ``spectral rank auto``: the low-rank path (each task vector cut to
+  its top-k singular triplets, ``auto``: 90% of its energy, at most 8);
 - ``gram power p xa``: ``a U (U^T U + eps)^-p S (V^T V + eps)^-p V^T`` over the stacked per-task top-(min/T) SVD
   triplets (p = 1/2: TSV-M's whitening; p = 1: each side's projector-Gram minimiser of Eq. 1);
 - ``decorrelated prior c``: WUDI's ``solver: decorrelated`` (Eq. 1 with an isotropic prior c on TSV-decorrelated
@@ -58,6 +60,17 @@ import torch  # noqa: E402
 from benchmarks.common import mean  # noqa: E402
 from benchmarks.qualitybench import report  # noqa: E402
 
+# Full fine-tunes: also the authors' algorithm (WUDI's YAML default) and README's first YAML (the low-rank
+# fast path of spectral), under the quality benchmark's row names.
+def _full_extra_rows():
+    from mergekit_wudi.solvers.wudi import RANK_ENERGY
+    from mergekit_wudi.solvers.wudi_lowrank import AUTO_MAX_RANK
+
+    return ((report.DEFAULT_ROW, {"solver": "adam"}),
+            (f"wudi spectral (rank auto <= {AUTO_MAX_RANK}, energy {RANK_ENERGY:g})", {"solver": "spectral", "rank": "auto"}))
+
+
+FULL_EXTRA_ROWS = _full_extra_rows()
 TA_GRID = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 TIES_GRID = [0.5, 1.0, 1.5, 2.0, 3.0]
 
@@ -89,6 +102,10 @@ def variants():
         return lambda tvs: merge_task_vectors(torch.zeros_like(tvs[0]), tvs, **opts)
 
     out = {"closed_form": solver(solver="closed_form"), "spectral t=8": solver(solver="spectral")}
+    out["adam"] = solver(solver="adam")  # the authors' algorithm (WUDI's YAML default)
+    for rank in (8, 32, "auto"):  # the low-rank path: each task vector cut to its top singular triplets first
+        out[f"closed_form rank {rank}"] = solver(solver="closed_form", rank=rank)
+    out["spectral rank auto"] = solver(solver="spectral", rank="auto")
     for p in (0.5, 0.75, 1.0):
         for a in (0.5, 0.75, 1.0):
             out[f"gram power {p:g} x{a:g}"] = (lambda p, a: lambda tvs: a * gram_power_merge(tvs, p))(p, a)
@@ -314,7 +331,8 @@ def main(argv=None) -> int:
                         res[f"{name} x{s:g}"] = val(scaled(sd0, sd, s))
             out_path.write_text(json.dumps(results, indent=1))
             if test_path:
-                score_test_rows(section, seed, k, subset, sd0, experts, heads, ev, args.test_limit, test_rows)
+                score_test_rows(section, seed, k, subset, sd0, experts, heads, ev, args.test_limit, test_rows,
+                                FULL_EXTRA_ROWS if args.kind == "full" else ())
                 from mergekit_wudi.io import atomic_file
 
                 with atomic_file(test_path) as tmp:
@@ -324,15 +342,16 @@ def main(argv=None) -> int:
     return 0
 
 
-def score_test_rows(section, seed, k, subset, sd0, experts, heads, ev, limit, test_rows) -> None:
+def score_test_rows(section, seed, k, subset, sd0, experts, heads, ev, limit, test_rows, extra_wudi_rows=()) -> None:
     """The test rows of one (seed, subset) into ``section`` (the benchmark's layout): the baselines at their
-    validation-chosen point, WUDI ``closed_form`` and ``decorrelated`` at their defaults."""
+    validation-chosen point, WUDI ``closed_form`` and ``decorrelated`` at their defaults, and ``extra_wudi_rows``
+    (``(row, wudi parameters)``: full fine-tunes add :data:`FULL_EXTRA_ROWS`)."""
     from benchmarks.qualitybench.methods import linear_flags, merge
 
     models = {"base": sd0, **{t: experts[t] for t in subset}}
     lin, _ = linear_flags(sd0)
     for row, params in ((report.FULL_ROW, {"solver": "closed_form"}),
-                        (report.DECORRELATED_ROW, {"solver": "decorrelated"})):
+                        (report.DECORRELATED_ROW, {"solver": "decorrelated"}), *extra_wudi_rows):
         sd, secs = merge(models, "wudi", {**params, "linear": lin})
         test_rows[row] = (sd, secs, params)
     rec = section["seeds"].setdefault(str(seed), {"subsets": {}})
