@@ -60,13 +60,14 @@ import torch  # noqa: E402
 from benchmarks.common import mean  # noqa: E402
 from benchmarks.qualitybench import report  # noqa: E402
 
-# Full fine-tunes: also the authors' algorithm (WUDI's YAML default) and README's first YAML (the low-rank
-# fast path of spectral), under the quality benchmark's row names.
+# Full fine-tunes: also the authors' algorithm (WUDI's YAML default), the spectral flow at its default time and
+# README's first YAML (its low-rank fast path), under the quality benchmark's row names.
 def _full_extra_rows():
-    from mergekit_wudi.solvers.wudi import RANK_ENERGY
+    from mergekit_wudi.solvers.wudi import FLOW_TIME, RANK_ENERGY
     from mergekit_wudi.solvers.wudi_lowrank import AUTO_MAX_RANK
 
     return ((report.DEFAULT_ROW, {"solver": "adam"}),
+            (f"wudi spectral (flow_time {FLOW_TIME:g})", {"solver": "spectral"}),
             (f"wudi spectral (rank auto <= {AUTO_MAX_RANK}, energy {RANK_ENERGY:g})", {"solver": "spectral", "rank": "auto"}))
 
 
@@ -109,7 +110,7 @@ def variants():
     for p in (0.5, 0.75, 1.0):
         for a in (0.5, 0.75, 1.0):
             out[f"gram power {p:g} x{a:g}"] = (lambda p, a: lambda tvs: a * gram_power_merge(tvs, p))(p, a)
-    for c in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5):
+    for c in (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5):  # 0: TSV-M (full-rank task vectors)
         out[f"decorrelated prior {c:g}"] = solver(solver="decorrelated", prior=c)
     for c in (0.1, 0.2, 0.3):
         out[f"decorrelated tsv-triplets prior {c:g}"] = (lambda c: lambda tvs: decorrelated_tsv_triplets(tvs, c))(c)
@@ -220,6 +221,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--test-out", default=None, help="also score the test rows into this results file")
     p.add_argument("--test-limit", type=int, default=None, help="test texts per task (default: all)")
+    p.add_argument("--extra-rows", nargs="*", default=None, metavar="ROW",
+                   help="full fine-tunes: which of FULL_EXTRA_ROWS get test rows (default: all)")
     p.add_argument("--steps", type=int, default=None,
                    help="fine-tuning steps of the cached full experts to load (default: the benchmark's 50; "
                         "train others with `quality.py --train-only --steps N`)")
@@ -332,7 +335,8 @@ def main(argv=None) -> int:
             out_path.write_text(json.dumps(results, indent=1))
             if test_path:
                 score_test_rows(section, seed, k, subset, sd0, experts, heads, ev, args.test_limit, test_rows,
-                                FULL_EXTRA_ROWS if args.kind == "full" else ())
+                                [r for r in FULL_EXTRA_ROWS if args.extra_rows is None or r[0] in args.extra_rows]
+                                if args.kind == "full" else ())
                 from mergekit_wudi.io import atomic_file
 
                 with atomic_file(test_path) as tmp:
