@@ -67,6 +67,7 @@ def _full_extra_rows():
     from mergekit_wudi.solvers.wudi_lowrank import AUTO_MAX_RANK
 
     return ((report.DEFAULT_ROW, {"solver": "adam"}),
+            ("wudi decorrelated (prior 0)", {"solver": "decorrelated", "prior": 0.0}),  # TSV-M on the linear weights
             (f"wudi spectral (flow_time {FLOW_TIME:g})", {"solver": "spectral"}),
             (f"wudi spectral (rank auto <= {AUTO_MAX_RANK}, energy {RANK_ENERGY:g})", {"solver": "spectral", "rank": "auto"}))
 
@@ -222,7 +223,8 @@ def main(argv=None) -> int:
     p.add_argument("--test-out", default=None, help="also score the test rows into this results file")
     p.add_argument("--test-limit", type=int, default=None, help="test texts per task (default: all)")
     p.add_argument("--extra-rows", nargs="*", default=None, metavar="ROW",
-                   help="full fine-tunes: which of FULL_EXTRA_ROWS get test rows (default: all)")
+                   help="score only these WUDI test rows (of closed_form, decorrelated and, for full fine-tunes, "
+                        "FULL_EXTRA_ROWS; default: all)")
     p.add_argument("--steps", type=int, default=None,
                    help="fine-tuning steps of the cached full experts to load (default: the benchmark's 50; "
                         "train others with `quality.py --train-only --steps N`)")
@@ -335,8 +337,7 @@ def main(argv=None) -> int:
             out_path.write_text(json.dumps(results, indent=1))
             if test_path:
                 score_test_rows(section, seed, k, subset, sd0, experts, heads, ev, args.test_limit, test_rows,
-                                [r for r in FULL_EXTRA_ROWS if args.extra_rows is None or r[0] in args.extra_rows]
-                                if args.kind == "full" else ())
+                                FULL_EXTRA_ROWS if args.kind == "full" else (), args.extra_rows)
                 from mergekit_wudi.io import atomic_file
 
                 with atomic_file(test_path) as tmp:
@@ -346,16 +347,19 @@ def main(argv=None) -> int:
     return 0
 
 
-def score_test_rows(section, seed, k, subset, sd0, experts, heads, ev, limit, test_rows, extra_wudi_rows=()) -> None:
+def score_test_rows(section, seed, k, subset, sd0, experts, heads, ev, limit, test_rows, extra_wudi_rows=(),
+                    only_rows=None) -> None:
     """The test rows of one (seed, subset) into ``section`` (the benchmark's layout): the baselines at their
     validation-chosen point, WUDI ``closed_form`` and ``decorrelated`` at their defaults, and ``extra_wudi_rows``
-    (``(row, wudi parameters)``: full fine-tunes add :data:`FULL_EXTRA_ROWS`)."""
+    (``(row, wudi parameters)``: full fine-tunes add :data:`FULL_EXTRA_ROWS`); ``only_rows``: score only these
+    WUDI rows (``--extra-rows``)."""
     from benchmarks.qualitybench.methods import linear_flags, merge
 
     models = {"base": sd0, **{t: experts[t] for t in subset}}
     lin, _ = linear_flags(sd0)
-    for row, params in ((report.FULL_ROW, {"solver": "closed_form"}),
-                        (report.DECORRELATED_ROW, {"solver": "decorrelated"}), *extra_wudi_rows):
+    wudi_rows = ((report.FULL_ROW, {"solver": "closed_form"}), (report.DECORRELATED_ROW, {"solver": "decorrelated"}),
+                 *extra_wudi_rows)
+    for row, params in [r for r in wudi_rows if only_rows is None or r[0] in only_rows]:
         sd, secs = merge(models, "wudi", {**params, "linear": lin})
         test_rows[row] = (sd, secs, params)
     rec = section["seeds"].setdefault(str(seed), {"subsets": {}})

@@ -70,8 +70,11 @@ WHAT_TO_USE = [
     ("LoRA adapters", "any", "training data in the callback", "`WUDIMergeCallback(input_grams=InputGrams())`",
      "grams, lora", "input grams (default, post hoc)"),
 ]
+# The full fine-tune rows' second number: the same row on experts fine-tuned 6x longer (300 steps), closer to the
+# long fine-tunes users merge (benchmarks/quality_variants.py --steps 300 --test-out, 5 seeds combined).
+FULL_LONG = "issue21/test_full300.json"
 # Where each results name of WHAT_TO_USE is read from (benchmarks/results/...), for the table's last column.
-WHAT_TO_USE_FILES = {"full": "quality.json", "lora": "quality.json (lora)",
+WHAT_TO_USE_FILES = {"full": "quality.json", "full, 300 steps": FULL_LONG, "lora": "quality.json (lora)",
                      "lora, 300 texts": "issue21/issue21.json (lora)", "grams, full": "input_grams_quality_full.json",
                      "grams, lora": "input_grams_quality_lora_s04.json"}
 
@@ -107,6 +110,7 @@ def input_grams_summary(grams: dict) -> dict:
 def what_to_use_sources(quality: dict, issue21: dict) -> Dict[str, dict]:
     """{results name of WHAT_TO_USE: the quality report's summary it reads}."""
     return {"full": per_subset(quality["summary"]), "lora": quality["lora"]["summary"], "lora, 300 texts": issue21["lora"]["summary"],
+            "full, 300 steps": per_subset(_load(FULL_LONG)["summary"]),
             "grams, full": input_grams_summary(_load(WHAT_TO_USE_FILES["grams, full"])),
             "grams, lora": input_grams_summary(_load(WHAT_TO_USE_FILES["grams, lora"]))}
 
@@ -116,18 +120,26 @@ def what_to_use(summaries: Dict[str, dict], wall_ratios: Dict[str, dict]) -> Lis
     ``summaries``: :func:`what_to_use_sources`; ``wall_ratios[kind]``: the size sweep of that kind of experts
     ("full" or "lora")."""
     lines = ["| your experts | hardware | data at hand | configuration (`merge_method: wudi` unless named) "
-             "| normalized acc at 7 tasks (%) | Δ vs tuned task arithmetic (pts) | merge s (TA) at 7 tasks "
+             "| normalized acc at 7 tasks (%), full fine-tunes: 50 / 300 steps | Δ vs tuned task arithmetic (pts) "
+             "| merge s (TA) at 7 tasks "
              f"| wall x TA of the same kind of experts, {' / '.join(SIZES)} | seeds | results |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    long = summaries.get("full, 300 steps", {})
     for experts, hardware, data, configuration, source, row in WHAT_TO_USE:
         summary = summaries[source]
         cells = quality_report.row_cells(summary, row)
         ta = quality_report.row_cells(summary, quality_report.TA_ROW)
         kind = "full" if experts.startswith("full") else "lora"
         ratios = wall_ratios[kind].get(SWEEP_METHOD.get(row, ""), {})
-        lines.append(f"| {experts} | {hardware} | {data} | {configuration} | {cells['normalized']} | {cells['vs_ta']} "
+        acc, vs_ta, seeds, files = cells["normalized"], cells["vs_ta"], cells["seeds"], WHAT_TO_USE_FILES[source]
+        if kind == "full":  # "50-step / 300-step experts"
+            other = quality_report.row_cells(long, row) if row in long.get("7", {}) else None
+            acc, vs_ta = f"{acc} / {other['normalized'] if other else '–'}", f"{vs_ta} / {other['vs_ta'] if other else '–'}"
+            seeds = f"{seeds} / {other['seeds'] if other else '–'}"
+            files += f" / {FULL_LONG}" if other else ""
+        lines.append(f"| {experts} | {hardware} | {data} | {configuration} | {acc} | {vs_ta} "
                      f"| {cells['merge_seconds']} ({ta['merge_seconds']}) | {_sizes_cell(ratios) if ratios else '–'} "
-                     f"| {cells['seeds']} | {WHAT_TO_USE_FILES[source]} |")
+                     f"| {seeds} | {files} |")
     return lines + [""]
 
 
