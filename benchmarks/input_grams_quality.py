@@ -56,6 +56,7 @@ import torch  # noqa: E402
 
 DATA_FREE_ROWS = ("task_arithmetic", "wudi closed_form", "tsv_merge", "iso_c", "iso_cts",
                   "ties", "wudi val scaling", "wudi decorrelated")  # the last three: rows of the LoRA table (--lora)
+RANK_AUTO_ROW = "wudi spectral rank auto"  # README's first YAML, the callback's default for full fine-tunes
 GRAM_ROWS = ("default", "val-grid", "regmean")
 
 
@@ -103,7 +104,8 @@ def main():
     parser.add_argument("--ridges", type=float, nargs="+", default=[1e-4, 1e-2, 1e-1])
     parser.add_argument("--shrinks", type=float, nargs="+", default=[1.0, 0.9, 0.6])
     parser.add_argument("--data-free-rows", nargs="*", default=list(DATA_FREE_ROWS),
-                        help="rows of the quality table to run beside (default: %(default)s)")
+                        help="rows of the quality table to run beside (default: %(default)s), and "
+                             f"{RANK_AUTO_ROW!r} (README's first YAML)")
     parser.add_argument("--lora", action="store_true",
                         help="the LoRA experts of `quality.py --lora` (cached as effective weights; Grams of the "
                              "merged layer's input = the LoRA base layer's input) and the LoRA table's rows")
@@ -121,6 +123,7 @@ def main():
     import mergekit_wudi
     from benchmarks.common import mean
     from benchmarks.qualitybench.evaluate import Evaluator
+    from benchmarks.qualitybench import report
     from benchmarks.qualitybench.experts import seed_experts
     from benchmarks.qualitybench.methods import method_specs
     from benchmarks.qualitybench.model import load_encoder, tokenised
@@ -180,6 +183,9 @@ def main():
         for spec in specs:
             if spec.name in args.data_free_rows:
                 spec.run(ctx)
+        if RANK_AUTO_ROW in args.data_free_rows:  # the recommended full fine-tune row, nothing tuned
+            sd, secs = ctx.merge("wudi", {"solver": "spectral", "rank": "auto", "linear": ctx.lin})
+            ctx.record(report.FULL_ROW, sd, secs, {"solver": "spectral", "rank": "auto"})
         t0 = time.perf_counter()
         grams, meta = {}, {}
         for t in subset:

@@ -357,7 +357,7 @@ def score_test_rows(section, seed, k, subset, sd0, experts, heads, ev, limit, te
 
     models = {"base": sd0, **{t: experts[t] for t in subset}}
     lin, _ = linear_flags(sd0)
-    wudi_rows = ((report.FULL_ROW, {"solver": "closed_form"}), (report.DECORRELATED_ROW, {"solver": "decorrelated"}),
+    wudi_rows = ((report.CLOSED_FORM_ROW, {"solver": "closed_form"}), (report.DECORRELATED_ROW, {"solver": "decorrelated"}),
                  *extra_wudi_rows)
     for row, params in [r for r in wudi_rows if only_rows is None or r[0] in only_rows]:
         sd, secs = merge(models, "wudi", {**params, "linear": lin})

@@ -85,6 +85,10 @@ ISSUE21 = "issue21/issue21.json"
 ISSUE21_ROWS = ("task_arithmetic (val lambda)", "ties (d=0.2, val lambda)", "tsv_merge (val grid)", "iso_c (val grid)",
                 "iso_cts (val grid)", "iso_c (alpha 1, untuned)", "iso_cts (alpha 1, untuned)",
                 "wudi closed_form (ridge 0.01)", quality_report.DECORRELATED_ROW)
+# Full fine-tunes: also TSV-M untuned and the WUDI rows FULL_EXTRA_ROWS of benchmarks/quality_variants.py adds.
+ISSUE21_FULL_ROWS = ISSUE21_ROWS[:3] + ("tsv_merge (alpha 1, untuned)",) + ISSUE21_ROWS[3:] + (
+    "wudi adam (scaling 1.0)", "wudi spectral (flow_time 8)", "wudi spectral (rank auto <= 8, energy 0.9)",
+    "wudi decorrelated (prior 0)")
 
 
 def _load(name: str) -> dict:
@@ -174,7 +178,9 @@ def render_regions() -> Dict[str, str]:
             (quality_report.TA_ROW, quality_report.TIES_ROW, quality_report.DECORRELATED_ROW), tasks=(7,)),
         "issue21-lora": lambda: quality_report.regime_table(
             {k: v for k, v in issue21.items() if k != "seeds"}, ISSUE21_ROWS),
-        "issue21-full": lambda: quality_report.regime_table({"seeds": issue21["seeds"]}, ISSUE21_ROWS, tasks=(7, 4, 2)),
+        "issue21-full": lambda: quality_report.regime_table({"seeds": issue21["seeds"]}, ISSUE21_FULL_ROWS,
+                                                            tasks=(7, 4, 2)),
+        "issue21-full-long": lambda: quality_report.regime_table(_load(FULL_LONG), ISSUE21_FULL_ROWS, tasks=(7, 4, 2)),
         "issue21-claims": lambda: quality_report.claims_table(quality["summary"]["claims"])[2:],
     }
     return {name: "\n".join(build()).rstrip("\n") + "\n" for name, build in builders.items()}

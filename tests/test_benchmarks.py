@@ -615,7 +615,7 @@ def test_input_grams_results_decide_the_part2_claims(tmp_path, monkeypatch):
                                                          report.DECORRELATED_ROW: row(0.91)}}
                       for s, d in enumerate([0.0, 0.01, 0.02])}}
     full = {"grams": "post hoc", "seeds": {str(s): {"subset": subset, "rows": {report.INPUT_GRAMS_ROW: row(0.92),
-                                                                             report.FULL_ROW: row(0.95)}}
+                                                                             report.CLOSED_FORM_ROW: row(0.95)}}
                                            for s in range(2)}}
     as_results = report.input_grams_as_results(lora)
     assert set(as_results["lora"]["seeds"]) == {"0", "1", "2"} and as_results["config"]["test_limit"] is None

@@ -5,6 +5,7 @@ loads with PEFT and agrees with it."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,12 +227,18 @@ def test_the_default_parameters_merge_lora_experts_with_the_decorrelated_solver_
         torch.testing.assert_close(adapted(x), plain(x), rtol=1e-4, atol=1e-5)
 
 
-def test_the_default_parameters_of_a_full_fine_tune_are_the_exact_solver(tmp_path):
-    from test_lightning_callback import TinyModel
+def test_the_default_parameters_of_a_full_fine_tune_are_readmes_first_yaml(tmp_path):
+    """Not a PEFT module: spectral with rank auto (README's first YAML), and the merge is that merge."""
+    from test_lightning_callback import TinyModel, direct_merge, assert_same
     from test_lightning_callback import task_loader as plain_loader
 
     callback = WUDIMergeCallback(num_tasks=2, output=str(tmp_path / "merge"), exclude=["head"])
+    model = TinyModel()
     for task in range(2):
-        make_trainer(tmp_path, [callback], max_steps=2).fit(TinyModel(), plain_loader(task))
-    assert callback.parameters == {"solver": "closed_form"} and callback.merged_path is not None
+        make_trainer(tmp_path, [callback], max_steps=2).fit(model, plain_loader(task))
+    assert callback.parameters == {"solver": "spectral", "rank": "auto"} and callback.merged_path is not None
+    body = [n for n in model.state_dict() if not n.startswith("head")]
+    expected = direct_merge("wudi", {"solver": "spectral", "rank": "auto"}, Path(tmp_path, "merge", "base.safetensors"),
+                            callback.expert_paths, model, names=body)
+    assert_same({n: load_state_dict(callback.merged_path)[n] for n in body}, expected)
     assert WUDIMergeCallback(parameters={}).parameters == {}  # {}: the authors' algorithm, as in a YAML

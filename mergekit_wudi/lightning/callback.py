@@ -44,11 +44,13 @@ from mergekit_wudi.lightning.storage import SnapshotStore, expert_id
 from mergekit_wudi.lightning.strategies import MergeStrategy, MudscMerge, RegistryMerge
 
 
-# The callback's default WUDI parameters per expert kind, chosen on the quality benchmark's validation split
-# (docs/benchmarks.md, issue 21): full fine-tunes -> the exact minimiser of Eq. 1; LoRA experts, whose task
-# vectors' row spaces (their A factors) say little about the inputs -> Eq. 1 with an isotropic input prior on
-# TSV-decorrelated task vectors.
-RECOMMENDED_WUDI: Dict[str, Dict[str, Any]] = {"full": {"solver": "closed_form"}, "lora": {"solver": "decorrelated"}}
+# The callback's default WUDI parameters per expert kind, measured on the quality benchmark (docs/benchmarks.md,
+# issue 21): full fine-tunes -> the spectral flow of Eq. 1 on each task vector's top singular directions (README's
+# first YAML; the exact minimiser is best on short fine-tunes and falls behind on longer ones); LoRA experts, whose
+# task vectors' row spaces (their A factors) say little about the inputs -> Eq. 1 with an isotropic input prior
+# on TSV-decorrelated task vectors.
+RECOMMENDED_WUDI: Dict[str, Dict[str, Any]] = {"full": {"solver": "spectral", "rank": "auto"},
+                                               "lora": {"solver": "decorrelated"}}
 
 
 class WUDIMergeCallback(Callback):
@@ -76,7 +78,8 @@ class WUDIMergeCallback(Callback):
             per-expert values as a list in task order or a mapping keyed ``task_0``, ``task_1``, ...
             Default (``None``) for ``wudi``: the recommended data-free configuration for the experts'
             kind, :data:`RECOMMENDED_WUDI` (``solver: decorrelated`` for a PEFT LoRA module,
-            ``closed_form`` otherwise, docs/lightning.md); ``{}`` is the authors' algorithm (``adam``).
+            ``solver: spectral, rank: auto`` otherwise, docs/lightning.md); ``{}`` is the authors' algorithm
+            (``adam``).
         experts: explicit mode: paths of the experts (a single path is one expert).
         base: the pretrained weights (path or state dict); default: the module at the first fit.
         include: name patterns (glob; a plain name matches as a prefix) of tensors to merge.
