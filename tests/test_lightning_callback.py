@@ -223,7 +223,7 @@ def test_a_new_run_never_replaces_an_earlier_runs_files(tmp_path):
     given = WUDIMergeCallback(parameters=FAST_WUDI, num_tasks=1, output=first.output_dir)
     model = TinyModel(seed=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"already holds files that this run did not write \(base.safetensors, "
+    with pytest.raises(ValueError, match=r"already holds another run.s results \(base.safetensors, "
                                          r"merged.safetensors, experts/task_0.safetensors\)"):
         make_trainer(tmp_path, [given]).fit(model, task_loader(2))
     assert_same(model.state_dict(), before)  # refused before any training step
@@ -237,9 +237,54 @@ def test_a_new_run_never_replaces_an_earlier_runs_files(tmp_path):
         inputs[-1].write_bytes(Path(path).read_bytes())
     explicit = WUDIMergeCallback(parameters=FAST_WUDI, experts=[str(p) for p in inputs[1:]], base=str(inputs[0]),
                                  output=first.output_dir, exclude=["head"])
-    with pytest.raises(ValueError, match=r"already holds files that this run did not write"):
+    with pytest.raises(ValueError, match=r"already holds another run.s results"):
         explicit.merge()
     assert {p: p.read_bytes() for p in Path(first.output_dir).rglob("*.safetensors")} == kept
+
+
+class StepCounter(Callback):
+    count = 0
+
+    def on_train_batch_start(self, *args):
+        self.count += 1
+
+
+def test_versioning_keeps_a_spawned_run_together_and_a_plain_checkpoint_is_not_a_resume(tmp_path, monkeypatch):
+    """ddp_spawn copies of one callback (each decides the folder in its own setup) agree on merge-v1 and merge
+    there; a fit from a checkpoint without this callback's state is a new run (refused in a given output= that
+    holds another run's files, before any step); a merge() without a fit also versions; a user's own file in
+    experts/ is not the callback's."""
+    earlier = WUDIMergeCallback(parameters=FAST_WUDI, num_tasks=1)
+    make_trainer(tmp_path, [earlier]).fit(TinyModel(seed=5), task_loader(0))
+    kept = {p: p.read_bytes() for p in Path(earlier.output_dir).rglob("*.safetensors")}
+    parent = WUDIMergeCallback(parameters=FAST_WUDI, num_tasks=2)
+    model = TinyModel()
+    workers = [pickle.loads(pickle.dumps(parent)) for _ in range(2)]
+    for task, worker in enumerate(workers):
+        make_trainer(tmp_path, [worker]).fit(model, task_loader(task))
+    assert workers[1].output_dir == str(tmp_path / "merge-v1") and workers[1].merged_path is not None
+    assert [Path(p).name for p in workers[1].expert_paths] == ["task_0.safetensors", "task_1.safetensors"]
+
+    checkpointing = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, [checkpointing], enable_checkpointing=True).fit(TinyModel(), task_loader(3))
+    given = WUDIMergeCallback(parameters=FAST_WUDI, num_tasks=1, output=earlier.output_dir,
+                              base=str(tmp_path / "merge-v1" / "base.safetensors"))
+    steps = StepCounter()
+    with pytest.raises(ValueError, match="already holds another run's results"):
+        make_trainer(tmp_path, [given, steps], max_steps=4).fit(TinyModel(), task_loader(1),
+                                                                 ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert steps.count == 0
+    assert {p: p.read_bytes() for p in Path(earlier.output_dir).rglob("*.safetensors")} == kept
+
+    Path(tmp_path, "mine").mkdir()
+    monkeypatch.chdir(tmp_path / "mine")  # merge() without a trainer writes under ./merge
+    for _ in range(2):
+        alone = WUDIMergeCallback(method="task_arithmetic", parameters={"weight": 1.0},
+                                  experts=workers[1].expert_paths, base=str(tmp_path / "merge-v1" / "base.safetensors"))
+        alone.merge()
+    assert Path(alone.output_dir).name == "merge-v1" and Path(tmp_path, "mine", "merge", "merged.safetensors").is_file()
+    save_safetensors_atomic(TinyModel().state_dict(), Path(tmp_path, "mine", "own", "experts", "mine.safetensors"))
+    assert WUDIMergeCallback(experts=workers[1].expert_paths, output="own")._store().other_runs_files() == []
 
 
 def test_a_settings_warning_is_said_once_per_run(tmp_path, caplog):

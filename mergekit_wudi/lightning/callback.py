@@ -171,6 +171,7 @@ class WUDIMergeCallback(Callback):
         self._merged_path: Optional[str] = None
         self._task_heads: Optional[List[StateDict]] = None
         self._saved_this_fit = False  # not state: per fit (see on_fit_end)
+        self._versioned_from: Optional[str] = None  # not state: the default folder, when setup moved past it
         self._checked_settings: Optional[str] = None  # not state: the settings already checked
 
     @property
@@ -392,8 +393,7 @@ class WUDIMergeCallback(Callback):
         Every rank must call it under DDP. Returns the merged tensors (identical on every rank).
         Nothing is written if any input is invalid, the method fails or its result is not finite.
         """
-        if trainer is not None:
-            self._output_dir = self._resolve_output(trainer)
+        self._output_dir = broadcast(trainer, self._resolve_output(trainer))
         if pl_module is not None:
             self._resolve_recommended(pl_module)
         self._refuse_inputs_in_output()
@@ -622,28 +622,31 @@ class WUDIMergeCallback(Callback):
         module_state.reset_weights(pl_module, base, self._merge_names(base))
 
     def _resolve_output(self, trainer: Optional[Trainer]) -> str:
+        """``output``, else ``<default_root_dir>/merge``, or ``merge-v1``, ``merge-v2``, ... when an earlier run's
+        files are there (as ModelCheckpoint versions a file name rather than replace another run's checkpoint).
+        Decided once, in ``setup`` (or by a :meth:`merge` without a fit); a resumed fit's state brings its own."""
         if self._output_dir is None:
-            root = trainer.default_root_dir if trainer is not None else "."
-            self._output_dir = str(Path(self.output or os.path.join(root, "merge")).absolute())
+            if self.output is not None:
+                self._output_dir = str(Path(self.output).absolute())
+            else:
+                root = Path(trainer.default_root_dir if trainer is not None else ".").absolute()
+                folder, version = root / "merge", 0
+                while SnapshotStore(str(folder), self._run_id).other_runs_files():
+                    version += 1
+                    folder = root / f"merge-v{version}"
+                self._versioned_from = str(root / "merge") if version else None
+                self._output_dir = str(folder)
         return self._output_dir
 
     def _claim_output(self, trainer: Trainer) -> None:
-        """A fit's files must not replace what another run (or anyone) left in the output folder. The
-        default folder moves on to ``merge-v1``, ``merge-v2``, ... (as ModelCheckpoint versions a file name
-        rather than replace another run's checkpoint); a given ``output=`` is refused. Runs in
-        ``on_fit_start``, when a resumed fit's state (whose run id labels its files) is back."""
-        if trainer.ckpt_path is not None:  # resuming: under FSDP & co. the state (run id) comes back later
-            return
-        if self.output is None:
-            folder, version = Path(self._output_dir), 0
-            while SnapshotStore(str(folder), self._run_id).other_runs_files():
-                version += 1
-                folder = folder.parent / f"merge-v{version}"
-            folder = broadcast(trainer, str(folder))
-            if folder != self._output_dir:
-                rank_zero_info(f"{type(self).__name__}: {self._output_dir} holds an earlier run's files; this run "
-                               f"writes to {folder}")
-                self._output_dir = folder
+        """``on_fit_start``, once a resumed fit's state (whose run id labels its files) is back: the output folder
+        must not hold another run's files, which this fit would replace or mix with its own."""
+        if trainer.ckpt_path is not None and trainer.strategy.restore_checkpoint_after_setup:
+            return  # FSDP & co.: the state (run id) comes back after this hook
+        if self._versioned_from is not None and trainer.ckpt_path is None:
+            rank_zero_info(f"{type(self).__name__}: {self._versioned_from} holds an earlier run's files; this run "
+                           f"writes to {self._output_dir}")
+        self._versioned_from = None
         self._refuse_other_runs_output()
 
     def _refuse_other_runs_output(self) -> None:
@@ -652,9 +655,9 @@ class WUDIMergeCallback(Callback):
             names = ", ".join(str(p.relative_to(self._store().folder)) for p in found[:5])
             more = f" and {len(found) - 5} more" if len(found) > 5 else ""
             raise MergeInputError(
-                f"output={self._output_dir!r} already holds files that this run did not write ({names}{more}), "
-                "which it would replace; give another output=, move them away, or leave output unset (a fresh "
-                "merge-v<N> folder under default_root_dir is then used)"
+                f"output={self._output_dir!r} already holds another run's results ({names}{more}), which this run "
+                "would replace or mix with its own; give another output=, move them away, or leave output unset "
+                "(a fresh merge-v<N> folder under default_root_dir is then used)"
             )
 
     def _store(self) -> SnapshotStore:

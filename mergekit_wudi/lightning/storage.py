@@ -82,13 +82,13 @@ class SnapshotStore:
         return any(target.is_relative_to(folder / sub) for sub in FOLDERS)
 
     def written(self) -> List[Path]:
-        """What lies where this store writes: the base and merged files, the ``.safetensors`` files of its
-        folders and the adapter folders (not the temporary files of an interrupted atomic write)."""
+        """What lies where this store writes: the base and merged files, the ``task_<i>`` files of its folders and
+        the adapter folders (not the temporary files of an interrupted atomic write, nor a user's other files)."""
         found = [p for p in (Path(self.base_path), Path(self.merged_path)) if p.exists()]
         for sub in FOLDERS:
             if (self.folder / sub).is_dir():
-                found += sorted(p for p in (self.folder / sub).iterdir() if not p.name.startswith(".")
-                                and (p.is_dir() if sub == "adapters" else p.suffix == ".safetensors"))
+                found += sorted(p for p in (self.folder / sub).glob(expert_id("*"))
+                                if (p.is_dir() if sub == "adapters" else p.suffix == ".safetensors"))
         return found
 
     def other_runs_files(self) -> List[Path]:
