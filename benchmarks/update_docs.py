@@ -51,9 +51,10 @@ HEADLINE_ROWS = (
 # README's "what to use": (your experts, hardware, data at hand, configuration, results, row). ``results`` names
 # the results a row is read from (:func:`what_to_use_sources`); add a situation by adding a line.
 WHAT_TO_USE = [
-    ("full fine-tunes", "CPU, LLM-sized", "none", "`solver: spectral`, `rank: auto`", "full",
-     "wudi spectral (rank auto <= 8, energy 0.9)"),
-    ("full fine-tunes", "GPU, or a small model on CPU", "none", "`solver: closed_form` (exact)", "full",
+    ("full fine-tunes", "any", "none", "`solver: spectral`, `rank: auto` (README's first YAML, the callback's default)",
+     "full", "wudi spectral (rank auto <= 8, energy 0.9)"),
+    ("full fine-tunes", "GPU, or a small model on CPU", "none",
+     "`solver: closed_form` (the exact minimiser): ahead on short fine-tunes only", "full",
      "wudi closed_form (ridge 0.01)"),
     ("full fine-tunes", "any", "validation split",
      "`merge_method: iso_cts` (Iso-CTS, registered by this plugin), `alpha` chosen on it from 0.5 ... 16", "full",
@@ -61,7 +62,7 @@ WHAT_TO_USE = [
     ("full fine-tunes", "GPU", "none", "no parameters: `solver: adam`, the authors' algorithm", "full",
      "wudi adam (scaling 1.0)"),
     ("full fine-tunes", "any", "training data in the callback",
-     "`WUDIMergeCallback(input_grams=InputGrams())`: measured BELOW `closed_form` here, keep `closed_form`",
+     "`WUDIMergeCallback(input_grams=InputGrams())`: measured below the data-free rows, keep those",
      "grams, full", "input grams (default, post hoc)"),
     ("LoRA adapters", "any", "none", "`solver: decorrelated`", "lora, 300 texts", quality_report.DECORRELATED_ROW),
     ("LoRA adapters", "any", "validation split",
@@ -73,8 +74,11 @@ WHAT_TO_USE = [
 # The full fine-tune rows' second number: the same row on experts fine-tuned 6x longer (300 steps), closer to the
 # long fine-tunes users merge (benchmarks/quality_variants.py --steps 300 --test-out, 5 seeds combined).
 FULL_LONG = "issue21/test_full300.json"
+# {results name of WHAT_TO_USE: the results name of the same row on the 300-step experts}
+LONG_SOURCES = {"full": "full, 300 steps", "grams, full": "grams, full, 300 steps"}
 # Where each results name of WHAT_TO_USE is read from (benchmarks/results/...), for the table's last column.
 WHAT_TO_USE_FILES = {"full": "quality.json", "full, 300 steps": FULL_LONG, "lora": "quality.json (lora)",
+                     "grams, full, 300 steps": "input_grams_quality_full300.json",
                      "lora, 300 texts": "issue21/issue21.json (lora)", "grams, full": "input_grams_quality_full.json",
                      "grams, lora": "input_grams_quality_lora_s04.json"}
 
@@ -115,6 +119,8 @@ def what_to_use_sources(quality: dict, issue21: dict) -> Dict[str, dict]:
     """{results name of WHAT_TO_USE: the quality report's summary it reads}."""
     return {"full": per_subset(quality["summary"]), "lora": quality["lora"]["summary"], "lora, 300 texts": issue21["lora"]["summary"],
             "full, 300 steps": per_subset(_load(FULL_LONG)["summary"]),
+            **({"grams, full, 300 steps": input_grams_summary(_load(WHAT_TO_USE_FILES["grams, full, 300 steps"]))}
+               if (RESULTS / WHAT_TO_USE_FILES["grams, full, 300 steps"]).exists() else {}),
             "grams, full": input_grams_summary(_load(WHAT_TO_USE_FILES["grams, full"])),
             "grams, lora": input_grams_summary(_load(WHAT_TO_USE_FILES["grams, lora"]))}
 
@@ -128,7 +134,6 @@ def what_to_use(summaries: Dict[str, dict], wall_ratios: Dict[str, dict]) -> Lis
              "| merge s (TA) at 7 tasks "
              f"| wall x TA of the same kind of experts, {' / '.join(SIZES)} | seeds | results |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    long = summaries.get("full, 300 steps", {})
     for experts, hardware, data, configuration, source, row in WHAT_TO_USE:
         summary = summaries[source]
         cells = quality_report.row_cells(summary, row)
@@ -137,10 +142,11 @@ def what_to_use(summaries: Dict[str, dict], wall_ratios: Dict[str, dict]) -> Lis
         ratios = wall_ratios[kind].get(SWEEP_METHOD.get(row, ""), {})
         acc, vs_ta, seeds, files = cells["normalized"], cells["vs_ta"], cells["seeds"], WHAT_TO_USE_FILES[source]
         if kind == "full":  # "50-step / 300-step experts"
+            long = summaries.get(LONG_SOURCES.get(source), {})
             other = quality_report.row_cells(long, row) if row in long.get("7", {}) else None
             acc, vs_ta = f"{acc} / {other['normalized'] if other else '–'}", f"{vs_ta} / {other['vs_ta'] if other else '–'}"
             seeds = f"{seeds} / {other['seeds'] if other else '–'}"
-            files += f" / {FULL_LONG}" if other else ""
+            files += f" / {WHAT_TO_USE_FILES[LONG_SOURCES[source]]}" if other else ""
         lines.append(f"| {experts} | {hardware} | {data} | {configuration} | {acc} | {vs_ta} "
                      f"| {cells['merge_seconds']} ({ta['merge_seconds']}) | {_sizes_cell(ratios) if ratios else '–'} "
                      f"| {seeds} | {files} |")
