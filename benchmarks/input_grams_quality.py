@@ -35,6 +35,12 @@ skips the validation grids and RegMean):
         --seeds 0 1 2 3 4 --data-free-rows task_arithmetic ties "wudi decorrelated" --gram-rows default \
         --output benchmarks/results/input_grams_quality_lora_callback.json
 
+The full fine-tunes trained 6x longer (``quality.py --train-only --steps 300``), with README's first YAML beside:
+
+    HF_HUB_OFFLINE=1 python benchmarks/input_grams_quality.py --cache-dir /work/cache-quality --steps 300 \
+        --seeds 0 1 2 3 4 --data-free-rows task_arithmetic "wudi closed_form" "wudi spectral rank auto" \
+        --gram-rows default --output benchmarks/results/input_grams_quality_full300.json
+
 ``--lora-init shared / callback`` scores the LoRA experts of the other init regimes (``callback``: trained one after
 another through ``WUDIMergeCallback``).
 """

@@ -152,7 +152,7 @@ def decorrelated_wudi_merged_task_vector(
     grows with the number of tasks ``T`` (each other task adds ``c`` of interference on a task's inputs), which a
     fixed task-arithmetic ``lambda`` cannot do. ``T`` counts the nonzero task vectors given. ``prior`` was chosen
     on the quality benchmark's validation split for LoRA experts (``docs/lora.md``); on full fine-tunes it
-    shrinks what needs none, use ``closed_form`` there.
+    shrinks what needs none: ``prior=0`` (TSV-M) or ``spectral`` with ``rank: auto`` there (docs/benchmarks.md).
     """
     if not (math.isfinite(prior) and prior >= 0):
         raise ValueError(f"prior must be a finite number >= 0, got {prior}")
