@@ -52,7 +52,7 @@ of them, and the task-vector sums of these short fine-tunes have a low effective
 below the singular values that carry the tasks. The grid now runs to 16: on the full fine-tunes the chosen values
 (2.5-8) lie inside it; on the LoRA experts, whose sums have a lower rank still, Iso-C / Iso-CTS chose 16, the new
 edge, in 11 / 12 of 30 cases; issue 21's LoRA screen (``quality_variants.py``) runs them on ``ALPHAS_LORA``
-(... 64).
+(... 64), where validation picks 5-32 (4-task test rows up to +0.8, 7-task rows unchanged).
 WUDI, AWD, LwPTV and lowrank are not here: the quality code already runs them.
 """
 

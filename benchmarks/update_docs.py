@@ -66,7 +66,7 @@ WHAT_TO_USE = [
      "grams, full", "input grams (default, post hoc)"),
     ("LoRA adapters", "any", "none", "`solver: decorrelated`", "lora, 300 texts", quality_report.DECORRELATED_ROW),
     ("LoRA adapters", "any", "validation split",
-     "`merge_method: iso_c` (Iso-C, registered by this plugin), `alpha` chosen on it from 0.5 ... 16",
+     "`merge_method: iso_c` (Iso-C, registered by this plugin), `alpha` chosen on it from 0.5 ... 64",
      "lora, 300 texts", "iso_c (val grid)"),
     ("LoRA adapters", "any", "training data in the callback", "`WUDIMergeCallback(input_grams=InputGrams())`",
      "grams, lora", "input grams (default, post hoc)"),
