@@ -32,7 +32,7 @@ skips the validation grids and RegMean):
         --output benchmarks/results/input_grams_quality_lora_s04.json
 
     HF_HUB_OFFLINE=1 python benchmarks/input_grams_quality.py --cache-dir /work/cache-quality --lora --lora-init callback \
-        --seeds 0 1 2 3 4 --data-free-rows task_arithmetic ties "wudi decorrelated" --gram-rows default \
+        --seeds 0 1 2 3 4 --data-free-rows task_arithmetic ties "wudi decorrelated" "wudi callback default" --gram-rows default \
         --output benchmarks/results/input_grams_quality_lora_callback.json
 
 The full fine-tunes trained 6x longer (``quality.py --train-only --steps 300``), with README's first YAML beside:
@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -63,6 +62,7 @@ import torch  # noqa: E402
 DATA_FREE_ROWS = ("task_arithmetic", "wudi closed_form", "tsv_merge", "iso_c", "iso_cts",
                   "ties", "wudi val scaling", "wudi decorrelated")  # the last three: rows of the LoRA table (--lora)
 RANK_AUTO_ROW = "wudi spectral rank auto"  # README's first YAML, the callback's default for full fine-tunes
+A_UPDATES_ROW = "wudi callback default"  # --lora-init callback: the callback's LoRA A-update merge, nothing tuned
 GRAM_ROWS = ("default", "val-grid", "regmean")
 
 
@@ -110,8 +110,9 @@ def main():
     parser.add_argument("--ridges", type=float, nargs="+", default=[1e-4, 1e-2, 1e-1])
     parser.add_argument("--shrinks", type=float, nargs="+", default=[1.0, 0.9, 0.6])
     parser.add_argument("--data-free-rows", nargs="*", default=list(DATA_FREE_ROWS),
-                        help="rows of the quality table to run beside (default: %(default)s), and "
-                             f"{RANK_AUTO_ROW!r} (README's first YAML)")
+                        help="rows of the quality table to run beside (default: %(default)s), "
+                             f"{RANK_AUTO_ROW!r} (README's first YAML) and, for --lora-init callback, "
+                             f"{A_UPDATES_ROW!r} (the callback's default: its LoRA A-update Grams)")
     parser.add_argument("--lora", action="store_true",
                         help="the LoRA experts of `quality.py --lora` (cached as effective weights; Grams of the "
                              "merged layer's input = the LoRA base layer's input) and the LoRA table's rows")
@@ -134,7 +135,7 @@ def main():
     from benchmarks.qualitybench.methods import method_specs
     from benchmarks.qualitybench.model import load_encoder, tokenised
     from benchmarks.qualitybench.run import DATA_SEED, build_config, parse_args
-    from benchmarks.qualitybench.subset import SubsetContext
+    from benchmarks.qualitybench.subset import SubsetContext, first_tasks, task_order
     from benchmarks.qualitybench.tasks import DEFAULT_SOURCE, load_tasks, select_tasks
 
     qargs = parse_args((["--cache-dir", args.cache_dir] if args.cache_dir else []) + ["--lora-init", args.lora_init]
@@ -172,9 +173,8 @@ def main():
             experts, heads, _ = lora_experts(cfg, cache, data, tasks, positions, seed, log)
         else:
             experts, heads, *_ = seed_experts(cfg, cache, data, tasks, positions, seed, log)
-        order = list(cfg["tasks"])
-        random.Random(seed).shuffle(order)
-        subset = sorted(order[:args.tasks_merged], key=positions.__getitem__)
+        order = task_order(cfg["tasks"], seed)
+        subset = first_tasks(order, args.tasks_merged, positions)
         held_out = [t for t in order if t not in subset]
         expert_acc = {t: ev.accuracy(experts[t], {t: heads[t]}, "test", cfg["test_limit"])[t] for t in subset}
         log(f"seed {seed}: {subset}; experts {expert_acc}")
@@ -192,6 +192,15 @@ def main():
         if RANK_AUTO_ROW in args.data_free_rows:  # the recommended full fine-tune row, nothing tuned
             sd, secs = ctx.merge("wudi", {"solver": "spectral", "rank": "auto", "linear": ctx.lin})
             ctx.record(report.FULL_ROW, sd, secs, {"solver": "spectral", "rank": "auto"})
+        if A_UPDATES_ROW in args.data_free_rows and args.lora and args.lora_init == "callback":
+            from benchmarks.qualitybench.lora import a_update_grams
+            from benchmarks.qualitybench.methods import A_UPDATES_ROW as row
+
+            a_grams = a_update_grams(cfg, cache, tasks, positions, seed)
+            t0 = time.perf_counter()
+            sd = mergekit_wudi.merge_with_input_grams(sd0, [experts[t] for t in subset], [a_grams[t] for t in subset],
+                                                      parameters={"solver": "decorrelated"})
+            ctx.record(row, sd, time.perf_counter() - t0, {"lora_a_updates": True})
         t0 = time.perf_counter()
         grams, meta = {}, {}
         for t in subset:

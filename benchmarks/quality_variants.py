@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -235,6 +234,7 @@ def main(argv=None) -> int:
     from benchmarks.qualitybench.evaluate import Evaluator
     from benchmarks.qualitybench.experts import expert_path, load_expert
     from benchmarks.qualitybench.model import load_encoder, tokenised
+    from benchmarks.qualitybench.subset import first_tasks, task_order
     from benchmarks.qualitybench.tasks import load_tasks
 
     cache = Path(args.cache_dir)
@@ -259,6 +259,7 @@ def main(argv=None) -> int:
         section_key[args.kind], {"config": {"lora": None, "lr_encoder": None}, "seeds": {}})
 
     for seed in args.seeds:
+        a_grams = None
         if args.kind == "full":
             experts, heads = {}, {}
             for t in all_tasks:
@@ -272,11 +273,14 @@ def main(argv=None) -> int:
             init = {"lora": "independent", "lora_shared": "shared", "lora_callback": "callback"}[args.kind]
             lcfg = lora_config({**cfg, "lora_init": init})
             experts, heads, _ = lora_experts(lcfg, cache, data, all_tasks, positions, seed, print)
+            if init == "callback":
+                from benchmarks.qualitybench.lora import a_update_grams
+
+                a_grams = a_update_grams(lcfg, cache, all_tasks, positions, seed)
             section["config"] = {"lora": lcfg["lora"], "lr_encoder": lcfg["lr_encoder"], "lora_init": init}
-        order = list(cfg["tasks"])
-        random.Random(seed).shuffle(order)
+        order = task_order(cfg["tasks"], seed)
         for k in args.subsets:
-            subset = sorted(order[:k], key=positions.__getitem__)
+            subset = first_tasks(order, k, positions)
             res = results.setdefault(str(seed), {}).setdefault(str(k), {})
             exps = [experts[t] for t in subset]
 
@@ -337,7 +341,7 @@ def main(argv=None) -> int:
             out_path.write_text(json.dumps(results, indent=1))
             if test_path:
                 score_test_rows(section, seed, k, subset, sd0, experts, heads, ev, args.test_limit, test_rows,
-                                FULL_EXTRA_ROWS if args.kind == "full" else (), args.extra_rows)
+                                FULL_EXTRA_ROWS if args.kind == "full" else (), args.extra_rows, a_grams)
                 from mergekit_wudi.io import atomic_file
 
                 with atomic_file(test_path) as tmp:
@@ -348,12 +352,14 @@ def main(argv=None) -> int:
 
 
 def score_test_rows(section, seed, k, subset, sd0, experts, heads, ev, limit, test_rows, extra_wudi_rows=(),
-                    only_rows=None) -> None:
+                    only_rows=None, a_grams=None) -> None:
     """The test rows of one (seed, subset) into ``section`` (the benchmark's layout): the baselines at their
     validation-chosen point, WUDI ``closed_form`` and ``decorrelated`` at their defaults, and ``extra_wudi_rows``
     (``(row, wudi parameters)``: full fine-tunes add :data:`FULL_EXTRA_ROWS`); ``only_rows``: score only these
-    WUDI rows (``--extra-rows``)."""
-    from benchmarks.qualitybench.methods import linear_flags, merge
+    WUDI rows (``--extra-rows``). ``a_grams`` (the callback path's LoRA experts): also the callback's default
+    merge, Eq. 1 with each expert's LoRA A-update Grams (:data:`A_UPDATES_ROW`)."""
+    import mergekit_wudi
+    from benchmarks.qualitybench.methods import A_UPDATES_ROW, linear_flags, merge
 
     models = {"base": sd0, **{t: experts[t] for t in subset}}
     lin, _ = linear_flags(sd0)
@@ -362,6 +368,11 @@ def score_test_rows(section, seed, k, subset, sd0, experts, heads, ev, limit, te
     for row, params in [r for r in wudi_rows if only_rows is None or r[0] in only_rows]:
         sd, secs = merge(models, "wudi", {**params, "linear": lin})
         test_rows[row] = (sd, secs, params)
+    if a_grams is not None and (only_rows is None or A_UPDATES_ROW in only_rows):
+        t0 = time.perf_counter()  # as WUDIMergeCallback(lora_a_updates) merges: its Grams, decorrelated elsewhere
+        sd = mergekit_wudi.merge_with_input_grams(sd0, [experts[t] for t in subset], [a_grams[t] for t in subset],
+                                                  parameters={"solver": "decorrelated"})
+        test_rows[A_UPDATES_ROW] = (sd, time.perf_counter() - t0, {"lora_a_updates": True})
     rec = section["seeds"].setdefault(str(seed), {"subsets": {}})
     if "expert_test" not in rec:
         rec["expert_test"] = {}

@@ -65,6 +65,9 @@ WHAT_TO_USE = [
      "`WUDIMergeCallback(input_grams=InputGrams())`: measured below the data-free rows, keep those",
      "grams, full", "input grams (default, post hoc)"),
     ("LoRA adapters", "any", "none", "`solver: decorrelated`", "lora, 300 texts", quality_report.DECORRELATED_ROW),
+    ("LoRA adapters trained by `WUDIMergeCallback`", "any", "none",
+     "`WUDIMergeCallback()` defaults: Eq. 1 with each adapter's `A` update as its input Gram (`lora_a_updates`)",
+     "lora callback, 300 texts", quality_report.A_UPDATES_ROW),
     ("LoRA adapters", "any", "validation split",
      "`merge_method: iso_c` (Iso-C, registered by this plugin), `alpha` chosen on it from 0.5 ... 64",
      "lora, 300 texts", "iso_c (val grid)"),
@@ -80,6 +83,7 @@ LONG_SOURCES = {"full": "full, 300 steps", "grams, full": "grams, full, 300 step
 WHAT_TO_USE_FILES = {"full": "quality.json", "full, 300 steps": FULL_LONG, "lora": "quality.json (lora)",
                      "grams, full, 300 steps": "input_grams_quality_full300.json",
                      "lora, 300 texts": "issue21/issue21.json (lora)", "grams, full": "input_grams_quality_full.json",
+                     "lora callback, 300 texts": "issue21/issue21.json (lora_callback)",
                      "grams, lora": "input_grams_quality_lora_s04.json"}
 
 
@@ -88,7 +92,7 @@ WHAT_TO_USE_FILES = {"full": "quality.json", "full, 300 steps": FULL_LONG, "lora
 ISSUE21 = "issue21/issue21.json"
 ISSUE21_ROWS = ("task_arithmetic (val lambda)", "ties (d=0.2, val lambda)", "tsv_merge (val grid)", "iso_c (val grid)",
                 "iso_cts (val grid)", "iso_c (alpha 1, untuned)", "iso_cts (alpha 1, untuned)",
-                "wudi closed_form (ridge 0.01)", quality_report.DECORRELATED_ROW)
+                "wudi closed_form (ridge 0.01)", quality_report.DECORRELATED_ROW, quality_report.A_UPDATES_ROW)
 # Full fine-tunes: also TSV-M untuned and the WUDI rows FULL_EXTRA_ROWS of benchmarks/quality_variants.py adds.
 ISSUE21_FULL_ROWS = ISSUE21_ROWS[:3] + ("tsv_merge (alpha 1, untuned)",) + ISSUE21_ROWS[3:] + (
     "wudi adam (scaling 1.0)", "wudi spectral (flow_time 8)", "wudi spectral (rank auto <= 8, energy 0.9)",
@@ -118,6 +122,7 @@ def input_grams_summary(grams: dict) -> dict:
 def what_to_use_sources(quality: dict, issue21: dict) -> Dict[str, dict]:
     """{results name of WHAT_TO_USE: the quality report's summary it reads}."""
     return {"full": per_subset(quality["summary"]), "lora": quality["lora"]["summary"], "lora, 300 texts": issue21["lora"]["summary"],
+            "lora callback, 300 texts": issue21["lora_callback"]["summary"],
             "full, 300 steps": per_subset(_load(FULL_LONG)["summary"]),
             **({"grams, full, 300 steps": input_grams_summary(_load(WHAT_TO_USE_FILES["grams, full, 300 steps"]))}
                if (RESULTS / WHAT_TO_USE_FILES["grams, full, 300 steps"]).exists() else {}),
@@ -181,7 +186,8 @@ def render_regions() -> Dict[str, str]:
         "mudsc": lambda: mudsc_table(_load("mudsc.json")),
         "issue21-lora-readme": lambda: quality_report.regime_table(
             {k: v for k, v in issue21.items() if k != "seeds"},
-            (quality_report.TA_ROW, quality_report.TIES_ROW, quality_report.DECORRELATED_ROW), tasks=(7,)),
+            (quality_report.TA_ROW, quality_report.TIES_ROW, quality_report.DECORRELATED_ROW,
+             quality_report.A_UPDATES_ROW), tasks=(7,)),
         "issue21-lora": lambda: quality_report.regime_table(
             {k: v for k, v in issue21.items() if k != "seeds"}, ISSUE21_ROWS),
         "issue21-full": lambda: quality_report.regime_table({"seeds": issue21["seeds"]}, ISSUE21_FULL_ROWS,

@@ -262,6 +262,16 @@ def lora_factors(module: nn.Module, adapter_name: Optional[str] = None) -> Dict[
     return {name: _factors(layer_name, layer, layout.adapter) for name, (layer_name, layer) in layout.lora.items()}
 
 
+def lora_linear_factors(module: nn.Module, adapter_name: Optional[str] = None) -> Dict[str, LoraFactors]:
+    """:func:`lora_factors` of the LoRA ``Linear`` layers only (LoRA Embedding / Conv layers are left out:
+    their ``A`` does not act on a linear layer's inputs)."""
+    if not is_peft_model(module):
+        return {}
+    layout, linear = _layout(module, adapter_name), _peft()["Linear"]
+    return {name: _factors(layer_name, layer, layout.adapter) for name, (layer_name, layer) in layout.lora.items()
+            if isinstance(layer, linear)}
+
+
 def load_merged_into(module: nn.Module, merged: Mapping[str, torch.Tensor], adapter_name: Optional[str] = None) -> None:
     """Make a PEFT-wrapped ``module`` compute the merged model: each tensor of ``merged`` (base naming,
     e.g. from ``merge_state_dicts``) goes where forward reads it: LoRA-wrapped weights into the base

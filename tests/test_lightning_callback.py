@@ -344,13 +344,20 @@ torch.save({{"state": model.state_dict(), "experts": callback.expert_paths}},
 """
 
 
-def test_ddp_two_processes_identical_result(tmp_path):
+def run_ddp_script(tmp_path: Path, source: str) -> subprocess.CompletedProcess:
+    """Run ``source`` (a template with ``{tests}``) as a script with the output folder as its argument; it
+    must succeed (2 CPU processes under ``strategy="ddp"``, no fork)."""
     script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
+    script.write_text(source.format(tests=str(Path(__file__).parent)))
     env = dict(os.environ, HF_HUB_OFFLINE="1", PL_DISABLE_FORK="1")
     run = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
                          timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-4000:]
+    return run
+
+
+def test_ddp_two_processes_identical_result(tmp_path):
+    run = run_ddp_script(tmp_path, DDP_SCRIPT)
     assert "sharded over 2 ranks" in run.stdout + run.stderr
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert_same(ranks[0]["state"], ranks[1]["state"])

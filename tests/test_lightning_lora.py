@@ -242,3 +242,83 @@ def test_the_default_parameters_of_a_full_fine_tune_are_readmes_first_yaml(tmp_p
                             callback.expert_paths, model, names=body)
     assert_same({n: load_state_dict(callback.merged_path)[n] for n in body}, expected)
     assert WUDIMergeCallback(parameters={}).parameters == {}  # {}: the authors' algorithm, as in a YAML
+
+
+class CaptureA(Callback):
+    """Each LoRA layer's A when a fit's training starts and ends (registered after the merge callback)."""
+
+    def __init__(self):
+        self.start, self.end = [], []
+
+    def _a(self, pl_module):
+        tuned = pl_module.net.base_model.model
+        return {f"net.{n}.weight": getattr(tuned, n).lora_A["default"].weight.detach().clone() for n in LORA_LAYERS}
+
+    def on_train_start(self, trainer, pl_module):
+        self.start.append(self._a(pl_module))
+
+    def on_train_end(self, trainer, pl_module):
+        self.end.append(self._a(pl_module))
+
+
+def test_in_sequential_mode_the_default_merges_lora_layers_with_their_a_updates(tmp_path):
+    """Issue 21: the callback knows each adapter's A when its fit starts; the default merge of a PEFT module
+    (lora_output='full') solves Eq. 1 with Grams dA_i^T dA_i (lora_update_gram) on the LoRA layers, and the
+    other tensors with RECOMMENDED_WUDI['lora']. The A updates are saved next to each expert."""
+    from mergekit_wudi.input_grams import load_grams
+    from mergekit_wudi.solvers.input_grams import lora_update_gram, merge_with_grams
+
+    model = lora_module()
+    pretrained = {k: v.detach().clone() for k, v in Net().state_dict().items()}
+    capture, a = CaptureUpdates(), CaptureA()
+    callback = WUDIMergeCallback(exclude=["*head*"], num_tasks=2, output=str(tmp_path / "merge"))
+    for task in range(2):
+        # the second fit starts from the A the first one left (the callback resets only B)
+        make_trainer(tmp_path, [callback, capture, a], max_steps=4).fit(model, task_loader(task))
+    assert callback._a_updates and callback.parameters == {"solver": "decorrelated"}
+    merged = load_state_dict(callback.merged_path)
+    for name in LORA_LAYERS:
+        key, base = f"net.{name}.weight", pretrained[f"{name}.weight"]
+        torch.testing.assert_close(a.start[1][key], a.end[0][key])
+        grams = [lora_update_gram(a.start[t][key], a.end[t][key]) for t in range(2)]
+        assert all(float(g.factor.norm()) > 1e-4 for g in grams)  # A moved in both fits
+        saved = [load_grams(Path(tmp_path, "merge", "grams", f"task_{t}.safetensors")) for t in range(2)]
+        assert all(meta["source"] == "lora_a_updates" for _, meta in saved)
+        for t in range(2):
+            torch.testing.assert_close(saved[t][0][key].factor, grams[t].factor)
+        updates = [u[key] for u in capture.updates]
+        expected = merge_with_grams(base, [base + u for u in updates], grams)
+        torch.testing.assert_close(merged[key], expected, rtol=1e-5, atol=1e-6)
+        decorrelated = merge_tensors([base] + [base + u for u in updates], "wudi", base_index=0,
+                                     parameters={"solver": "decorrelated", "linear": True})
+        assert not torch.allclose(merged[key], decorrelated, rtol=1e-3, atol=1e-4)  # not the YAML default
+        torch.testing.assert_close(merged[f"net.{name}.bias"], pretrained[f"{name}.bias"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"lora_a_updates": True, "experts": ["a.safetensors", "b.safetensors"]}, "sequential mode"),
+    ({"lora_a_updates": True, "input_grams": {}}, "input_grams"),
+    ({"lora_a_updates": True, "lora_output": "adapter"}, "lora_output='adapter'"),
+    ({"lora_a_updates": "yes"}, "None, True or False"),
+])
+def test_lora_a_updates_settings_that_cannot_work_are_refused_at_construction(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        WUDIMergeCallback(**kwargs)
+
+
+def test_the_a_update_merge_is_off_where_it_cannot_apply(tmp_path):
+    """An adapter output keeps the exact decorrelated merge; explicit parameters keep plain WUDI; a module
+    without LoRA layers refuses lora_a_updates=True in setup, before the first step."""
+    for kwargs in ({"lora_output": "adapter"}, {"parameters": {"solver": "decorrelated"}},
+                   {"lora_a_updates": False}):
+        callback = WUDIMergeCallback(exclude=["*head*"], num_tasks=2, output=str(tmp_path / "m"), **kwargs)
+        callback._resolve_recommended(lora_module())
+        assert not callback._a_updates, kwargs
+    from test_lightning_callback import TinyModel
+    from test_lightning_callback import task_loader as plain_loader
+
+    steps = CountSteps()
+    callback = WUDIMergeCallback(num_tasks=2, output=str(tmp_path / "plain"), exclude=["head"], lora_a_updates=True)
+    with pytest.raises(MergeInputError, match="lora_a_updates=True needs a module with PEFT LoRA layers"):
+        make_trainer(tmp_path, [callback, steps], max_steps=2).fit(TinyModel(), plain_loader(0))
+    assert steps.steps == 0

@@ -142,3 +142,46 @@ def test_sketch_merge_equals_exact_merge_when_the_sketch_is_exact():
 def test_sketch_rank_is_checked():
     with pytest.raises(ValueError, match="sketch rank must be in \\[1, 4\\]"):
         G.sketch_test_matrix(4, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("options", [{}, {"ridge": 0.1}, {"normalize": "none"}, {"solver": "spectral"},
+                                     {"solver": "spectral", "time": 2.0}])
+def test_lora_a_update_grams_are_solved_in_their_low_rank_dual_exactly_as_densely(dtype, options):
+    """lora_update_gram's Grams are F F^T with r columns: the merge builds X = [sqrt(w_i) F_i] instead of
+    in x in matrices; the result is the dense merge's (one task whose A did not move counts for nothing)."""
+    from mergekit_wudi.solvers.input_grams import _factor_gram_problem, gram_merged_task_vector, lora_update_gram
+
+    g = torch.Generator().manual_seed(5)
+    n_out, n_in, r = 9, 40, 3
+    tvs = torch.randn(4, n_out, n_in, generator=g, dtype=dtype)
+    starts = [torch.randn(r, n_in, generator=g, dtype=dtype) for _ in range(4)]
+    ends = [a + 0.1 * torch.randn(r, n_in, generator=g, dtype=dtype) for a in starts]
+    ends[2] = starts[2].clone()  # no update: a zero Gram
+    grams = [lora_update_gram(a0, a1) for a0, a1 in zip(starts, ends)]
+    assert all(gram.is_factor_only for gram in grams)
+    # the reference: the dense problem in float64 (in float32 the dense Cholesky of C + rho I, rank 9 of 40,
+    # is the less accurate of the two)
+    expected = gram_merged_task_vector(tvs.double(), [gram.dense(torch.float64) for gram in grams], **options)
+    problem = G.gram_problem(tvs, grams, normalize=options.get("normalize", "trace"))
+    assert problem.dual and problem.X.shape == (n_in, 3 * r)  # the zero update left out
+    got = gram_merged_task_vector(tvs, grams, **options)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4 if dtype == torch.float32 else 1e-9,
+                               atol=1e-5 if dtype == torch.float32 else 1e-11)
+    assert torch.equal(gram_merged_task_vector(tvs[:1], grams[2:3]), torch.zeros_like(tvs[0]))  # nothing moved
+    assert not _factor_gram_problem(tvs, grams, "trace").Y.isnan().any()
+
+
+def test_a_sketch_with_a_residual_and_a_shrink_keep_the_dense_problem():
+    from mergekit_wudi.solvers.input_grams import GramSketch, lora_update_gram
+
+    g = torch.Generator().manual_seed(6)
+    tvs = torch.randn(2, 5, 30, generator=g)
+    exact = [lora_update_gram(torch.zeros(2, 30), torch.randn(2, 30, generator=g)) for _ in range(2)]
+    residual = [GramSketch(e.factor, e.diagonal + 1.0) for e in exact]
+    assert not residual[0].is_factor_only
+    assert not G.gram_problem(tvs, residual).dual
+    assert not G.gram_problem(tvs, exact, shrink=0.9).dual
+    with pytest.raises(ValueError, match=r"one \[r, in\] shape"):
+        lora_update_gram(torch.zeros(2, 30), torch.zeros(3, 30))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import time
 
 from benchmarks.baselines import SUBSPACE_METHODS
@@ -13,7 +12,7 @@ from .experts import seed_experts
 from .methods import linear_flags, merge, run_subset
 from .model import load_encoder, tokenised
 from .report import write_report
-from .subset import reference_rows
+from .subset import reference_rows, task_order
 
 
 def check_callback_merge(rec, merged_path, sd0, experts, log) -> None:
@@ -114,8 +113,7 @@ def run_seeds(cfg, tasks, results, previous, args, name, cache, results_dir, log
         rec["pretrained_test"] = ev.accuracy(sd0, heads, "test", cfg["test_limit"])
         log(f"  experts {rec['expert_test']}")
         log(f"  pretrained encoder {rec['pretrained_test']}")
-        order = list(cfg["tasks"])
-        random.Random(seed).shuffle(order)
+        order = task_order(cfg["tasks"], seed)
         rec["task_order"] = order
         old = (previous or {}).get("seeds", {}).get(str(seed))
         if old:

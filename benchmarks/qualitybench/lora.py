@@ -11,7 +11,6 @@ them with the main run's file).
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from ..common import stable_hash
 from .experts import expert_key, fit_one, load_expert, training_seed
 from .methods import BUILTIN_SPECS, MethodSpec, record_val_scaled, run_subset
 from .model import load_encoder
-from .subset import reference_rows
+from .subset import first_tasks, reference_rows, task_order
 
 # PEFT LoRA on every nn.Linear of the BERT layers (query/key/value and the three `dense` projections)
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["query", "key", "value", "dense"], "lora_dropout": 0.0}
@@ -89,8 +88,9 @@ def train_lora_callback_experts(lcfg: dict, cache: Path, data, tasks, positions,
     encoder = get_peft_model(load_encoder(lcfg["model"]), LoraConfig(**lcfg["lora"]))
     out_dir = cache / "callback" / f"lora-seed{seed}-{stable_hash([p.name for p in paths.values()], 10)}"
     shutil.rmtree(out_dir, ignore_errors=True)
-    callback = WUDIMergeCallback(method="wudi", parameters={"solver": "closed_form"}, exclude=["head"],
-                                 output=str(out_dir), num_tasks=len(tasks), load_merged=False, progress=False)
+    # The callback's defaults: its LoRA A-update Grams (lora_a_updates) are kept next to each expert
+    callback = WUDIMergeCallback(exclude=["head"], output=str(out_dir), num_tasks=len(tasks), load_merged=False,
+                                 progress=False)
     seconds = {}
     for task in tasks:
         seconds[task], _ = fit_one(lcfg, data, task, len(tasks[task]["labels"]), seed, positions[task], [callback],
@@ -102,7 +102,22 @@ def train_lora_callback_experts(lcfg: dict, cache: Path, data, tasks, positions,
         with atomic_file(paths[task].with_suffix(".json")) as tmp:
             Path(tmp).write_text(json.dumps({"task": task, "seed": seed, "train_seconds": seconds[task],
                                              "via": "WUDIMergeCallback (sequential, PEFT LoRA)", **lcfg}))
+        grams = load_state_dict(str(out_dir / "grams" / f"task_{i}.safetensors"))
+        save_safetensors_atomic({k[len("encoder."):]: v for k, v in grams.items()}, a_update_grams_path(paths[task]))
         save_safetensors_atomic(sd, paths[task])
+
+
+def a_update_grams_path(expert: Path) -> Path:
+    """Where the callback path's expert keeps its LoRA A-update Grams (``WUDIMergeCallback(lora_a_updates)``)."""
+    return expert.with_suffix(".a_updates.safetensors")
+
+
+def a_update_grams(lcfg: dict, cache: Path, tasks, positions, seed: int) -> dict:
+    """``{task: {weight name: GramSketch}}`` of the callback path's experts (encoder naming, as the experts)."""
+    from mergekit_wudi.input_grams import load_grams
+
+    return {t: load_grams(a_update_grams_path(lora_expert_path(lcfg, cache, tasks[t], seed, positions[t])))[0]
+            for t in tasks}
 
 
 def lora_experts(lcfg, cache: Path, data, tasks, positions, seed, log):
@@ -110,7 +125,7 @@ def lora_experts(lcfg, cache: Path, data, tasks, positions, seed, log):
     experts, heads, secs = {}, {}, {}
     if lcfg.get("lora_init") == "callback":
         paths = {t: lora_expert_path(lcfg, cache, tasks[t], seed, positions[t]) for t in tasks}
-        if not all(p.exists() for p in paths.values()):
+        if not all(p.exists() and a_update_grams_path(p).exists() for p in paths.values()):
             train_lora_callback_experts(lcfg, cache, data, tasks, positions, seed, paths, log)
     for task in tasks:
         path = lora_expert_path(lcfg, cache, tasks[task], seed, positions[task])
@@ -161,12 +176,11 @@ def run_lora_seeds(cfg, tasks, results, ev, sd0, cache, save, log) -> None:
         rec["expert_test"] = {t: ev.accuracy(experts[t], {t: heads[t]}, "test", cfg["test_limit"])[t] for t in tasks}
         rec["pretrained_test"] = ev.accuracy(sd0, heads, "test", cfg["test_limit"])
         log(f"  LoRA experts {rec['expert_test']}")
-        order = list(cfg["tasks"])
-        random.Random(seed).shuffle(order)  # the main run's subsets
+        order = task_order(cfg["tasks"], seed)  # the main run's subsets
         rec["task_order"] = order
         lora["seeds"][str(seed)] = rec
         for k in cfg["subsets"]:
-            subset = sorted(order[:k], key=cfg["task_positions"].__getitem__)
+            subset = first_tasks(order, k, cfg["task_positions"])
             held_out = [t for t in order if t not in subset]
             log(f"  seed {seed}, {k} LoRA experts merged: {subset}")
             methods = reference_rows(rec, subset, [], lambda: None)

@@ -26,6 +26,9 @@ from ..common import mean
 from .subset import SubsetContext, linear_flags, merge, scaled
 
 DECORRELATED_ROW = f"wudi decorrelated (prior {DECORRELATED_PRIOR:g})"  # issue 21: recommended for LoRA experts
+# issue 21: the callback's default for LoRA experts it trains: Eq. 1 with each adapter's A-update Gram on the LoRA
+# layers (WUDIMergeCallback(lora_a_updates)), decorrelated elsewhere
+A_UPDATES_ROW = "wudi callback default (LoRA A-update Grams)"
 
 EXTRA_SPEC_MODULES = ("benchmarks.baselines",)
 

@@ -4,11 +4,24 @@ this module does not import the table, so the table's entries can name :class:`S
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from ..common import mean
+
+
+def task_order(tasks, seed: int) -> list:
+    """The benchmark's task order for a seed: its subsets of k tasks are the first k (:func:`first_tasks`)."""
+    order = list(tasks)
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def first_tasks(order: list, k: int, positions: dict) -> list:
+    """The subset of ``k`` tasks of a seed's :func:`task_order`, in the task source's order."""
+    return sorted(order[:k], key=positions.__getitem__)
 
 
 def merge(models: dict, method: str, params: dict):

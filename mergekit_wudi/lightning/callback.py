@@ -40,7 +40,9 @@ from mergekit_wudi.lightning.checks import (
 from mergekit_wudi.lightning import lora_adapters, module_state
 from mergekit_wudi.lightning.distributed import broadcast, distributed_world, is_sharded_module
 from mergekit_wudi.lightning import input_grams as gram_mode
-from mergekit_wudi.lightning.storage import SnapshotStore, expert_id
+from mergekit_wudi.input_grams import gram_tensors
+from mergekit_wudi.lightning.storage import SnapshotStore, expert_id, run_id_of
+from mergekit_wudi.solvers import input_grams as gram_solvers
 from mergekit_wudi.lightning.strategies import MergeStrategy, MudscMerge, RegistryMerge
 
 
@@ -49,6 +51,8 @@ from mergekit_wudi.lightning.strategies import MergeStrategy, MudscMerge, Regist
 # first YAML; the exact minimiser is best on short fine-tunes and falls behind on longer ones); LoRA experts, whose
 # task vectors' row spaces (their A factors) say little about the inputs -> Eq. 1 with an isotropic input prior
 # on TSV-decorrelated task vectors.
+# In sequential mode the callback also knows each LoRA adapter's A when its fit starts: the LoRA layers are then
+# merged with Eq. 1 whose input Grams are the A updates (``lora_a_updates``), the other tensors as above.
 RECOMMENDED_WUDI: Dict[str, Dict[str, Any]] = {"full": {"solver": "spectral", "rank": "auto"},
                                                "lora": {"solver": "decorrelated"}}
 
@@ -77,9 +81,9 @@ class WUDIMergeCallback(Callback):
         parameters: the method's parameters, as in a mergekit YAML (``{"solver": "closed_form"}``);
             per-expert values as a list in task order or a mapping keyed ``task_0``, ``task_1``, ...
             Default (``None``) for ``wudi``: the recommended data-free configuration for the experts'
-            kind, :data:`RECOMMENDED_WUDI` (``solver: decorrelated`` for a PEFT LoRA module,
-            ``solver: spectral, rank: auto`` otherwise, docs/lightning.md); ``{}`` is the authors' algorithm
-            (``adam``).
+            kind, :data:`RECOMMENDED_WUDI` (``solver: decorrelated`` for a PEFT LoRA module, whose LoRA
+            layers also get ``lora_a_updates`` in sequential mode; ``solver: spectral, rank: auto`` otherwise,
+            docs/lightning.md); ``{}`` is the authors' algorithm (``adam``).
         experts: explicit mode: paths of the experts (a single path is one expert).
         base: the pretrained weights (path or state dict); default: the module at the first fit.
         include: name patterns (glob; a plain name matches as a prefix) of tensors to merge.
@@ -110,6 +114,12 @@ class WUDIMergeCallback(Callback):
             solves Eq. 1 with these Grams instead of the task-vector proxy (RegMean's objective on task
             vectors, :mod:`mergekit_wudi.solvers.input_grams`); other tensors use ``method``. The memory it
             needs is announced in ``setup`` and refused above ``max_memory``.
+        lora_a_updates: sequential mode, PEFT LoRA module: merge its LoRA layers with Eq. 1 whose input Gram
+            for task ``i`` is ``dA_i^T dA_i``, the change of that layer's ``A`` over the task's fit (it lies in
+            the span of the inputs the layer saw; :func:`mergekit_wudi.solvers.input_grams.lora_update_gram`);
+            other tensors use ``method``. Costs ``r x in`` floats per layer on disk, no hooks. ``None``
+            (default): on with the recommended parameters (``parameters=None``) unless ``input_grams`` or
+            ``lora_output="adapter"`` is set (its merge leaves the span of the experts' ``A`` rows).
     """
 
     def __init__(
@@ -130,6 +140,7 @@ class WUDIMergeCallback(Callback):
         reset_to_base: bool = True,
         lora_output: str = "full",
         input_grams: Optional[Union[gram_mode.InputGrams, Dict[str, Any]]] = None,
+        lora_a_updates: Optional[bool] = None,
     ) -> None:
         super().__init__()
         experts = check_expert_paths(experts)
@@ -159,6 +170,18 @@ class WUDIMergeCallback(Callback):
         if self.input_grams is not None and lora_output == "adapter":
             raise ValueError("input_grams with lora_output='adapter': the Gram merge leaves the span of the experts' "
                              "LoRA A rows, so no exact adapter exists; use lora_output='full'")
+        if lora_a_updates not in (None, True, False):
+            raise TypeError(f"lora_a_updates must be None, True or False, got {lora_a_updates!r}")
+        if lora_a_updates:
+            clash = ("experts=[...] (it needs sequential mode, to see each task's fit start)" if experts is not None
+                     else "input_grams (the measured Grams replace the proxy)" if self.input_grams is not None
+                     else "lora_output='adapter' (the merge leaves the span of the experts' A rows, so no exact "
+                          "adapter exists)" if lora_output == "adapter" else None)
+            if clash:
+                raise ValueError(f"lora_a_updates=True cannot be combined with {clash}")
+        self.lora_a_updates = lora_a_updates
+        self._a_updates = False  # resolved against the module (_resolve_recommended)
+        self._a_start: Optional[StateDict] = None  # not state: this fit's A factors (on disk for a resume)
         self._gram_layers: Optional[List[gram_mode.HookedLayer]] = None
         self._gram_collector: Optional[gram_mode.GramCollector] = None
         self._gram_window_start = 0.0
@@ -189,6 +212,8 @@ class WUDIMergeCallback(Callback):
             )
         if self.input_grams is not None:
             strategy = gram_mode.InputGramMerge(inner=strategy, options=self.input_grams, store=self._store())
+        elif self._a_updates:
+            strategy = gram_mode.InputGramMerge(inner=strategy, store=self._store(), source=gram_mode.LORA_A_UPDATES)
         return strategy
 
     # ------------------------------------------------------------------ public, read-only state
@@ -288,9 +313,20 @@ class WUDIMergeCallback(Callback):
         self._base_path = self._store().save(trainer, state, self._store().base_path)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """``input_grams``: prepare this task's Gram window (the last ``last_batches`` planned batches)."""
-        if self.input_grams is None or self._merged_path is not None or (
+        """``input_grams``: prepare this task's Gram window (the last ``last_batches`` planned batches).
+        ``lora_a_updates``: note the LoRA ``A`` factors this task starts from (a resumed fit reads them back)."""
+        if not self.sequential or self._merged_path is not None or (
                 self.num_tasks is not None and len(self._expert_paths) >= self.num_tasks):
+            return
+        if self._a_updates and is_sharded_module(trainer):  # FSDP & co.: A is sharded in place
+            if self.lora_a_updates:
+                raise MergeInputError("lora_a_updates=True is not supported on an FSDP-sharded module")
+            rank_zero_warn(f"{type(self).__name__}: lora_a_updates is off on an FSDP-sharded module; its LoRA "
+                           f"layers are merged with {self.parameters}")
+            self._a_updates = False
+        if self._a_updates:
+            self._a_start = self._lora_a_start(trainer, pl_module)
+        if self.input_grams is None:
             return
         planned = gram_mode.planned_batches(trainer)
         if planned == float("inf"):
@@ -342,6 +378,7 @@ class WUDIMergeCallback(Callback):
         if problem is not None:
             raise MergeInputError(problem)
         self._save_input_grams(trainer, index)  # before the expert: an expert on disk has its Grams
+        self._save_a_update_grams(trainer, pl_module, index)
         path = self._store().save(trainer, state, self._store().expert_path(index))
         if self.lora_output == "adapter":
             lora_adapters.save_factors(self._store(), trainer, pl_module, path)
@@ -555,9 +592,51 @@ class WUDIMergeCallback(Callback):
         check_patterns(list(state), self.include, self.exclude, where)
 
     def _resolve_recommended(self, pl_module: LightningModule) -> None:
-        """``parameters=None``: :data:`RECOMMENDED_WUDI` for the module's kind (a PEFT LoRA model or not)."""
+        """``parameters=None``: :data:`RECOMMENDED_WUDI` for the module's kind (a PEFT LoRA model or not);
+        whether ``lora_a_updates`` applies."""
+        peft = lora.is_peft_model(pl_module)
         if self._recommended:
-            self.parameters = dict(RECOMMENDED_WUDI["lora" if lora.is_peft_model(pl_module) else "full"])
+            self.parameters = dict(RECOMMENDED_WUDI["lora" if peft else "full"])
+        if self.lora_a_updates is None:
+            self._a_updates = (self._recommended and peft and self.sequential and self.input_grams is None
+                               and self.lora_output != "adapter")
+        elif self.lora_a_updates and not peft:
+            raise MergeInputError("lora_a_updates=True needs a module with PEFT LoRA layers; this one has none")
+        else:
+            self._a_updates = self.lora_a_updates
+
+    def _lora_a_factors(self, pl_module: LightningModule) -> StateDict:
+        """``{weight name: A}`` of the merged LoRA layers (not ``fan_in_fan_out`` ones, whose inputs are the other side)."""
+        merged = set(self._merge_names(list(module_state.merge_view(pl_module))))
+        return {name: f.A.detach().cpu().clone() for name, f in lora.lora_linear_factors(pl_module).items()
+                if name in merged and not f.fan_in_fan_out}
+
+    def _lora_a_start(self, trainer: Trainer, pl_module: LightningModule) -> StateDict:
+        path = self._store().a_start_path(len(self._expert_paths))
+        if trainer.ckpt_path is not None:
+            if run_id_of(Path(path)) == self._run_id:
+                return load_state_dict(path)  # a resumed fit: A has moved since this task started
+            rank_zero_warn(f"{type(self).__name__}: resuming {expert_id(len(self._expert_paths))}'s fit without the "
+                           f"LoRA A it started from ({path}): its A update counts from the resumed step only")
+        state = self._lora_a_factors(pl_module)
+        self._store().save(trainer, state, path)
+        return state
+
+    def _save_a_update_grams(self, trainer: Trainer, pl_module: LightningModule, index: int) -> None:
+        """``lora_a_updates``: this fit's ``dA^T dA`` per LoRA layer (as rank-r factors) next to its expert."""
+        start, self._a_start = self._a_start, None
+        if not self._a_updates:
+            return
+        if start is None:
+            path = self._store().a_start_path(index)
+            if run_id_of(Path(path)) != self._run_id:
+                raise MergeInputError("lora_a_updates: the callback did not see the start of this fit's training, "
+                                      f"so {expert_id(index)}'s A update is unknown")
+            start = load_state_dict(path)
+        end = self._lora_a_factors(pl_module)
+        grams = {name: gram_solvers.lora_update_gram(start[name], end[name]) for name in end}
+        self._store().save(trainer, gram_tensors(grams), self._store().gram_path(index),
+                           metadata={"source": gram_mode.LORA_A_UPDATES})
 
     def _check_module(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The patterns and ``lora_output`` against the module (PEFT modules: in base naming)."""

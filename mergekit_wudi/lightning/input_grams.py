@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from mergekit_wudi.lightning.checks import MergeInputError, StateDict
@@ -353,14 +353,24 @@ def attention_mask_of(batch: Any) -> Optional[torch.Tensor]:
 # ---------------------------------------------------------------------------------------------- the merge
 
 
+def _gram_trace(gram) -> float:
+    return float(gram.diagonal.sum() if isinstance(gram, gram_solvers.GramSketch) else gram.diagonal().sum())
+
+
+# The Grams files' ``source`` when they hold each LoRA layer's A update, not measured inputs (``lora_a_updates``).
+LORA_A_UPDATES = "lora_a_updates"
+
+
 @dataclasses.dataclass
 class InputGramMerge(MergeStrategy):
     """Linear weights with input Grams from every expert: Eq. 1 with those Grams
-    (:func:`mergekit_wudi.solvers.input_grams.merge_with_grams`); every other tensor: ``inner``."""
+    (:func:`mergekit_wudi.solvers.input_grams.merge_with_grams`); every other tensor: ``inner``.
+    ``source``: ``"input_grams"`` (measured) or :data:`LORA_A_UPDATES` (the LoRA A-update proxy)."""
 
     inner: MergeStrategy = None  # type: ignore[assignment]
     options: InputGrams = dataclasses.field(default_factory=InputGrams)
     store: Optional[SnapshotStore] = None
+    source: str = "input_grams"
     name = "input_grams"
 
     @property
@@ -374,7 +384,7 @@ class InputGramMerge(MergeStrategy):
     def check(self) -> None:
         self.options.check()
         if self.inner.name == "mudsc":
-            raise MergeInputError("input_grams needs experts fine-tuned from one base; method='mudsc' has none")
+            raise MergeInputError(f"{self.source} needs experts fine-tuned from one base; method='mudsc' has none")
         self.inner.check()
         from mergekit.merge_methods.base import PerGroupValues
 
@@ -383,8 +393,12 @@ class InputGramMerge(MergeStrategy):
             raise MergeInputError(f"input_grams: per-tensor parameters (PerGroupValues: {per_group}) are not supported "
                                   "with input_grams; give one value for every tensor")
 
+    @property
+    def what(self) -> str:
+        return "LoRA A-update Grams" if self.source == LORA_A_UPDATES else "input Grams"
+
     def describe(self) -> str:
-        return f"input Grams ({self.options.solver_options()}), else {self.inner.describe()}"
+        return f"{self.what} ({self.options.solver_options()}), else {self.inner.describe()}"
 
     def merge(self, trainer, pl_module, base, experts: Experts, names):
         grams = []
@@ -393,12 +407,20 @@ class InputGramMerge(MergeStrategy):
             try:
                 grams.append(load_grams(path)[0])
             except FileNotFoundError:
-                raise MergeInputError(f"{label} has no input Grams ({path} is missing): it was trained without "
-                                      "input_grams; train every task with the same callback settings") from None
+                raise MergeInputError(f"{label} has no {self.what} ({path} is missing): it was trained without "
+                                      f"{self.source}; train every task with the same callback settings") from None
         try:
             with_grams = gram_names(names, grams)
         except ValueError as error:
-            raise MergeInputError(f"{error} (train every task with the same input_grams settings)") from None
+            raise MergeInputError(f"{error} (train every task with the same {self.source} settings)") from None
+        if self.source == LORA_A_UPDATES:
+            # an A that did not move (frozen, or one step from B = 0) says nothing of the inputs, and a zero Gram
+            # would drop that task's update: such layers go to the inner method
+            still = [n for n in with_grams if any(_gram_trace(g[n]) <= 0 for g in grams)]
+            if still:
+                rank_zero_warn(f"WUDIMergeCallback: the LoRA A of {still[:3]}{' ...' if len(still) > 3 else ''} did "
+                               f"not change in some task's fit; these layers are merged with {self.inner.describe()}")
+                with_grams = [n for n in with_grams if n not in set(still)]
         rest = [n for n in names if n not in set(with_grams)]
         if rest:
             merged, states = self.inner.merge(trainer, pl_module, base, experts, rest)
@@ -423,6 +445,6 @@ class InputGramMerge(MergeStrategy):
 
         merged.update(gather_results(compute, trainer, "WUDIMergeCallback: merge with input Grams"))
         del grams
-        rank_zero_info(f"WUDIMergeCallback: {len(with_grams)} linear weights merged with input Grams"
+        rank_zero_info(f"WUDIMergeCallback: {len(with_grams)} linear weights merged with {self.what}"
                        + (f", {len(rest)} other tensors with {self.inner.describe()}" if rest else ""))
         return {n: merged[n] for n in names}, states

@@ -5,7 +5,9 @@ Layout of ``<output>``::
     base.safetensors                 the pretrained weights (sequential mode)
     experts/task_<i>.safetensors     task i's weights at the end of its fit
     heads/task_<i>.safetensors       task i's tensors kept out of the merge
-    grams/task_<i>.safetensors       task i's input Grams (``input_grams`` mode), written before its expert
+    grams/task_<i>.safetensors       task i's input Grams (``input_grams`` mode, or its LoRA A update:
+                                     ``lora_a_updates``), written before its expert
+    grams/task_<i>.a_start.safetensors  task i's LoRA A factors when its training started (``lora_a_updates``)
     merged.safetensors               the merge; written last, so its presence means a whole merge
 
 Every file is written atomically and carries ``run_id`` in its safetensors metadata. The callback's
@@ -68,6 +70,9 @@ class SnapshotStore:
 
     def gram_path(self, index: int) -> str:
         return str(self.folder / "grams" / f"{expert_id(index)}.safetensors")
+
+    def a_start_path(self, index: int) -> str:
+        return str(self.folder / "grams" / f"{expert_id(index)}.a_start.safetensors")
 
     def head_path(self, index: int) -> str:
         return str(self.folder / "heads" / f"{expert_id(index)}.safetensors")

@@ -62,6 +62,14 @@ class GramSketch:
     def size(self) -> int:
         return self.diagonal.shape[0]
 
+    @property
+    def is_factor_only(self) -> bool:
+        """``G = F F^T`` up to rounding (no residual on the diagonal): an exactly low-rank Gram, such as
+        :func:`lora_update_gram`'s, or a sketch that kept all of its Gram."""
+        residual = self.diagonal - self.factor.square().sum(dim=1).to(self.diagonal.dtype)
+        scale = float(self.diagonal.abs().max()) if self.diagonal.numel() else 0.0
+        return float(residual.abs().max()) <= 1e-5 * scale if scale > 0 else True
+
     def dense(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """``F F^T + diag(max(d - rownorms(F)^2, 0))`` as an ``[in, in]`` tensor."""
         factor = self.factor.to(dtype or self.factor.dtype)
@@ -106,6 +114,22 @@ def nystrom_sketch(range_sketch: torch.Tensor, test_matrix: torch.Tensor, diagon
     return GramSketch(factor=(U * values.sqrt()).to(range_sketch.dtype), diagonal=diagonal.clone())
 
 
+def lora_update_gram(a_start: torch.Tensor, a_end: torch.Tensor) -> GramSketch:
+    """The input proxy of a LoRA layer trained from a known ``A``: ``G = dA^T dA``, ``dA = a_end - a_start``
+    ([r, in] each), exact, as a rank-``r`` :class:`GramSketch` (no residual).
+
+    A LoRA update ``s B A`` has the row space of ``A``, which stays close to its random init, so WUDI's proxy
+    ``tau^T tau`` says little about the layer's inputs. The change of ``A`` does: its gradient is
+    ``s B^T (dL/dy) x^T``, so every step adds rows in the span of the inputs ``x`` the layer saw."""
+    if a_start.shape != a_end.shape or a_end.dim() != 2:
+        raise ValueError(f"LoRA A at the start {tuple(a_start.shape)} and end {tuple(a_end.shape)} of a fit must "
+                         "have one [r, in] shape")
+    dtype = torch.float64 if a_end.dtype == torch.float64 else torch.float32
+    delta = a_end.to(dtype) - a_start.to(dtype)
+    check_finite(delta, "the LoRA A update")
+    return GramSketch(factor=delta.T.contiguous(), diagonal=delta.square().sum(dim=0))
+
+
 def _dense_gram(gram: Gram, n_in: int, dtype: torch.dtype, what: str) -> torch.Tensor:
     dense = gram.dense(dtype) if isinstance(gram, GramSketch) else gram.to(dtype)
     if dense.shape != (n_in, n_in):
@@ -133,6 +157,9 @@ def gram_problem(
     if len(grams) != T:
         raise ValueError(f"got {len(grams)} Grams for {T} task vectors")
     check_finite(tvs, "the task vectors")
+    if shrink == 1 and all(isinstance(g, GramSketch) and g.is_factor_only for g in grams) and sum(
+            g.factor.shape[1] for g in grams) < n_in:
+        return _factor_gram_problem(tvs, grams, normalize)
     C = torch.zeros(n_in, n_in, dtype=tvs.dtype, device=tvs.device)
     D = torch.zeros(n_out, n_in, dtype=tvs.dtype, device=tvs.device)
     for i, (tau, gram) in enumerate(zip(tvs, grams)):
@@ -147,6 +174,28 @@ def gram_problem(
         C.add_(g, alpha=w)
         D.addmm_(tau, g, alpha=w)
     return InterferenceProblem(init=tvs.sum(dim=0), C=C, D=D)
+
+
+def _factor_gram_problem(tvs: torch.Tensor, grams: Sequence[GramSketch], normalize: str) -> InterferenceProblem:
+    """The same problem in dual form when every ``G_i = F_i F_i^T`` with few columns in all:
+    ``X = [sqrt(w_i) F_i]``, ``Y = [sqrt(w_i) tau_i F_i]`` (``C = X X^T``, ``D = Y X^T``), so nothing
+    ``in x in`` is formed (a LoRA layer's A-update Grams: ``T r`` columns against ``in``)."""
+    xs, ys = [], []
+    for i, (tau, gram) in enumerate(zip(tvs, grams)):
+        factor = gram.factor.to(device=tvs.device, dtype=tvs.dtype)
+        if factor.shape[0] != tvs.shape[2]:
+            raise ValueError(f"input Gram of task {i}: factor of shape {tuple(factor.shape)} for a weight with "
+                             f"{tvs.shape[2]} inputs")
+        check_finite(factor, f"input Gram of task {i}")
+        trace = float(factor.square().sum())
+        if trace <= 0:
+            continue
+        root = trace ** -0.5 if normalize == "trace" else 1.0
+        xs.append(factor * root)
+        ys.append((tau @ factor) * root)
+    X = torch.cat(xs, dim=1) if xs else tvs.new_zeros(tvs.shape[2], 0)
+    Y = torch.cat(ys, dim=1) if ys else tvs.new_zeros(tvs.shape[1], 0)
+    return InterferenceProblem(init=tvs.sum(dim=0), X=X, Y=Y, G=X.T @ X)
 
 
 def gram_merged_task_vector(
@@ -164,10 +213,12 @@ def gram_merged_task_vector(
     if solver not in GRAM_SOLVERS:
         raise ValueError(f"input-Gram merge: solver must be one of {', '.join(GRAM_SOLVERS)}, got {solver!r}")
     problem = gram_problem(task_vectors, grams, normalize=normalize, shrink=shrink)
-    if float(problem.C.diagonal().sum()) == 0:
+    if float(problem.gram.diagonal().sum()) == 0:
         return torch.zeros_like(problem.init)
     if solver == "closed_form":
-        return closed_form_solve(problem, ridge=ridge)
+        # rho = ridge * trace(C) / in in either form (closed_form_solve divides by its Gram's size)
+        n_in = problem.init.shape[1]
+        return closed_form_solve(problem, ridge=ridge * problem.gram.shape[0] / n_in if problem.dual else ridge)
     return spectral_solve(problem, time=time)
 
 
