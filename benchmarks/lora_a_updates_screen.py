@@ -52,6 +52,39 @@ def lora_layer_factors(peft) -> dict:
     return out
 
 
+def train_separately_recording(lcfg, cache: Path, data, tasks, positions, seed: int) -> dict:
+    """``--lora-init independent`` / ``shared``: one fresh PEFT encoder per task, seeded as
+    ``benchmarks.qualitybench.lora.train_lora_expert`` seeds it (the same experts), A / B recorded as below."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    from benchmarks.qualitybench.experts import fit_one, training_seed
+    from benchmarks.qualitybench.lora import SHARED_INIT_POSITION
+    from benchmarks.qualitybench.model import load_encoder
+
+    folder = cache / "a_updates_screen"
+    path = folder / f"{lcfg['lora_init']}-seed{seed}.safetensors"
+    if path.exists():
+        return load_file(str(path))
+    folder.mkdir(parents=True, exist_ok=True)
+    store = {}
+    for task in tasks:
+        shared = lcfg["lora_init"] == "shared"
+        torch.manual_seed(training_seed(seed, SHARED_INIT_POSITION if shared else positions[task]))
+        encoder = get_peft_model(load_encoder(lcfg["model"]), LoraConfig(**lcfg["lora"]))
+        start = lora_layer_factors(encoder)
+        seconds, module = fit_one(lcfg, data, task, len(tasks[task]["labels"]), seed, positions[task], [],
+                                  encoder=encoder)
+        print(f"seed {seed}: trained {task} in {seconds:.0f}s", flush=True)
+        for key, (a, b) in lora_layer_factors(encoder).items():
+            store[f"{task}|A0|{key}"], store[f"{task}|A|{key}"], store[f"{task}|B|{key}"] = start[key][0], a, b
+        store.update({f"{task}|head|{k}": v.detach().clone() for k, v in module.head.state_dict().items()})
+        store.update({f"{task}|expert|{k}": v.detach().clone()
+                      for k, v in module.encoder.merge_and_unload().state_dict().items()})
+    save_file({k: v.contiguous() for k, v in store.items()}, str(path))
+    return store
+
+
 def train_recording(lcfg, cache: Path, data, tasks, positions, seed: int) -> dict:
     """The callback path's experts of one seed, with A at the start / end and B at the end of every fit."""
     from peft import LoraConfig, get_peft_model
@@ -96,6 +129,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--subsets", type=int, nargs="+", default=[7, 4])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--lora-init", choices=["callback", "independent", "shared"], default="callback",
+                   help="which LoRA experts (the quality benchmark's regimes); independent / shared: each adapter "
+                        "trained on its own from its seeded init (what the callback sees if a script re-creates "
+                        "the adapter before every fit)")
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -119,16 +156,17 @@ def main(argv=None) -> int:
     ev = Evaluator(data, cfg["model"])
     sd0 = {k: v.detach().clone() for k, v in load_encoder(cfg["model"]).state_dict().items()}
     lin, _ = linear_flags(sd0)
-    lcfg = lora_config({**cfg, "lora_init": "callback"})
+    lcfg = lora_config({**cfg, "lora_init": args.lora_init})
     scaling = lcfg["lora"]["lora_alpha"] / lcfg["lora"]["r"]
     out_path = Path(args.output)
     out = json.loads(out_path.read_text()) if out_path.exists() else {}
     out.update(command="HF_HUB_OFFLINE=1 python benchmarks/lora_a_updates_screen.py " + " ".join(argv or sys.argv[1:]),
-               split="validation", val_limit=cfg["val_limit"], lora=lcfg["lora"])
+               split="validation", val_limit=cfg["val_limit"], lora=lcfg["lora"], lora_init=args.lora_init)
     results = out.setdefault("seeds", {})
 
     for seed in args.seeds:
-        store = train_recording(lcfg, cache, data, all_tasks, positions, seed)
+        train = train_recording if args.lora_init == "callback" else train_separately_recording
+        store = train(lcfg, cache, data, all_tasks, positions, seed)
         part = lambda task, kind: {k.split("|", 2)[2]: v for k, v in store.items()  # noqa: E731
                                    if k.startswith(f"{task}|{kind}|")}
         experts = {t: part(t, "expert") for t in all_tasks}
