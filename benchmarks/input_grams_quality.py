@@ -193,14 +193,12 @@ def main():
             sd, secs = ctx.merge("wudi", {"solver": "spectral", "rank": "auto", "linear": ctx.lin})
             ctx.record(report.FULL_ROW, sd, secs, {"solver": "spectral", "rank": "auto"})
         if A_UPDATES_ROW in args.data_free_rows and args.lora and args.lora_init == "callback":
-            from benchmarks.qualitybench.lora import a_update_grams
+            from benchmarks.qualitybench.lora import a_update_grams, callback_default_merge
             from benchmarks.qualitybench.methods import A_UPDATES_ROW as row
 
             a_grams = a_update_grams(cfg, cache, tasks, positions, seed)
-            t0 = time.perf_counter()
-            sd = mergekit_wudi.merge_with_input_grams(sd0, [experts[t] for t in subset], [a_grams[t] for t in subset],
-                                                      parameters={"solver": "decorrelated"})
-            ctx.record(row, sd, time.perf_counter() - t0, {"lora_a_updates": True})
+            sd, secs = callback_default_merge(sd0, [experts[t] for t in subset], [a_grams[t] for t in subset])
+            ctx.record(row, sd, secs, {"lora_a_updates": True})
         t0 = time.perf_counter()
         grams, meta = {}, {}
         for t in subset:

@@ -358,7 +358,6 @@ def score_test_rows(section, seed, k, subset, sd0, experts, heads, ev, limit, te
     (``(row, wudi parameters)``: full fine-tunes add :data:`FULL_EXTRA_ROWS`); ``only_rows``: score only these
     WUDI rows (``--extra-rows``). ``a_grams`` (the callback path's LoRA experts): also the callback's default
     merge, Eq. 1 with each expert's LoRA A-update Grams (:data:`A_UPDATES_ROW`)."""
-    import mergekit_wudi
     from benchmarks.qualitybench.methods import A_UPDATES_ROW, linear_flags, merge
 
     models = {"base": sd0, **{t: experts[t] for t in subset}}
@@ -369,10 +368,10 @@ def score_test_rows(section, seed, k, subset, sd0, experts, heads, ev, limit, te
         sd, secs = merge(models, "wudi", {**params, "linear": lin})
         test_rows[row] = (sd, secs, params)
     if a_grams is not None and (only_rows is None or A_UPDATES_ROW in only_rows):
-        t0 = time.perf_counter()  # as WUDIMergeCallback(lora_a_updates) merges: its Grams, decorrelated elsewhere
-        sd = mergekit_wudi.merge_with_input_grams(sd0, [experts[t] for t in subset], [a_grams[t] for t in subset],
-                                                  parameters={"solver": "decorrelated"})
-        test_rows[A_UPDATES_ROW] = (sd, time.perf_counter() - t0, {"lora_a_updates": True})
+        from benchmarks.qualitybench.lora import callback_default_merge
+
+        sd, secs = callback_default_merge(sd0, [experts[t] for t in subset], [a_grams[t] for t in subset])
+        test_rows[A_UPDATES_ROW] = (sd, secs, {"lora_a_updates": True})
     rec = section["seeds"].setdefault(str(seed), {"subsets": {}})
     if "expert_test" not in rec:
         rec["expert_test"] = {}

@@ -251,25 +251,18 @@ def _factors(layer_name: str, layer: nn.Module, adapter: str) -> LoraFactors:
     return LoraFactors(A.detach().clone(), B.detach().clone(), float(layer.scaling[adapter]), bool(layer.fan_in_fan_out))
 
 
-def lora_factors(module: nn.Module, adapter_name: Optional[str] = None) -> Dict[str, LoraFactors]:
+def lora_factors(module: nn.Module, adapter_name: Optional[str] = None, *,
+                 linear_only: bool = False) -> Dict[str, LoraFactors]:
     """``{base weight name: LoraFactors}`` for every LoRA-wrapped linear weight of the adapter
     (``None``: the one active adapter); ``scaling`` is read from the layer (alpha / r, or alpha / sqrt(r)
     with rsLoRA, times any ``set_scale``). Raises :class:`UnsupportedLoraError` for LoRA on other layer
-    types (Embedding, Conv, ...) and for the variants listed in the module docstring."""
-    if not is_peft_model(module):
-        return {}
-    layout = _layout(module, adapter_name)
-    return {name: _factors(layer_name, layer, layout.adapter) for name, (layer_name, layer) in layout.lora.items()}
-
-
-def lora_linear_factors(module: nn.Module, adapter_name: Optional[str] = None) -> Dict[str, LoraFactors]:
-    """:func:`lora_factors` of the LoRA ``Linear`` layers only (LoRA Embedding / Conv layers are left out:
-    their ``A`` does not act on a linear layer's inputs)."""
+    types (Embedding, Conv, ...) and for the variants listed in the module docstring, unless
+    ``linear_only``, which leaves those layers out."""
     if not is_peft_model(module):
         return {}
     layout, linear = _layout(module, adapter_name), _peft()["Linear"]
     return {name: _factors(layer_name, layer, layout.adapter) for name, (layer_name, layer) in layout.lora.items()
-            if isinstance(layer, linear)}
+            if not linear_only or isinstance(layer, linear)}
 
 
 def load_merged_into(module: nn.Module, merged: Mapping[str, torch.Tensor], adapter_name: Optional[str] = None) -> None:

@@ -120,6 +120,16 @@ def a_update_grams(lcfg: dict, cache: Path, tasks, positions, seed: int) -> dict
             for t in tasks}
 
 
+def callback_default_merge(sd0: dict, experts: list, grams: list):
+    """(state dict, seconds): the merge ``WUDIMergeCallback`` makes by default of LoRA experts it trained
+    (``lora_a_updates``): Eq. 1 with each expert's A-update Grams (:func:`a_update_grams`), decorrelated elsewhere."""
+    import mergekit_wudi
+
+    t0 = time.perf_counter()
+    sd = mergekit_wudi.merge_with_input_grams(sd0, experts, grams, parameters={"solver": "decorrelated"})
+    return sd, time.perf_counter() - t0
+
+
 def lora_experts(lcfg, cache: Path, data, tasks, positions, seed, log):
     """({task: effective encoder state dict}, {task: head}, {task: train seconds}), training missing ones."""
     experts, heads, secs = {}, {}, {}

@@ -315,8 +315,7 @@ class WUDIMergeCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """``input_grams``: prepare this task's Gram window (the last ``last_batches`` planned batches).
         ``lora_a_updates``: note the LoRA ``A`` factors this task starts from (a resumed fit reads them back)."""
-        if not self.sequential or self._merged_path is not None or (
-                self.num_tasks is not None and len(self._expert_paths) >= self.num_tasks):
+        if not self.sequential or self._merged_path is not None or self._all_experts_saved():
             return
         if self._a_updates and is_sharded_module(trainer):  # FSDP & co.: A is sharded in place
             if self.lora_a_updates:
@@ -355,7 +354,7 @@ class WUDIMergeCallback(Callback):
         """Sequential mode: save this task's expert (the last hook with the model still on device)."""
         if not self.sequential:
             return
-        if self._merged_path is not None or (self.num_tasks is not None and len(self._expert_paths) >= self.num_tasks):
+        if self._merged_path is not None or self._all_experts_saved():
             rank_zero_warn(f"{type(self).__name__}: all experts are collected; this fit's weights are not saved")
             self._close_input_grams()
             return
@@ -608,18 +607,24 @@ class WUDIMergeCallback(Callback):
     def _lora_a_factors(self, pl_module: LightningModule) -> StateDict:
         """``{weight name: A}`` of the merged LoRA layers (not ``fan_in_fan_out`` ones, whose inputs are the other side)."""
         merged = set(self._merge_names(list(module_state.merge_view(pl_module))))
-        return {name: f.A.detach().cpu().clone() for name, f in lora.lora_linear_factors(pl_module).items()
+        return {name: f.A.detach().cpu().clone() for name, f in lora.lora_factors(pl_module, linear_only=True).items()
                 if name in merged and not f.fan_in_fan_out}
 
+    def _saved_a_start(self, index: int) -> Optional[StateDict]:
+        """The A factors task ``index`` started from, as this run saved them (None: not on disk)."""
+        path = self._store().a_start_path(index)
+        return load_state_dict(path) if run_id_of(Path(path)) == self._run_id else None
+
     def _lora_a_start(self, trainer: Trainer, pl_module: LightningModule) -> StateDict:
-        path = self._store().a_start_path(len(self._expert_paths))
+        index = len(self._expert_paths)
         if trainer.ckpt_path is not None:
-            if run_id_of(Path(path)) == self._run_id:
-                return load_state_dict(path)  # a resumed fit: A has moved since this task started
-            rank_zero_warn(f"{type(self).__name__}: resuming {expert_id(len(self._expert_paths))}'s fit without the "
-                           f"LoRA A it started from ({path}): its A update counts from the resumed step only")
+            saved = self._saved_a_start(index)
+            if saved is not None:
+                return saved  # a resumed fit: A has moved since this task started
+            rank_zero_warn(f"{type(self).__name__}: resuming {expert_id(index)}'s fit without the LoRA A it started "
+                           f"from ({self._store().a_start_path(index)}): its A update counts from the resumed step only")
         state = self._lora_a_factors(pl_module)
-        self._store().save(trainer, state, path)
+        self._store().save(trainer, state, self._store().a_start_path(index))
         return state
 
     def _save_a_update_grams(self, trainer: Trainer, pl_module: LightningModule, index: int) -> None:
@@ -627,12 +632,10 @@ class WUDIMergeCallback(Callback):
         start, self._a_start = self._a_start, None
         if not self._a_updates:
             return
+        start = start if start is not None else self._saved_a_start(index)
         if start is None:
-            path = self._store().a_start_path(index)
-            if run_id_of(Path(path)) != self._run_id:
-                raise MergeInputError("lora_a_updates: the callback did not see the start of this fit's training, "
-                                      f"so {expert_id(index)}'s A update is unknown")
-            start = load_state_dict(path)
+            raise MergeInputError("lora_a_updates: the callback did not see the start of this fit's training, "
+                                  f"so {expert_id(index)}'s A update is unknown")
         end = self._lora_a_factors(pl_module)
         grams = {name: gram_solvers.lora_update_gram(start[name], end[name]) for name in end}
         self._store().save(trainer, gram_tensors(grams), self._store().gram_path(index),
