@@ -170,7 +170,7 @@ class WUDIMergeCallback(Callback):
         if self.input_grams is not None and lora_output == "adapter":
             raise ValueError("input_grams with lora_output='adapter': the Gram merge leaves the span of the experts' "
                              "LoRA A rows, so no exact adapter exists; use lora_output='full'")
-        if lora_a_updates not in (None, True, False):
+        if lora_a_updates is not None and not isinstance(lora_a_updates, bool):
             raise TypeError(f"lora_a_updates must be None, True or False, got {lora_a_updates!r}")
         if lora_a_updates:
             clash = ("experts=[...] (it needs sequential mode, to see each task's fit start)" if experts is not None
@@ -181,11 +181,12 @@ class WUDIMergeCallback(Callback):
                 raise ValueError(f"lora_a_updates=True cannot be combined with {clash}")
         self.lora_a_updates = lora_a_updates
         self._a_updates = False  # resolved against the module (_resolve_recommended)
+        self._resolved = False  # the defaults above were resolved against the run's module (kept in the state)
         self._a_start: Optional[StateDict] = None  # not state: this fit's A factors (on disk for a resume)
         self._gram_layers: Optional[List[gram_mode.HookedLayer]] = None
         self._gram_collector: Optional[gram_mode.GramCollector] = None
         self._gram_window_start = 0.0
-        # Checkpointable state: paths only (see state_dict).
+        # Checkpointable state: paths (and the resolved defaults, see state_dict).
         self._run_id = uuid.uuid4().hex
         self._output_dir: Optional[str] = None
         self._base_path: Optional[str] = None
@@ -324,6 +325,7 @@ class WUDIMergeCallback(Callback):
                            f"layers are merged with {self.parameters}")
             self._a_updates = False
         if self._a_updates:
+            self._refuse_experts_without_a_updates()
             self._a_start = self._lora_a_start(trainer, pl_module)
         if self.input_grams is None:
             return
@@ -410,6 +412,9 @@ class WUDIMergeCallback(Callback):
             "experts": list(self._expert_paths),
             "heads": list(self._head_paths),
             "merged": self._merged_path,
+            # the defaults as resolved against the run's module, for a merge() without it (a restored callback)
+            **({"recommended": {"parameters": dict(self.parameters), "lora_a_updates": self._a_updates}}
+               if self._resolved else {}),
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -420,6 +425,13 @@ class WUDIMergeCallback(Callback):
         self._head_paths = list(state_dict["heads"])
         self._merged_path = state_dict["merged"]
         self._task_heads = None
+        recommended = state_dict.get("recommended")
+        if recommended is not None:
+            if self._recommended:
+                self.parameters = dict(recommended["parameters"])
+            if self.lora_a_updates is None:
+                self._a_updates = recommended["lora_a_updates"]
+            self._resolved = True
 
     # ------------------------------------------------------------------ the merge
 
@@ -430,7 +442,7 @@ class WUDIMergeCallback(Callback):
         Nothing is written if any input is invalid, the method fails or its result is not finite.
         """
         self._output_dir = broadcast(trainer, self._resolve_output(trainer))
-        if pl_module is not None:
+        if pl_module is not None and not self._resolved:  # the run's module decided them; another one does not
             self._resolve_recommended(pl_module)
         self._refuse_inputs_in_output()
         self._refuse_other_runs_output()
@@ -439,6 +451,8 @@ class WUDIMergeCallback(Callback):
         self._recover()
         expert_paths = self.expert_paths
         if not expert_paths:
+            if self.sequential and self._base_path is None and self.output is None:
+                self._output_dir = None  # nothing ran: a later fit still picks its folder under default_root_dir
             raise MergeInputError("no experts to merge: no fit has finished yet and experts= was not given")
         strategy.check_experts(len(expert_paths))
         experts = [(self._expert_label(i, p), self._read(load_state_dict, p, "expert"))
@@ -582,7 +596,7 @@ class WUDIMergeCallback(Callback):
     def _check_settings(self, strategy: MergeStrategy) -> None:
         """``strategy.check()`` once per setting, so that its warnings (an option that is ignored) are said
         once, not again at every fit and at the merge."""
-        settings = repr((self.method, self.parameters, self.input_grams))
+        settings = repr((self.method, self.parameters, self.input_grams, self._a_updates))
         if settings != self._checked_settings:
             strategy.check()
             self._checked_settings = settings
@@ -603,6 +617,7 @@ class WUDIMergeCallback(Callback):
             raise MergeInputError("lora_a_updates=True needs a module with PEFT LoRA layers; this one has none")
         else:
             self._a_updates = self.lora_a_updates
+        self._resolved = True
 
     def _lora_a_factors(self, pl_module: LightningModule) -> StateDict:
         """``{weight name: A}`` of the merged LoRA layers (not ``fan_in_fan_out`` ones, whose inputs are the other side)."""
@@ -610,15 +625,33 @@ class WUDIMergeCallback(Callback):
         return {name: f.A.detach().cpu().clone() for name, f in lora.lora_factors(pl_module, linear_only=True).items()
                 if name in merged and not f.fan_in_fan_out}
 
-    def _saved_a_start(self, index: int) -> Optional[StateDict]:
-        """The A factors task ``index`` started from, as this run saved them (None: not on disk)."""
+    def _refuse_experts_without_a_updates(self) -> None:
+        """Every expert saved before this fit needs its A-update Grams (a resume with ``lora_a_updates`` switched
+        on after some tasks were trained without it would fail only at the merge)."""
+        for index in range(len(self._expert_paths)):
+            path = Path(self._store().gram_path(index))
+            if run_id_of(path) != self._run_id:
+                raise MergeInputError(f"lora_a_updates: {expert_id(index)} was trained without it ({path} is missing); "
+                                      "resume with the settings its fit had (lora_a_updates=False)")
+
+    def _saved_a_start(self, index: int, current: StateDict) -> Optional[StateDict]:
+        """The A factors task ``index`` started from, as this run saved them (None: not on disk), checked against
+        the module's ``current`` ones (names, shapes, float, finite)."""
         path = self._store().a_start_path(index)
-        return load_state_dict(path) if run_id_of(Path(path)) == self._run_id else None
+        if run_id_of(Path(path)) != self._run_id:
+            return None
+        label = f"the LoRA A start file {path}"
+        saved = self._read(load_state_dict, path, "LoRA A start")
+        validate_merge_inputs(current, [(label, saved)], list(current), require_change=False)
+        not_float = [name for name in current if not saved[name].is_floating_point()]
+        if not_float:
+            raise MergeInputError(f"{label} holds non-float tensors, e.g. {not_float[:3]}")
+        return saved
 
     def _lora_a_start(self, trainer: Trainer, pl_module: LightningModule) -> StateDict:
         index = len(self._expert_paths)
         if trainer.ckpt_path is not None:
-            saved = self._saved_a_start(index)
+            saved = self._saved_a_start(index, self._lora_a_factors(pl_module))
             if saved is not None:
                 return saved  # a resumed fit: A has moved since this task started
             rank_zero_warn(f"{type(self).__name__}: resuming {expert_id(index)}'s fit without the LoRA A it started "
@@ -632,11 +665,11 @@ class WUDIMergeCallback(Callback):
         start, self._a_start = self._a_start, None
         if not self._a_updates:
             return
-        start = start if start is not None else self._saved_a_start(index)
+        end = self._lora_a_factors(pl_module)
+        start = start if start is not None else self._saved_a_start(index, end)
         if start is None:
             raise MergeInputError("lora_a_updates: the callback did not see the start of this fit's training, "
                                   f"so {expert_id(index)}'s A update is unknown")
-        end = self._lora_a_factors(pl_module)
         grams = {name: gram_solvers.lora_update_gram(start[name], end[name]) for name in end}
         self._store().save(trainer, gram_tensors(grams), self._store().gram_path(index),
                            metadata={"source": gram_mode.LORA_A_UPDATES})
@@ -649,6 +682,7 @@ class WUDIMergeCallback(Callback):
         merged = set(self._merge_names(names))
         self.build_strategy().check_kept_out([n for n in names if n not in merged])
         self._resolve_recommended(pl_module)
+        self._check_settings(self.build_strategy())  # again, now that the module decided the strategy
         lora_adapters.check_lora_output(self.lora_output, pl_module, self.method, self.parameters, sorted(merged))
         self._plan_input_grams(pl_module)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -353,6 +354,20 @@ def attention_mask_of(batch: Any) -> Optional[torch.Tensor]:
 # ---------------------------------------------------------------------------------------------- the merge
 
 
+def _check_gram(gram: gram_solvers.Gram, n_in: int, what: str) -> None:
+    """A Gram read from a file, before any solve: float, finite, of the weight's input size."""
+    parts = {"factor": gram.factor, "diagonal": gram.diagonal} if isinstance(gram, gram_solvers.GramSketch) else {
+        "Gram": gram}
+    expected = {"factor": (n_in, None), "diagonal": (n_in,), "Gram": (n_in, n_in)}
+    for part, tensor in parts.items():
+        shape = tuple(tensor.shape)
+        if len(shape) != len(expected[part]) or any(e is not None and d != e for d, e in zip(shape, expected[part])):
+            raise MergeInputError(f"{what}: {part} of shape {shape}, expected {expected[part]} (None: any) for a "
+                                  f"weight with {n_in} inputs")
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            raise MergeInputError(f"{what}: its {part} is not finite floating point ({tensor.dtype})")
+
+
 def _gram_trace(gram) -> float:
     return float(gram.diagonal.sum() if isinstance(gram, gram_solvers.GramSketch) else gram.diagonal().sum())
 
@@ -393,6 +408,21 @@ class InputGramMerge(MergeStrategy):
             raise MergeInputError(f"input_grams: per-tensor parameters (PerGroupValues: {per_group}) are not supported "
                                   "with input_grams; give one value for every tensor")
 
+    def _load(self, index: int, label: str) -> Dict[str, gram_solvers.Gram]:
+        """Expert ``index``'s Grams file, written by this run; any other file is an error naming it."""
+        path = self.store.gram_path(index)
+        if not os.path.isfile(path):
+            raise MergeInputError(f"{label} has no {self.what} ({path} is missing): it was trained without "
+                                  f"{self.source}; train every task with the same callback settings")
+        try:
+            grams, metadata = load_grams(path)
+        except Exception as error:  # noqa: BLE001  (truncated file, a factor without its diagonal, ...)
+            raise MergeInputError(f"{label}: its {self.what} file {path} cannot be read "
+                                  f"({type(error).__name__}: {error})") from error
+        if metadata.get("run_id") != self.store.run_id:
+            raise MergeInputError(f"{label}: {path} was not written by this run; its {self.what} cannot be used")
+        return grams
+
     @property
     def what(self) -> str:
         return "LoRA A-update Grams" if self.source == LORA_A_UPDATES else "input Grams"
@@ -401,18 +431,14 @@ class InputGramMerge(MergeStrategy):
         return f"{self.what} ({self.options.solver_options()}), else {self.inner.describe()}"
 
     def merge(self, trainer, pl_module, base, experts: Experts, names):
-        grams = []
-        for i, (label, _) in enumerate(experts):
-            path = self.store.gram_path(i)
-            try:
-                grams.append(load_grams(path)[0])
-            except FileNotFoundError:
-                raise MergeInputError(f"{label} has no {self.what} ({path} is missing): it was trained without "
-                                      f"{self.source}; train every task with the same callback settings") from None
+        grams = [self._load(i, label) for i, (label, _) in enumerate(experts)]
         try:
             with_grams = gram_names(names, grams)
         except ValueError as error:
             raise MergeInputError(f"{error} (train every task with the same {self.source} settings)") from None
+        for i, task_grams in enumerate(grams):
+            for name in with_grams:
+                _check_gram(task_grams[name], base[name].shape[-1], f"{self.what} of {name!r} in {self.store.gram_path(i)}")
         if self.source == LORA_A_UPDATES:
             # an A that did not move (frozen, or one step from B = 0) says nothing of the inputs, and a zero Gram
             # would drop that task's update: such layers go to the inner method
@@ -437,10 +463,13 @@ class InputGramMerge(MergeStrategy):
                 layer_grams = [g[n] for g in grams]
                 layer_grams = [gram_solvers.GramSketch(g.factor.to(device), g.diagonal.to(device))
                                if isinstance(g, gram_solvers.GramSketch) else g.to(device) for g in layer_grams]
-                with torch.no_grad():
-                    out[n] = gram_solvers.merge_with_grams(
-                        base[n].to(device), [state[n].to(device) for _, state in experts], layer_grams, **options,
-                    ).cpu()
+                try:
+                    with torch.no_grad():
+                        out[n] = gram_solvers.merge_with_grams(
+                            base[n].to(device), [state[n].to(device) for _, state in experts], layer_grams, **options,
+                        ).cpu()
+                except ValueError as error:  # the solver's checks (non-finite products, ...) name the task only
+                    raise MergeInputError(f"{self.what} of {n!r}: {error}") from error
             return out
 
         merged.update(gather_results(compute, trainer, "WUDIMergeCallback: merge with input Grams"))
